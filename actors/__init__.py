@@ -1,0 +1,1 @@
+"""Actors: one file per actor, named after what it owns."""

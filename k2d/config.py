@@ -1,0 +1,336 @@
+"""Configuration: frozen msgspec Structs loaded from config.toml, then K2D_* env overrides.
+
+Unknown keys are errors that name the key (`api.prot: unknown key`), never silent defaults.
+Environment overrides use a double underscore between levels: K2D_API__PORT=9000,
+K2D_FEEDS__BINANCE__SYMBOLS='["BTCUSDT"]'. Values are parsed as TOML literals when they can be,
+else taken as strings.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+__all__ = [
+    "ApiConfig",
+    "BinanceFeedConfig",
+    "Config",
+    "ConfigError",
+    "FeedsConfig",
+    "KafkaConfig",
+    "LiveConfig",
+    "PipelineConfig",
+    "SequencerConfig",
+    "ShutdownConfig",
+    "StorageConfig",
+    "SupervisorConfig",
+    "TelemetryConfig",
+    "WriterConfig",
+    "load_config",
+]
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class StorageConfig(_Section):
+    data_dir: str = "./data"
+    # SQLAlchemy URL of the Iceberg SQL catalog; empty = SQLite file under data_dir.
+    catalog_uri: str = ""
+    # Warehouse location (file path or s3:// URL); empty = data_dir/warehouse.
+    warehouse: str = ""
+    namespace: str = "market"
+    sqlite_busy_timeout_ms: int = 30_000
+
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser().resolve()
+
+    def catalog_url(self) -> str:
+        if self.catalog_uri:
+            return self.catalog_uri
+        return f"sqlite:///{self.data_path() / 'catalog.db'}"
+
+    def warehouse_url(self) -> str:
+        if self.warehouse:
+            return self.warehouse
+        return f"file://{self.data_path() / 'warehouse'}"
+
+
+class WriterConfig(_Section):
+    flush_rows: int = 250_000
+    flush_bytes: int = 128 * 1024 * 1024
+    flush_interval: float = 2.0
+    commit_retries: int = 8
+    commit_backoff_initial: float = 0.1
+    commit_backoff_max: float = 5.0
+
+
+class PipelineConfig(_Section):
+    partitions: int = 2
+    # Capacity, in batches, of every stream between actors. A full stream blocks its sender.
+    stream_size: int = 16
+    # Batches of records from a feed: at most this many records, at most this old (seconds).
+    batch_max_records: int = 2_000
+    batch_max_age: float = 0.05
+
+
+class SequencerConfig(_Section):
+    # A gap is written to the ledger once it has been open this long (seconds); reordered
+    # records that fill it sooner never show up as gaps.
+    gap_grace: float = 1.0
+    # An id this far below the high-water mark after this much silence is a session reset.
+    reset_quiet_period: float = 300.0
+    reset_min_drop: int = 1_000
+    # At the start of capture, ids at most this far below the first one are late, not lost.
+    max_reorder: int = 1_000
+    # Limit on tracked open gaps per stream; beyond it the oldest are written and forgotten.
+    max_open_gaps: int = 10_000
+
+
+class LiveConfig(_Section):
+    window_seconds: float = 900.0
+    max_rows_per_symbol: int = 500_000
+
+
+class ApiConfig(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8765
+
+
+class SupervisorConfig(_Section):
+    max_restarts: int = 5
+    period: float = 60.0
+    backoff_initial: float = 0.2
+    backoff_max: float = 30.0
+
+
+class ShutdownConfig(_Section):
+    drain_timeout: float = 30.0
+
+
+class TelemetryConfig(_Section):
+    service_name: str = "k2d"
+    # OTLP/HTTP endpoint; empty keeps spans in an in-memory ring only.
+    otlp_endpoint: str = ""
+    span_ring_size: int = 2_048
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class BinanceFeedConfig(_Section):
+    enabled: bool = True
+    ws_url: str = "wss://stream.binance.com:9443"
+    rest_url: str = "https://api.binance.com"
+    symbols: tuple[str, ...] = ("BTCUSDT", "ETHUSDT")
+    reconnect_initial: float = 0.5
+    reconnect_max: float = 30.0
+    # The venue cuts a connection after 24 h; a replacement opens this long before the cut.
+    connection_lifetime: float = 86_400.0
+    replace_before: float = 300.0
+    # A frame whose event time is further than this from its receive time is dead-lettered.
+    max_clock_skew: float = 300.0
+    max_frame_bytes: int = 65_536
+
+
+class FeedsConfig(_Section):
+    binance: BinanceFeedConfig = msgspec.field(default_factory=BinanceFeedConfig)
+
+
+class KafkaConfig(_Section):
+    enabled: bool = False
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic_prefix: str = "k2d"
+
+
+class Config(_Section):
+    storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
+    writer: WriterConfig = msgspec.field(default_factory=WriterConfig)
+    pipeline: PipelineConfig = msgspec.field(default_factory=PipelineConfig)
+    sequencer: SequencerConfig = msgspec.field(default_factory=SequencerConfig)
+    live: LiveConfig = msgspec.field(default_factory=LiveConfig)
+    api: ApiConfig = msgspec.field(default_factory=ApiConfig)
+    supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
+    shutdown: ShutdownConfig = msgspec.field(default_factory=ShutdownConfig)
+    telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
+    feeds: FeedsConfig = msgspec.field(default_factory=FeedsConfig)
+    kafka: KafkaConfig = msgspec.field(default_factory=KafkaConfig)
+
+
+class ConfigError(Exception):
+    """One or more configuration problems, each as `key.path: problem`."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+_POSITIVE = {
+    "writer.flush_rows", "writer.flush_bytes", "writer.flush_interval", "writer.commit_retries",
+    "pipeline.partitions", "pipeline.stream_size", "pipeline.batch_max_records",
+    "pipeline.batch_max_age", "live.window_seconds", "live.max_rows_per_symbol",
+    "supervisor.max_restarts", "supervisor.period", "shutdown.drain_timeout",
+    "telemetry.span_ring_size", "sequencer.max_open_gaps",
+    "feeds.binance.connection_lifetime", "feeds.binance.max_frame_bytes",
+}
+_SYMBOL = re.compile(r"^[A-Z0-9]{2,20}$")
+
+
+def _problem_from_validation(err: msgspec.ValidationError) -> str:
+    """Turn msgspec's `... - at `$.api.port`` into `api.port: ...`."""
+    text = str(err)
+    m = re.match(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", text, re.S)
+    assert m is not None
+    msg, path = m.group("msg"), (m.group("path") or "").lstrip(".")
+    unknown = re.match(r"Object contains unknown field `(?P<f>[^`]+)`", msg)
+    if unknown:
+        key = f"{path}.{unknown.group('f')}" if path else unknown.group("f")
+        return f"{key}: unknown key"
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    return f"{path or '(root)'}: {msg[0].lower() + msg[1:] if msg else 'invalid'}"
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith("K2D_") or "__" not in name[4:]:
+            continue
+        parts = [p.lower() for p in name[4:].split("__")]
+        try:
+            value: Any = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _semantic_problems(cfg: Config) -> list[str]:
+    problems = []
+    for key in sorted(_POSITIVE):
+        node: Any = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        if node <= 0:
+            problems.append(f"{key}: must be greater than 0, got {node}")
+    if not 0 < cfg.api.port < 65536:
+        problems.append(f"api.port: must be between 1 and 65535, got {cfg.api.port}")
+    binance = cfg.feeds.binance
+    for i, sym in enumerate(binance.symbols):
+        if not _SYMBOL.match(sym):
+            problems.append(
+                f"feeds.binance.symbols.{i}: {sym!r} is not an upper-case venue symbol like BTCUSDT"
+            )
+    if binance.enabled and not binance.symbols:
+        problems.append("feeds.binance.symbols: an enabled feed needs at least one symbol")
+    for key, url, schemes in (
+        ("feeds.binance.ws_url", binance.ws_url, ("ws://", "wss://")),
+        ("feeds.binance.rest_url", binance.rest_url, ("http://", "https://")),
+    ):
+        if not url.startswith(schemes):
+            problems.append(f"{key}: must start with {' or '.join(schemes)}, got {url!r}")
+    if binance.replace_before >= binance.connection_lifetime:
+        problems.append("feeds.binance.replace_before: must be less than connection_lifetime")
+    return problems
+
+
+def load_config(
+    path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Read config.toml (if given), apply env and explicit overrides, validate everything."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError([f"(file): {p} does not exist"]) from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError([f"(file): {p} is not valid TOML: {e}"]) from None
+    raw = _merge(raw, _env_overrides(os.environ if environ is None else environ))
+    if overrides:
+        raw = _merge(raw, overrides)
+    problems: list[str] = []
+    # msgspec stops at the first error; peel unknown keys off one at a time to report them all.
+    for _ in range(50):
+        try:
+            cfg = msgspec.convert(raw, Config, strict=False)
+        except msgspec.ValidationError as e:
+            problem = _problem_from_validation(e)
+            problems.append(problem)
+            if not _drop_key(raw, problem.split(":", 1)[0]):
+                break
+            continue
+        if problems:
+            break
+        problems.extend(_semantic_problems(cfg))
+        if problems:
+            raise ConfigError(problems)
+        return cfg
+    raise ConfigError(problems)
+
+
+def _drop_key(raw: dict[str, Any], dotted: str) -> bool:
+    node: Any = raw
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    if isinstance(node, dict) and parts[-1] in node:
+        del node[parts[-1]]
+        return True
+    return False
+
+
+def config_to_toml(cfg: Config) -> str:
+    """Render the effective config as TOML (for `k2d check-config`)."""
+    lines: list[str] = []
+
+    def emit(prefix: str, obj: Any) -> None:
+        scalars, tables = [], []
+        for name in obj.__struct_fields__:
+            value = getattr(obj, name)
+            (tables if isinstance(value, msgspec.Struct) else scalars).append((name, value))
+        if scalars:
+            lines.append(f"[{prefix}]")
+            for name, value in scalars:
+                lines.append(f"{name} = {_toml_value(value)}")
+            lines.append("")
+        for name, value in tables:
+            emit(f"{prefix}.{name}" if prefix else name, value)
+
+    emit("", cfg)
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return msgspec.json.encode(value).decode()
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot render {value!r}")

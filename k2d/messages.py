@@ -1,0 +1,71 @@
+"""Every Struct that crosses a stream between actors. Messages carry batches, not records."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from k2d.model import DeadLetter, Quote, SequenceEvent, Trade
+
+__all__ = ["Committed", "DataFileInfo", "RecordBatch", "SequencedBatch", "Watermark"]
+
+
+class RecordBatch(msgspec.Struct, kw_only=True):
+    """Parsed records from one feed (or a backfill, or a load), in venue order."""
+
+    source: str
+    trades: list[Trade] = msgspec.field(default_factory=list)
+    quotes: list[Quote] = msgspec.field(default_factory=list)
+    dead_letters: list[DeadLetter] = msgspec.field(default_factory=list)
+    # Journal or Kafka position of the last frame in this batch (JSON-able), if any.
+    log_position: dict[str, Any] | None = None
+    received_at: int = 0
+    # OpenTelemetry SpanContext of the span that produced the batch (for links).
+    span_context: Any = None
+
+
+class Watermark(msgspec.Struct, frozen=True, kw_only=True):
+    """Last accepted source sequence and platform sequence of one (exchange, symbol, stream)."""
+
+    last_sequence: int | None
+    platform_sequence: int
+    last_seen_us: int
+
+
+class SequencedBatch(msgspec.Struct, kw_only=True):
+    """A tracker's verdict on a RecordBatch: the rows to store and the ledger rows."""
+
+    batch_id: int
+    partition: int
+    trades: list[Trade]
+    quotes: list[Quote]
+    events: list[SequenceEvent]
+    dead_letters: list[DeadLetter]
+    # Watermarks after this batch, keyed "EXCHANGE:SYMBOL:stream".
+    watermarks: dict[str, Watermark]
+    log_position: dict[str, Any] | None = None
+    span_context: Any = None
+
+    def row_count(self) -> int:
+        return len(self.trades) + len(self.quotes) + len(self.events) + len(self.dead_letters)
+
+
+class DataFileInfo(msgspec.Struct, frozen=True, kw_only=True):
+    path: str
+    record_count: int
+    size_bytes: int
+    partition: dict[str, Any]
+    min_timestamp: int | None = None
+    max_timestamp: int | None = None
+
+
+class Committed(msgspec.Struct, frozen=True, kw_only=True):
+    """The writer committed a snapshot of `table` that holds the rows of `batch_ids`."""
+
+    table: str
+    snapshot_id: int
+    files: tuple[DataFileInfo, ...]
+    batch_ids: tuple[int, ...]
+    rows: int
+    committed_at: int
