@@ -40,7 +40,7 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     pass
 
 
-class StorageConfig(_Section):
+class StorageConfig(_Section, frozen=True):
     data_dir: str = "./data"
     # SQLAlchemy URL of the Iceberg SQL catalog; empty = SQLite file under data_dir.
     catalog_uri: str = ""
@@ -63,7 +63,7 @@ class StorageConfig(_Section):
         return f"file://{self.data_path() / 'warehouse'}"
 
 
-class WriterConfig(_Section):
+class WriterConfig(_Section, frozen=True):
     flush_rows: int = 250_000
     flush_bytes: int = 128 * 1024 * 1024
     flush_interval: float = 2.0
@@ -72,7 +72,7 @@ class WriterConfig(_Section):
     commit_backoff_max: float = 5.0
 
 
-class PipelineConfig(_Section):
+class PipelineConfig(_Section, frozen=True):
     partitions: int = 2
     # Capacity, in batches, of every stream between actors. A full stream blocks its sender.
     stream_size: int = 16
@@ -81,7 +81,7 @@ class PipelineConfig(_Section):
     batch_max_age: float = 0.05
 
 
-class SequencerConfig(_Section):
+class SequencerConfig(_Section, frozen=True):
     # A gap is written to the ledger once it has been open this long (seconds); reordered
     # records that fill it sooner never show up as gaps.
     gap_grace: float = 1.0
@@ -94,29 +94,33 @@ class SequencerConfig(_Section):
     max_open_gaps: int = 10_000
 
 
-class LiveConfig(_Section):
+class LiveConfig(_Section, frozen=True):
     window_seconds: float = 900.0
     max_rows_per_symbol: int = 500_000
 
 
-class ApiConfig(_Section):
+class ApiConfig(_Section, frozen=True):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 8765
+    # Request bodies above this are refused with 413 body_too_large.
+    max_body_bytes: int = 65_536
+    # On stop, in-flight requests get this many seconds before they are cancelled.
+    shutdown_timeout: int = 5
 
 
-class SupervisorConfig(_Section):
+class SupervisorConfig(_Section, frozen=True):
     max_restarts: int = 5
     period: float = 60.0
     backoff_initial: float = 0.2
     backoff_max: float = 30.0
 
 
-class ShutdownConfig(_Section):
+class ShutdownConfig(_Section, frozen=True):
     drain_timeout: float = 30.0
 
 
-class TelemetryConfig(_Section):
+class TelemetryConfig(_Section, frozen=True):
     service_name: str = "k2d"
     # OTLP/HTTP endpoint; empty keeps spans in an in-memory ring only.
     otlp_endpoint: str = ""
@@ -124,7 +128,7 @@ class TelemetryConfig(_Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
-class BinanceFeedConfig(_Section):
+class BinanceFeedConfig(_Section, frozen=True):
     enabled: bool = True
     ws_url: str = "wss://stream.binance.com:9443"
     rest_url: str = "https://api.binance.com"
@@ -139,17 +143,17 @@ class BinanceFeedConfig(_Section):
     max_frame_bytes: int = 65_536
 
 
-class FeedsConfig(_Section):
+class FeedsConfig(_Section, frozen=True):
     binance: BinanceFeedConfig = msgspec.field(default_factory=BinanceFeedConfig)
 
 
-class KafkaConfig(_Section):
+class KafkaConfig(_Section, frozen=True):
     enabled: bool = False
     bootstrap_servers: str = "127.0.0.1:9092"
     topic_prefix: str = "k2d"
 
 
-class Config(_Section):
+class Config(_Section, frozen=True):
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     writer: WriterConfig = msgspec.field(default_factory=WriterConfig)
     pipeline: PipelineConfig = msgspec.field(default_factory=PipelineConfig)
@@ -308,7 +312,8 @@ def config_to_toml(cfg: Config) -> str:
     lines: list[str] = []
 
     def emit(prefix: str, obj: Any) -> None:
-        scalars, tables = [], []
+        scalars: list[tuple[str, Any]] = []
+        tables: list[tuple[str, Any]] = []
         for name in obj.__struct_fields__:
             value = getattr(obj, name)
             (tables if isinstance(value, msgspec.Struct) else scalars).append((name, value))

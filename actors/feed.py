@@ -1,0 +1,247 @@
+"""FeedHandler: one Binance combined-stream connection -> RecordBatches of Trades and Quotes.
+
+Reconnects with exponential backoff and jitter. The venue cuts every connection after its
+lifetime (24 h) and announces planned closes with `serverShutdown`; in both cases a
+replacement connection is opened first and the old one closed once the new one delivers,
+with records seen on both dropped during the overlap.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream
+from opentelemetry import trace
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from k2d.config import BinanceFeedConfig, PipelineConfig
+from k2d.messages import RecordBatch
+from k2d.model import now_us
+from k2d.runtime import Actor, Backoff, Outbox
+from k2d.telemetry.metrics import Metrics
+from k2d.venues.binance import BinanceParser, ParsedFrames, combined_stream_url
+
+__all__ = ["FeedHandler", "FrameSink"]
+
+log = logging.getLogger(__name__)
+
+FrameSink = Callable[[bytes, int], None]
+"""Called with (frame, receive time µs) before a frame is parsed (the capture journal)."""
+
+_OVERLAP_IDS = 200_000  # message ids remembered while two connections overlap
+_OVERLAP_GRACE = 10.0  # seconds after a handover during which repeats are still dropped
+
+
+class FeedHandler(Actor[None, RecordBatch]):
+    def __init__(
+        self,
+        name: str,
+        cfg: BinanceFeedConfig,
+        pipeline: PipelineConfig,
+        metrics: Metrics,
+        stop: anyio.Event,
+        tracer: trace.Tracer | None = None,
+        frame_sink: FrameSink | None = None,
+    ) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.pipeline = pipeline
+        self.metrics = metrics
+        self.stop = stop
+        self.url = combined_stream_url(cfg.ws_url, cfg.symbols)
+        self.parser = BinanceParser(
+            cfg.symbols, source=name, max_clock_skew_s=cfg.max_clock_skew,
+            max_frame_bytes=cfg.max_frame_bytes,
+        )
+        self._tracer = tracer or trace.get_tracer("k2d")
+        self._sink = frame_sink
+        self._pending = ParsedFrames()
+        self._pending_since = 0.0
+        self._lock = anyio.Lock()
+        self._outbox: Outbox[RecordBatch] | None = None
+        self._sockets: set[ClientConnection] = set()
+        self._overlap_until = 0.0
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._shutdown_announced = anyio.Event()
+        self._frames = metrics.frames.labels(name)
+        self._lag = metrics.feed_lag.labels(name)
+        self.backoff = Backoff(cfg.reconnect_initial, cfg.reconnect_max)
+
+    async def run(self, inbox: MemoryObjectReceiveStream[None] | None, outbox: Outbox[RecordBatch]) -> None:
+        self._outbox = outbox
+        self._closing = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._flush_by_age)
+            tg.start_soon(self._close_on_stop)
+            await self._connections()
+            # No cancel here: a cancelled send would lose the batch it carried.
+            self._closing.set()
+        await self._emit()
+
+    async def _close_on_stop(self) -> None:
+        await self.stop.wait()
+        for ws in list(self._sockets):
+            await ws.close()
+
+    async def _connections(self) -> None:
+        ws: ClientConnection | None = None
+        while not self.stop.is_set():
+            if ws is None:
+                ws = await self._connect()
+                if ws is None:
+                    await self._sleep(self.backoff.next_delay())
+                    continue
+            ws = await self._read(ws)
+            if ws is None and not self.stop.is_set():
+                await self._sleep(self.backoff.next_delay())
+
+    async def _connect(self) -> ClientConnection | None:
+        try:
+            ws = await connect(
+                self.url, max_size=self.cfg.max_frame_bytes * 16, open_timeout=10,
+                ping_interval=20, ping_timeout=60, close_timeout=2, compression=None,
+            )
+        except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as e:
+            log.warning("%s: connect to %s failed: %r", self.name, self.url, e)
+            return None
+        self.metrics.feed_connects.labels(self.name).inc()
+        self._sockets.add(ws)
+        log.info("%s: connected to %s", self.name, self.url)
+        return ws
+
+    async def _read(self, ws: ClientConnection) -> ClientConnection | None:
+        """Read `ws` until it closes; return the successor if one took over."""
+        successor: list[tuple[ClientConnection, bytes]] = []
+        self._shutdown_announced = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._replace_when_due, ws, successor)
+            try:
+                while True:
+                    frame = await ws.recv(decode=False)
+                    await self._handle(frame)
+                    self.backoff.reset()
+            except ConnectionClosed as e:
+                if not successor:
+                    log.warning("%s: connection closed: %s", self.name, e)
+            if not successor:
+                tg.cancel_scope.cancel()  # the replacement task is only connecting or waiting
+        self._sockets.discard(ws)
+        if not successor:
+            return None
+        new, first = successor[0]
+        await self._handle(first)
+        log.info("%s: replacement connection took over", self.name)
+        return new
+
+    async def _replace_when_due(
+        self, old: ClientConnection, successor: list[tuple[ClientConnection, bytes]]
+    ) -> None:
+        """Open the next connection before the venue's lifetime cut or after serverShutdown,
+        then close `old` once the new one delivers its first frame."""
+        with anyio.move_on_after(self.cfg.connection_lifetime - self.cfg.replace_before):
+            await self._shutdown_announced.wait()
+        new: ClientConnection | None = None
+        while new is None and not self.stop.is_set():
+            new = await self._connect()
+            if new is None:
+                await self._sleep(self.backoff.next_delay())
+        if new is None:
+            return
+        self._overlap_until = float("inf")
+        try:
+            first = await new.recv(decode=False)
+        except ConnectionClosed:
+            self._sockets.discard(new)
+            self._overlap_until = 0.0
+            return
+        except BaseException:
+            # The old connection died first (we are cancelled) or the new one failed.
+            self._sockets.discard(new)
+            with anyio.CancelScope(shield=True):
+                await new.close()
+            if self._overlap_until == float("inf"):
+                self._overlap_until = 0.0
+            raise
+        successor.append((new, first))
+        self._overlap_until = time.monotonic() + _OVERLAP_GRACE
+        await old.close()
+
+    async def _handle(self, frame: bytes) -> None:
+        received = now_us()
+        if self._sink is not None:
+            self._sink(frame, received)
+        self._frames.inc()
+        p = self._pending
+        if not p:
+            self._pending_since = time.monotonic()
+        nt, nq = len(p.trades), len(p.quotes)
+        ctl = self.parser.parse(frame, received, p)
+        if ctl is not None and ctl.kind == "server_shutdown":
+            log.warning("%s: venue announced shutdown; opening a replacement", self.name)
+            self._shutdown_announced.set()
+        if self._overlap_until and (nt < len(p.trades) or nq < len(p.quotes)):
+            self._drop_overlap_repeats(nt, nq)
+        if len(p) >= self.pipeline.batch_max_records:
+            await self._emit()
+
+    def _drop_overlap_repeats(self, nt: int, nq: int) -> None:
+        if time.monotonic() > self._overlap_until:
+            self._overlap_until = 0.0
+            self._seen.clear()
+            return
+        p, seen = self._pending, self._seen
+        for records, start in ((p.trades, nt), (p.quotes, nq)):
+            fresh: list[Any] = []
+            for r in records[start:]:
+                if r.message_id in seen:
+                    continue
+                seen[r.message_id] = None
+                fresh.append(r)
+            records[start:] = fresh
+        while len(seen) > _OVERLAP_IDS:
+            seen.popitem(last=False)
+
+    async def _flush_by_age(self) -> None:
+        age = self.pipeline.batch_max_age
+        while not self._closing.is_set():
+            with anyio.move_on_after(age / 2):
+                await self._closing.wait()
+            if self._pending and time.monotonic() - self._pending_since >= age:
+                await self._emit()
+
+    async def _emit(self) -> None:
+        async with self._lock:
+            p = self._pending
+            if not p or self._outbox is None:
+                return
+            self._pending = ParsedFrames()
+            received = now_us()
+            with self._tracer.start_as_current_span("feed.receive") as span:
+                span.set_attribute("k2d.feed", self.name)
+                span.set_attribute("k2d.trades", len(p.trades))
+                span.set_attribute("k2d.quotes", len(p.quotes))
+                span.set_attribute("k2d.dead_letters", len(p.dead_letters))
+                batch = RecordBatch(
+                    source=self.name, trades=p.trades, quotes=p.quotes,
+                    dead_letters=p.dead_letters, received_at=received,
+                    span_context=span.get_span_context(),
+                )
+            if p.trades:
+                self.metrics.records.labels(self.name, "trade").inc(len(p.trades))
+            if p.quotes:
+                self.metrics.records.labels(self.name, "quote").inc(len(p.quotes))
+            for d in p.dead_letters:
+                self.metrics.dead_letters.labels(self.name, d.reason).inc()
+            if p.max_event_us:
+                self._lag.set((received - p.max_event_us) / 1e6)
+            await self._outbox.send(batch)
+
+    async def _sleep(self, seconds: float) -> None:
+        with anyio.move_on_after(seconds):
+            await self.stop.wait()

@@ -1,0 +1,3 @@
+from k2d.cli import main
+
+raise SystemExit(main())

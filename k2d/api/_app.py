@@ -1,0 +1,77 @@
+"""The Litestar application: operational routes, JSON errors, offline OpenAPI, telemetry."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from litestar import Litestar, Response, Router
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin
+from litestar.types import ControllerRouterHandler
+from opentelemetry import trace
+
+from k2d import __version__
+from k2d.api._errors import error_response, exception_handlers
+from k2d.api._middleware import RequestMiddleware
+from k2d.api._ops import OPS_HANDLERS
+from k2d.api._state import ApiState
+
+__all__ = ["create_app"]
+
+SCHEMA_PATH = "/schema"
+
+
+def create_app(
+    state: ApiState, *, route_handlers: Sequence[ControllerRouterHandler] = ()
+) -> Litestar:
+    """Build the app; `route_handlers` adds endpoints (query routes) that share its error
+    mapping, telemetry and limits. Handlers receive the state as an `api: ApiState` argument."""
+
+    def provide_api() -> ApiState:
+        return state
+
+    app = Litestar(
+        route_handlers=[*OPS_HANDLERS, *route_handlers],
+        dependencies={"api": Provide(provide_api, use_cache=True, sync_to_thread=False)},
+        exception_handlers=exception_handlers(),
+        openapi_config=_openapi_config(),
+        request_max_body_size=state.config.max_body_bytes,
+        # Logging belongs to k2d.telemetry.logs; Litestar's default would reconfigure the root.
+        logging_config=None,
+        debug=False,
+    )
+    tracer = state.tracing.tracer if state.tracing is not None else trace.NoOpTracer()
+    # Wrap Litestar's exception handling (as its own OpenTelemetry plugin does), so requests
+    # that match no route are traced and counted too.
+    app.asgi_handler = RequestMiddleware(
+        app.asgi_handler,
+        tracer=tracer,
+        requests=state.metrics.http_requests,
+        max_body_bytes=state.config.max_body_bytes,
+    )
+    return app
+
+
+def _openapi_config() -> OpenAPIConfig:
+    """JSON only at /schema and /schema/openapi.json: the UIs load JavaScript from a CDN."""
+    router = Router(
+        SCHEMA_PATH,
+        route_handlers=[],
+        include_in_schema=False,
+        after_request=_json_not_found,
+    )
+    return OpenAPIConfig(
+        title="k2d",
+        version=__version__,
+        description="Market data captured into Apache Iceberg: historical, recent and live.",
+        render_plugins=[JsonRenderPlugin()],
+        openapi_router=router,
+    )
+
+
+async def _json_not_found(response: Response[object]) -> Response[object]:
+    """Litestar answers unknown /schema/* paths with an HTML page; keep errors JSON."""
+    if response.status_code == 404:
+        return error_response(404, "not_found", "no such schema document")  # type: ignore[return-value]
+    return response

@@ -1,0 +1,123 @@
+"""Operational endpoints: liveness, readiness, Prometheus metrics, stats, recent spans."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Response, get
+from litestar.openapi import ResponseSpec
+from litestar.params import Parameter
+from prometheus_client import generate_latest
+
+from k2d.api._errors import ApiError, ErrorBody
+from k2d.api._state import ApiState, Readiness
+
+__all__ = ["OPS_HANDLERS"]
+
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_DEFAULT_TRACES = 100
+
+
+class HealthBody(msgspec.Struct, frozen=True):
+    status: str
+
+
+class ReadyBody(msgspec.Struct, frozen=True):
+    status: Readiness
+    actors: dict[str, str]
+    restarts: dict[str, int]
+
+
+class Meta(msgspec.Struct, frozen=True):
+    generated_at: str
+
+
+class StatsBody(msgspec.Struct, frozen=True):
+    data: dict[str, Any]
+    meta: Meta
+
+
+class TracesMeta(msgspec.Struct, frozen=True):
+    generated_at: str
+    count: int
+    limit: int
+    ring_size: int
+
+
+class TracesBody(msgspec.Struct, frozen=True):
+    data: list[dict[str, Any]]
+    meta: TracesMeta
+
+
+def utc_now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@get("/health", tags=["ops"], sync_to_thread=False)
+def health() -> HealthBody:
+    """Liveness: the process answers."""
+    return HealthBody(status="ok")
+
+
+@get(
+    "/ready",
+    tags=["ops"],
+    sync_to_thread=False,
+    responses={503: ResponseSpec(data_container=ReadyBody, description="Not ready")},
+)
+def ready(api: ApiState) -> Response[ReadyBody]:
+    """Readiness: 200 once marked ready with every expected actor running or degraded."""
+    status = api.readiness()
+    body = ReadyBody(
+        status=status,
+        actors={name: str(state) for name, state in sorted(api.registry.states.items())},
+        restarts=dict(sorted(api.registry.restarts.items())),
+    )
+    return Response(body, status_code=200 if status == "ready" else 503)
+
+
+@get("/metrics", tags=["ops"], sync_to_thread=False, media_type=METRICS_CONTENT_TYPE)
+def metrics(api: ApiState) -> Response[bytes]:
+    """Prometheus text exposition (format 0.0.4)."""
+    return Response(generate_latest(api.metrics.registry), media_type=METRICS_CONTENT_TYPE)
+
+
+@get("/v1/stats", tags=["ops"])
+async def stats(api: ApiState) -> StatsBody:
+    """Warehouse statistics: tables, rows, snapshots, gaps."""
+    return StatsBody(data=await api.stats(), meta=Meta(generated_at=utc_now_iso()))
+
+
+@get(
+    "/v1/traces",
+    tags=["ops"],
+    sync_to_thread=False,
+    responses={400: ResponseSpec(data_container=ErrorBody, description="Invalid limit")},
+)
+def traces(
+    api: ApiState,
+    limit: Annotated[
+        int | None,
+        Parameter(description="Spans to return, newest first (default 100, max the ring size)"),
+    ] = None,
+) -> TracesBody:
+    """The most recent finished spans from the in-memory ring."""
+    if api.tracing is None:
+        raise ApiError(503, "tracing_disabled", "tracing is not set up in this process")
+    ring = api.tracing.ring_size
+    if limit is None:
+        limit = min(_DEFAULT_TRACES, ring)
+    if not 1 <= limit <= ring:
+        raise ApiError(
+            400,
+            "invalid_parameter",
+            f"query parameter 'limit' must be between 1 and {ring}, got {limit}",
+        )
+    spans = api.tracing.recent_spans(limit)
+    meta = TracesMeta(generated_at=utc_now_iso(), count=len(spans), limit=limit, ring_size=ring)
+    return TracesBody(data=spans, meta=meta)
+
+
+OPS_HANDLERS = (health, ready, metrics, stats, traces)

@@ -1,0 +1,57 @@
+"""What the HTTP layer reads from the daemon: actor registry, metrics, spans, stats, readiness."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from k2d.config import ApiConfig
+from k2d.runtime import ActorState, Registry
+from k2d.telemetry.metrics import Metrics
+from k2d.telemetry.tracing import Tracing
+
+__all__ = ["ApiState", "Readiness"]
+
+Readiness = Literal["ready", "starting", "draining", "not_ready"]
+_SERVING = frozenset({ActorState.RUNNING, ActorState.DEGRADED})
+
+
+@dataclass(kw_only=True)
+class ApiState:
+    """Shared with every handler. Starts not ready; the daemon calls mark_ready() once its
+    actors run and mark_draining() on SIGTERM, so load balancers stop sending traffic."""
+
+    registry: Registry
+    metrics: Metrics
+    stats: Callable[[], Awaitable[dict[str, Any]]]
+    tracing: Tracing | None = None
+    expected_actors: set[str] = field(default_factory=set)
+    config: ApiConfig = field(default_factory=ApiConfig)
+    _ready: bool = field(default=False, init=False, repr=False)
+    _draining: bool = field(default=False, init=False, repr=False)
+
+    def mark_ready(self) -> None:
+        self._ready = True
+
+    def mark_draining(self) -> None:
+        """One-way: a draining process never becomes ready again."""
+        self._draining = True
+
+    @property
+    def ready(self) -> bool:
+        return self.readiness() == "ready"
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def readiness(self) -> Readiness:
+        if self._draining:
+            return "draining"
+        if not self._ready:
+            return "starting"
+        states = self.registry.states
+        if all(states.get(name) in _SERVING for name in self.expected_actors):
+            return "ready"
+        return "not_ready"

@@ -1,0 +1,163 @@
+"""Root task group: the supervisor tree plus the HTTP server, and the order they stop in.
+
+Shutdown (SIGTERM, SIGINT, or --exit-after): /ready turns 503, feeds stop reading, the
+pipeline drains stage by stage (see pipeline.py) under one deadline
+(`shutdown.drain_timeout`), and the HTTP server stops last.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+
+from actors.sequencer import TrackerState
+from k2d.api import ApiState, create_app, serve
+from k2d.config import Config
+from k2d.pipeline import Pipeline, build_pipeline
+from k2d.runtime import EscalationError, Registry
+from k2d.storage import Warehouse
+from k2d.telemetry.logs import setup_logging
+from k2d.telemetry.metrics import Metrics
+from k2d.telemetry.tracing import Tracing, setup_tracing
+
+__all__ = ["EXIT_ESCALATED", "Daemon", "run_daemon"]
+
+log = logging.getLogger(__name__)
+EXIT_ESCALATED = 70  # EX_SOFTWARE: systemd's Restart=on-failure brings the process back
+
+
+@dataclass
+class Daemon:
+    """Handles that tests, the demo and the API read while the daemon runs."""
+
+    cfg: Config
+    registry: Registry
+    metrics: Metrics
+    tracing: Tracing
+    warehouse: Warehouse
+    pipeline: Pipeline
+    api: ApiState
+    api_port: int = 0
+    stopping: anyio.Event | None = None
+
+    def request_stop(self) -> None:
+        if self.stopping is not None:
+            self.stopping.set()
+
+
+async def _stats(d: Daemon) -> dict[str, Any]:
+    tables = await anyio.to_thread.run_sync(d.warehouse.stats)
+    watermarks, log_position = await anyio.to_thread.run_sync(d.warehouse.latest_k2_state)
+    return {
+        "tables": tables,
+        "watermarks": {k: {"last_sequence": w.last_sequence,
+                           "platform_sequence": w.platform_sequence}
+                       for k, w in sorted(watermarks.items())},
+        "log_position": log_position,
+        "live_rows": d.pipeline.live_hub.row_count(),
+    }
+
+
+async def run_daemon(
+    cfg: Config,
+    *,
+    exit_after: float | None = None,
+    on_started: Callable[[Daemon], None] | None = None,
+    install_signals: bool = True,
+    configure_logging: bool = True,
+    task_status: TaskStatus[Daemon] = anyio.TASK_STATUS_IGNORED,
+) -> int:
+    """Run until a signal, `exit_after` seconds, or Daemon.request_stop(); return the exit code."""
+    if configure_logging:
+        setup_logging(cfg.telemetry.log_level)
+    registry = Registry()
+    metrics = Metrics(registry)
+    tracing = setup_tracing(cfg.telemetry)
+    cfg.storage.data_path().mkdir(parents=True, exist_ok=True)
+    warehouse = Warehouse(cfg.storage)
+    await anyio.to_thread.run_sync(warehouse.ensure_tables)
+
+    async def restore() -> TrackerState:
+        watermarks, _ = await anyio.to_thread.run_sync(warehouse.latest_k2_state)
+        return TrackerState(watermarks=watermarks)
+
+    pipeline = build_pipeline(cfg, warehouse, metrics, registry, tracing.tracer, restore)
+    daemon = Daemon(cfg, registry, metrics, tracing, warehouse, pipeline,
+                    ApiState(registry=registry, metrics=metrics, tracing=tracing,
+                             stats=lambda: _stats(daemon),
+                             expected_actors=set(pipeline.actor_names)),
+                    stopping=anyio.Event())
+    assert daemon.stopping is not None
+    exit_code = 0
+    try:
+        async with anyio.create_task_group() as tg:
+            server = None
+            if cfg.api.enabled:
+                server = serve(create_app(daemon.api), cfg.api)
+                await tg.start(server.run)
+                daemon.api_port = server.port
+                log.info("API listening on http://%s:%d", cfg.api.host, server.port)
+            if install_signals:
+                tg.start_soon(_watch_signals, daemon.stopping)
+            if exit_after is not None:
+                tg.start_soon(_stop_after, daemon.stopping, exit_after)
+            pipeline_done = anyio.Event()
+            tg.start_soon(_run_pipeline, pipeline, pipeline_done)
+            daemon.api.mark_ready()
+            task_status.started(daemon)
+            if on_started is not None:
+                on_started(daemon)
+            with anyio.CancelScope() as wait_scope:
+                tg.start_soon(_cancel_when, pipeline_done, wait_scope)
+                await daemon.stopping.wait()
+            log.info("stopping: draining the pipeline (deadline %.1fs)",
+                     cfg.shutdown.drain_timeout)
+            daemon.api.mark_draining()
+            pipeline.feeds_stop.set()
+            with anyio.move_on_after(cfg.shutdown.drain_timeout) as drain:
+                await pipeline_done.wait()
+            if drain.cancelled_caught:
+                log.error("drain deadline of %.1fs passed; cancelling",
+                          cfg.shutdown.drain_timeout)
+                exit_code = 1
+            if server is not None:
+                await server.stop()
+            tg.cancel_scope.cancel()
+    except* EscalationError as eg:
+        for e in eg.exceptions:
+            log.critical("escalation: %s", e)
+        exit_code = EXIT_ESCALATED
+    finally:
+        tracing.shutdown()
+    log.info("stopped with exit code %d", exit_code)
+    return exit_code
+
+
+async def _run_pipeline(pipeline: Pipeline, done: anyio.Event) -> None:
+    try:
+        await pipeline.supervisor.run()
+    finally:
+        done.set()
+
+
+async def _cancel_when(event: anyio.Event, scope: anyio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+async def _watch_signals(stopping: anyio.Event) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("received %s", signal.Signals(signum).name)
+            stopping.set()
+
+
+async def _stop_after(stopping: anyio.Event, seconds: float) -> None:
+    await anyio.sleep(seconds)
+    stopping.set()

@@ -1,0 +1,100 @@
+"""Command line: run, demo, simulate, check-config, version."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+
+from k2d import __version__
+from k2d.config import ConfigError, config_to_toml, load_config
+
+__all__ = ["main"]
+
+EXIT_CONFIG = 2
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None,
+                   help="config.toml to read (default: ./config.toml if present)")
+
+
+def _config_path(arg: Path | None) -> Path | None:
+    if arg is not None:
+        return arg
+    default = Path("config.toml")
+    return default if default.exists() else None
+
+
+def _parser() -> argparse.ArgumentParser:
+    from k2d import simulator
+
+    parser = argparse.ArgumentParser(prog="k2d", description="Market-data capture daemon.")
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    run = sub.add_parser("run", help="run the daemon (production entry point)")
+    _add_config(run)
+    run.add_argument("--exit-after", type=float, default=None, metavar="S",
+                     help="drain and exit after S seconds")
+
+    demo = sub.add_parser("demo", help="run the simulator and the daemon pointed at it")
+    _add_config(demo)
+    demo.add_argument("--data-dir", type=Path, default=Path("./demo-data"))
+    demo.add_argument("--exit-after", type=float, default=None, metavar="S")
+    demo.add_argument("--rate", type=float, default=2_000.0, help="simulated trades/s in total")
+    demo.add_argument("--faults", default="drop=0.002,dup=0.002,reorder=0.002,malformed=0.001",
+                      help="simulator fault mix")
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--symbols", default="BTCUSDT,ETHUSDT,SOLUSDT")
+    demo.add_argument("--api-port", type=int, default=None)
+
+    sim = sub.add_parser("simulate", help="a Binance-protocol venue on loopback")
+    simulator.add_arguments(sim)
+
+    check = sub.add_parser("check-config", help="print the effective config or its errors")
+    _add_config(check)
+
+    sub.add_parser("version", help="print the version")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.verb == "version":
+        print(f"k2d {__version__}")
+        return 0
+    if args.verb == "simulate":
+        from k2d import simulator
+
+        return simulator.run_from_args(args)
+    if args.verb == "check-config":
+        try:
+            cfg = load_config(_config_path(args.config))
+        except ConfigError as e:
+            for problem in e.problems:
+                print(problem, file=sys.stderr)
+            return EXIT_CONFIG
+        print(config_to_toml(cfg))
+        return 0
+    if args.verb == "run":
+        from k2d.app import run_daemon
+
+        try:
+            cfg = load_config(_config_path(args.config))
+        except ConfigError as e:
+            for problem in e.problems:
+                print(problem, file=sys.stderr)
+            return EXIT_CONFIG
+        return anyio.run(lambda: run_daemon(cfg, exit_after=args.exit_after))
+    if args.verb == "demo":
+        from k2d.demo import run_demo
+
+        return run_demo(args)
+    raise AssertionError(args.verb)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

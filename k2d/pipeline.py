@@ -1,0 +1,157 @@
+"""THE wiring: every stream between actors (bounded, sizes from config) and every ChildSpec.
+
+    FeedHandler --(partition by symbol)--> SequenceTracker[p] --+--> IcebergWriter --Committed--+
+                                                                '--> LiveHub <------------------'
+
+Start order: the ingest group (trackers, writer, hub) starts before the feeds, so the
+first frame always has somewhere to go. Stop order is the same chain from the top: the
+app sets `feeds_stop`; each feed flushes and closes its outbox; a tracker sees end of
+input once every feed has closed and closes its own; the writer commits its last batch
+(with its log position) when every tracker has closed, then closes Committed; the hub
+ends last. Nothing is cancelled on the way, so no batch is lost in a send.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectSendStream
+from opentelemetry import trace
+
+from actors.feed import FeedHandler, FrameSink
+from actors.live_hub import LiveHub
+from actors.sequencer import SequenceTracker, TrackerState
+from actors.writer import IcebergWriter
+from k2d.config import Config
+from k2d.messages import RecordBatch
+from k2d.model import partition_of
+from k2d.runtime import (
+    Backoff,
+    ChildSpec,
+    Outbox,
+    Registry,
+    Restart,
+    Strategy,
+    Supervisor,
+    bounded_stream,
+)
+from k2d.storage import Warehouse
+from k2d.telemetry.metrics import Metrics
+
+__all__ = ["PartitionedOutbox", "Pipeline", "build_pipeline"]
+
+
+class PartitionedOutbox(Outbox[RecordBatch]):
+    """Splits a feed's batch by partition_of(exchange, symbol): one symbol, one tracker."""
+
+    def __init__(self, name: str, streams: list[MemoryObjectSendStream[RecordBatch]]) -> None:
+        super().__init__(name, *streams)
+        self._parts = streams
+        self._cache: dict[tuple[str, str], int] = {}
+
+    def _partition(self, exchange: str, symbol: str) -> int:
+        key = (exchange, symbol)
+        p = self._cache.get(key)
+        if p is None:
+            p = self._cache[key] = partition_of(exchange, symbol, len(self._parts))
+        return p
+
+    async def send(self, item: RecordBatch) -> None:
+        n = len(self._parts)
+        if n == 1:
+            await Outbox.send(self, item)
+            return
+        split = [
+            RecordBatch(source=item.source, log_position=item.log_position,
+                        received_at=item.received_at, span_context=item.span_context)
+            for _ in range(n)
+        ]
+        for t in item.trades:
+            split[self._partition(t.exchange, t.symbol)].trades.append(t)
+        for q in item.quotes:
+            split[self._partition(q.exchange, q.symbol)].quotes.append(q)
+        # Dead letters have no symbol to route by; partition 0 stores them.
+        split[0].dead_letters = item.dead_letters
+        for stream, part in zip(self._parts, split, strict=True):
+            if part.trades or part.quotes or part.dead_letters or part.log_position:
+                await Outbox(self.name, stream).send(part)
+
+
+@dataclass
+class Pipeline:
+    supervisor: Supervisor
+    feeds_stop: anyio.Event
+    live_hub: LiveHub
+    feed_names: list[str]
+    actor_names: set[str] = field(default_factory=set)
+
+
+def build_pipeline(
+    cfg: Config,
+    warehouse: Warehouse,
+    metrics: Metrics,
+    registry: Registry,
+    tracer: trace.Tracer,
+    restore: Callable[[], Awaitable[TrackerState]] | None = None,
+    frame_sink: FrameSink | None = None,
+) -> Pipeline:
+    pc = cfg.pipeline
+    size = pc.stream_size
+    batch_ids = itertools.count(1)
+
+    def backoff() -> Backoff:
+        return Backoff(cfg.supervisor.backoff_initial, cfg.supervisor.backoff_max)
+
+    to_writer, writer_inbox = bounded_stream(registry, "writer.inbox", size)
+    to_hub, hub_inbox = bounded_stream(registry, "live_hub.inbox", size * 4)
+    tracker_inboxes = [bounded_stream(registry, f"sequencer-{p}.inbox", size)
+                       for p in range(pc.partitions)]
+
+    ingest: list[ChildSpec] = []
+    for p, (_, inbox) in enumerate(tracker_inboxes):
+        out = Outbox[Any](f"sequencer-{p}.outbox", to_writer.clone(), to_hub.clone())
+        ingest.append(ChildSpec.for_actor(
+            f"sequencer-{p}",
+            lambda p=p: SequenceTracker(p, cfg.sequencer, metrics, batch_ids, restore, tracer),
+            inbox, out, registry,
+        ))
+    writer_out = Outbox[Any]("writer.outbox", to_hub.clone())
+    ingest.append(ChildSpec.for_actor(
+        "writer", lambda: IcebergWriter(warehouse, cfg.writer, metrics, tracer),
+        writer_inbox, writer_out, registry,
+    ))
+    hub = LiveHub(cfg.live, metrics)
+    ingest.append(ChildSpec.for_actor("live_hub", lambda: hub, hub_inbox, Outbox("none"), registry))
+
+    feeds_stop = anyio.Event()
+    feed_specs: list[ChildSpec] = []
+    feed_names: list[str] = []
+    if cfg.feeds.binance.enabled:
+        name = "feed-binance"
+        feed_names.append(name)
+        fout = PartitionedOutbox(f"{name}.outbox", [s.clone() for s, _ in tracker_inboxes])
+        feed_specs.append(ChildSpec.for_actor(
+            name,
+            lambda: FeedHandler(name, cfg.feeds.binance, pc, metrics, feeds_stop, tracer,
+                                frame_sink),
+            None, fout, registry, restart=Restart.TRANSIENT,
+        ))
+    # Producers hold clones; closing the originals lets end-of-input flow once they finish.
+    for s, _ in tracker_inboxes:
+        s.close()
+    to_writer.close()
+    to_hub.close()
+
+    sup = cfg.supervisor
+    ingest_sup = Supervisor("ingest", ingest, registry, Strategy.ONE_FOR_ALL,
+                            sup.max_restarts, sup.period, backoff())
+    feeds_sup = Supervisor("feeds", feed_specs, registry, Strategy.ONE_FOR_ONE,
+                           sup.max_restarts, sup.period, backoff())
+    root = Supervisor("root", [ingest_sup.as_child(), feeds_sup.as_child()], registry,
+                      Strategy.ONE_FOR_ONE, sup.max_restarts, sup.period, backoff())
+    names = {s.name for s in ingest} | {s.name for s in feed_specs}
+    return Pipeline(root, feeds_stop, hub, feed_names, names)

@@ -1,0 +1,161 @@
+"""SequenceTracker: gaps, duplicates, reorders, resets — checked through the ledger rows."""
+
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from actors.sequencer import SequenceTracker, StreamBook
+from k2d.config import SequencerConfig
+from k2d.messages import RecordBatch
+from k2d.model import SequenceEvent, Trade
+from k2d.telemetry.metrics import Metrics
+
+CFG = SequencerConfig(gap_grace=0.0)
+
+
+def trade(seq: int, symbol: str = "BTCUSDT", provenance: str = "live") -> Trade:
+    return Trade(
+        message_id=f"BINANCE:{symbol}:trade:{seq}", trade_id=str(seq), symbol=symbol,
+        exchange="BINANCE", asset_class="crypto", timestamp=1_700_000_000_000_000 + seq,
+        price="1.00000000", quantity="1.00000000", currency="USDT", side="BUY",
+        source_sequence=seq, ingestion_timestamp=1_700_000_000_000_000, provenance=provenance,
+    )
+
+
+def open_gap_ids(events: list[SequenceEvent]) -> set[int]:
+    """Ledger semantics: the latest row per event_id is its status."""
+    latest: dict[str, SequenceEvent] = {}
+    for e in events:
+        if e.kind == "gap":
+            latest[e.event_id] = e
+    ids: set[int] = set()
+    for e in latest.values():
+        if e.status == "open":
+            assert e.first_missing is not None and e.last_missing is not None
+            ids.update(range(e.first_missing, e.last_missing + 1))
+    return ids
+
+
+def run_tracker(
+    batches: list[list[int]], cfg: SequencerConfig = CFG, clock_step: int = 1
+) -> tuple[list[int], list[SequenceEvent]]:
+    ticks = itertools.count(1_700_000_000_000_000, clock_step)
+    tracker = SequenceTracker(0, cfg, Metrics(), itertools.count(), clock=lambda: next(ticks))
+    stored: list[int] = []
+    events: list[SequenceEvent] = []
+    for ids in batches:
+        out = tracker.process(RecordBatch(source="test", trades=[trade(i) for i in ids]))
+        stored.extend(int(t.trade_id) for t in out.trades)
+        events.extend(out.events)
+    events.extend(tracker.flush_all().events)
+    return stored, events
+
+
+@st.composite
+def venue_stream(draw: st.DrawFn) -> tuple[list[list[int]], set[int]]:
+    n = draw(st.integers(min_value=1, max_value=300))
+    start = draw(st.integers(min_value=1, max_value=10**9))
+    ids = list(range(start, start + n))
+    wire: list[int] = []
+    for i in ids:
+        action = draw(st.sampled_from(["send", "send", "send", "drop", "dup"]))
+        if action == "send":
+            wire.append(i)
+        elif action == "dup":
+            wire.extend([i, i])
+    # Local reorders: swap neighbours, as a venue or a reconnect overlap would.
+    for _ in range(draw(st.integers(min_value=0, max_value=len(wire) // 3 + 1))):
+        if len(wire) >= 2:
+            j = draw(st.integers(min_value=0, max_value=len(wire) - 2))
+            wire[j], wire[j + 1] = wire[j + 1], wire[j]
+    cuts = sorted(draw(st.lists(st.integers(min_value=0, max_value=len(wire)), max_size=5)))
+    batches = [wire[a:b] for a, b in itertools.pairwise([0, *cuts, len(wire)])]
+    return batches, set(wire)
+
+
+@settings(max_examples=300, deadline=None)
+@given(venue_stream())
+def test_open_gaps_are_exactly_the_missing_ids_and_no_duplicate_is_stored(
+    case: tuple[list[list[int]], set[int]],
+) -> None:
+    batches, received = case
+    stored, events = run_tracker(batches)
+    assert len(stored) == len(set(stored)), "a duplicate reached the writer"
+    assert set(stored) == received
+    if received:
+        expected_missing = set(range(min(received), max(received) + 1)) - received
+        assert open_gap_ids(events) == expected_missing
+
+
+def test_in_order_stream_opens_no_gap() -> None:
+    stored, events = run_tracker([[1, 2, 3], [4, 5]])
+    assert stored == [1, 2, 3, 4, 5]
+    assert [e for e in events if e.kind == "gap"] == []
+
+
+def test_gap_is_opened_with_its_range_then_closed_by_late_arrival() -> None:
+    stored, events = run_tracker([[10, 11, 15], [16], [12, 13, 14]])
+    gaps = [e for e in events if e.kind == "gap"]
+    assert gaps[0].status == "open"
+    assert (gaps[0].first_missing, gaps[0].last_missing, gaps[0].missing_count) == (12, 14, 3)
+    assert gaps[-1].status == "backfilled" and gaps[-1].event_id == gaps[0].event_id
+    assert open_gap_ids(events) == set()
+    assert sorted(stored) == list(range(10, 17))
+
+
+def test_reorder_inside_grace_period_never_reaches_the_ledger() -> None:
+    cfg = SequencerConfig(gap_grace=10.0)
+    stored, events = run_tracker([[1, 3], [2, 4]], cfg=cfg)
+    assert sorted(stored) == [1, 2, 3, 4]
+    assert [e for e in events if e.kind == "gap"] == []
+
+
+def test_duplicates_are_dropped_and_counted_in_an_info_row() -> None:
+    stored, events = run_tracker([[1, 2, 2, 3], [3, 1]])
+    assert stored == [1, 2, 3]
+    dups = [e for e in events if e.kind == "duplicate"]
+    assert len(dups) == 1 and dups[0].status == "info" and dups[0].missing_count == 3
+
+
+def test_session_reset_after_quiet_period_restarts_the_sequence() -> None:
+    cfg = SequencerConfig(gap_grace=0.0, reset_quiet_period=1.0, reset_min_drop=100)
+    # Each tracker batch advances the clock by 2 s: longer than the quiet period.
+    stored, events = run_tracker([[5000, 5001], [7, 8, 9]], cfg=cfg, clock_step=2_000_000)
+    assert stored == [5000, 5001, 7, 8, 9]
+    resets = [e for e in events if e.kind == "session_reset"]
+    assert len(resets) == 1 and resets[0].first_missing == 7
+
+
+def test_far_lower_id_without_silence_is_a_duplicate_not_a_reset() -> None:
+    cfg = SequencerConfig(gap_grace=0.0, reset_quiet_period=300.0, reset_min_drop=100)
+    stored, events = run_tracker([[5000, 5001], [7]], cfg=cfg)
+    assert stored == [5000, 5001]
+    assert not [e for e in events if e.kind == "session_reset"]
+
+
+def test_split_gap_keeps_both_halves_open() -> None:
+    stored, events = run_tracker([[1, 10], [5]])
+    assert open_gap_ids(events) == {2, 3, 4, 6, 7, 8, 9}
+
+
+def test_quotes_only_need_to_grow() -> None:
+    book = StreamBook(("BINANCE", "BTCUSDT", "quote"), 0, CFG, contiguous=False)
+    events: list[SequenceEvent] = []
+    verdicts = [book.check(u, 1, "live", events) for u in (10, 25, 25, 20, 40)]
+    assert verdicts == [True, True, False, False, True]
+    book.emit_pending(1, events, force=True)
+    assert [e.kind for e in events if e.kind == "gap"] == []
+
+
+def test_restored_watermark_drops_replayed_ids_and_opens_downtime_gap() -> None:
+    from k2d.messages import Watermark
+
+    wm = Watermark(last_sequence=100, platform_sequence=100, last_seen_us=1)
+    book = StreamBook(("BINANCE", "BTCUSDT", "trade"), 0, CFG, contiguous=True, watermark=wm)
+    events: list[SequenceEvent] = []
+    assert [book.check(i, 2, "live", events) for i in (99, 100, 105)] == [False, False, True]
+    book.emit_pending(2, events, force=True)
+    assert open_gap_ids(events) == {101, 102, 103, 104}
