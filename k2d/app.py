@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,7 @@ from k2d.telemetry.logs import setup_logging
 from k2d.telemetry.metrics import Metrics
 from k2d.telemetry.tracing import Tracing, setup_tracing
 
-__all__ = ["EXIT_ESCALATED", "Daemon", "run_daemon"]
+__all__ = ["EXIT_ESCALATED", "Daemon", "exit_code_of", "run_daemon"]
 
 log = logging.getLogger(__name__)
 EXIT_ESCALATED = 70  # EX_SOFTWARE: systemd's Restart=on-failure brings the process back
@@ -137,6 +137,18 @@ async def run_daemon(
         tracing.shutdown()
     log.info("stopped with exit code %d", exit_code)
     return exit_code
+
+
+async def exit_code_of(main: Awaitable[None]) -> int:
+    """Run `main`; an escalation anywhere below becomes EXIT_ESCALATED, not a traceback."""
+    code = 0
+    try:
+        await main
+    except* EscalationError as eg:
+        for e in eg.exceptions:
+            log.critical("escalation: %s", e)
+        code = EXIT_ESCALATED
+    return code
 
 
 async def _run_pipeline(pipeline: Pipeline, done: anyio.Event) -> None:

@@ -26,7 +26,7 @@ def create_app(
     state: ApiState, *, route_handlers: Sequence[ControllerRouterHandler] = ()
 ) -> Litestar:
     """Build the app; `route_handlers` adds endpoints (query routes) that share its error
-    mapping, telemetry and limits. Handlers receive the state as an `api: ApiState` argument."""
+    mapping, telemetry and limits. Handlers get the state as `api: NamedDependency[ApiState]`."""
 
     def provide_api() -> ApiState:
         return state

@@ -109,8 +109,10 @@ def _on_validation(exc: ValidationException, headers: dict[str, str]) -> Respons
     problems = []
     for item in exc.extra if isinstance(exc.extra, list) else []:
         if isinstance(item, Mapping) and item.get("key"):
-            source = item.get("source") or "request"
-            problems.append(f"{source} parameter {item['key']!r}: {item.get('message', 'invalid')}")
+            source = getattr(item.get("source"), "value", item.get("source")) or "request"
+            message = str(item.get("message") or "invalid")
+            message = message[:1].lower() + message[1:]
+            problems.append(f"{source} parameter {item['key']!r}: {message}")
     if problems:
         return error_response(400, "invalid_parameter", "; ".join(problems), headers)
     missing = _MISSING_PARAM.match(exc.detail or "")

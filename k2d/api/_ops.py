@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Response, get
+from litestar.di import NamedDependency
 from litestar.openapi import ResponseSpec
 from litestar.params import Parameter
 from prometheus_client import generate_latest
@@ -16,7 +17,8 @@ from k2d.api._state import ApiState, Readiness
 
 __all__ = ["OPS_HANDLERS"]
 
-METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Litestar appends "; charset=utf-8" to text/* media types.
+METRICS_MEDIA_TYPE = "text/plain; version=0.0.4"
 _DEFAULT_TRACES = 100
 
 
@@ -67,7 +69,7 @@ def health() -> HealthBody:
     sync_to_thread=False,
     responses={503: ResponseSpec(data_container=ReadyBody, description="Not ready")},
 )
-def ready(api: ApiState) -> Response[ReadyBody]:
+def ready(api: NamedDependency[ApiState]) -> Response[ReadyBody]:
     """Readiness: 200 once marked ready with every expected actor running or degraded."""
     status = api.readiness()
     body = ReadyBody(
@@ -78,14 +80,14 @@ def ready(api: ApiState) -> Response[ReadyBody]:
     return Response(body, status_code=200 if status == "ready" else 503)
 
 
-@get("/metrics", tags=["ops"], sync_to_thread=False, media_type=METRICS_CONTENT_TYPE)
-def metrics(api: ApiState) -> Response[bytes]:
+@get("/metrics", tags=["ops"], sync_to_thread=False, media_type=METRICS_MEDIA_TYPE)
+def metrics(api: NamedDependency[ApiState]) -> Response[bytes]:
     """Prometheus text exposition (format 0.0.4)."""
-    return Response(generate_latest(api.metrics.registry), media_type=METRICS_CONTENT_TYPE)
+    return Response(generate_latest(api.metrics.registry), media_type=METRICS_MEDIA_TYPE)
 
 
 @get("/v1/stats", tags=["ops"])
-async def stats(api: ApiState) -> StatsBody:
+async def stats(api: NamedDependency[ApiState]) -> StatsBody:
     """Warehouse statistics: tables, rows, snapshots, gaps."""
     return StatsBody(data=await api.stats(), meta=Meta(generated_at=utc_now_iso()))
 
@@ -97,7 +99,7 @@ async def stats(api: ApiState) -> StatsBody:
     responses={400: ResponseSpec(data_container=ErrorBody, description="Invalid limit")},
 )
 def traces(
-    api: ApiState,
+    api: NamedDependency[ApiState],
     limit: Annotated[
         int | None,
         Parameter(description="Spans to return, newest first (default 100, max the ring size)"),

@@ -3,8 +3,9 @@
 Every commit of a flush carries the same state: the merged watermarks and log position
 after the flush, the flush's sequence number and the tables it commits. Iceberg has no
 multi-table transaction, so a crash can land between the commits of one flush; recovery
-then takes the oldest state among that flush's tables, which replays rows some tables
-already hold (duplicates by message_id) instead of skipping rows others never got.
+then resumes from a state written before that flush (the oldest among its tables), which
+replays rows some tables already hold (duplicates by message_id) instead of skipping rows
+that others never got.
 """
 
 from __future__ import annotations
@@ -108,7 +109,9 @@ def merge_states(states: Iterable[TableState], tables: Iterable[str] = ()) -> K2
     by_table = {s.table: s for s in states}
     flushes = {t: -1 for t in tables} | {t: s.flush for t, s in by_table.items()}
     if not by_table:
-        return K2State(watermarks={}, log_position={}, flush=0, table_flushes=flushes, complete=True)
+        return K2State(
+            watermarks={}, log_position={}, flush=0, table_flushes=flushes, complete=True
+        )
     latest = min(by_table.values(), key=_newest_first)
     members = [by_table[t] for t in latest.flush_tables if t in by_table]
     missing = len(members) < len(latest.flush_tables)

@@ -1,0 +1,259 @@
+"""IcebergWriter: buffers sequenced batches and commits them, one commit per table per flush.
+
+A flush is due when the buffer holds `flush_rows` rows or about `flush_bytes` bytes, or
+when its oldest row is `flush_interval` seconds old, and at end of input. The commit runs
+in a worker thread while the next buffer fills; at most one flush is in flight, so a full
+second buffer waits for it (and the inbox, then the sequencer, wait in turn).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import pyarrow as pa
+from opentelemetry import trace
+
+from k2d.messages import Committed, SequencedBatch, Watermark
+from k2d.model import now_us
+from k2d.runtime import Actor, Outbox
+from k2d.storage import (
+    DEAD_LETTERS,
+    QUOTES,
+    SEQUENCE_EVENTS,
+    TRADES,
+    CommitResult,
+    Warehouse,
+    dead_letters_to_arrow,
+    events_to_arrow,
+    flush_properties,
+    quotes_to_arrow,
+    trades_to_arrow,
+)
+
+if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+    from anyio.streams.memory import MemoryObjectReceiveStream
+
+    from k2d.config import WriterConfig
+    from k2d.telemetry.metrics import Metrics
+
+__all__ = ["IcebergWriter"]
+
+# Rough in-memory cost of one buffered row (Struct plus its strings), for flush_bytes.
+_ROW_BYTES = {TRADES: 400, QUOTES: 420, SEQUENCE_EVENTS: 480, DEAD_LETTERS: 200}
+# A commit span links to at most this many batch spans (OTel's default link limit).
+_MAX_LINKS = 128
+# Ties in commit order: rarely written tables first (see _commit_order).
+_TIE_ORDER = (DEAD_LETTERS, SEQUENCE_EVENTS, QUOTES, TRADES)
+
+_BUILDERS: dict[str, Callable[[Any], pa.Table]] = {
+    TRADES: trades_to_arrow,
+    QUOTES: quotes_to_arrow,
+    SEQUENCE_EVENTS: events_to_arrow,
+    DEAD_LETTERS: dead_letters_to_arrow,
+}
+
+
+@dataclass
+class _Buffer:
+    """Rows of the batches received since the last flush, and what they carry."""
+
+    rows: dict[str, list[Any]] = field(default_factory=lambda: {name: [] for name in _TIE_ORDER})
+    batch_ids: list[int] = field(default_factory=list)
+    links: list[trace.Link] = field(default_factory=list)
+    row_count: int = 0
+    est_bytes: int = 0
+    # Monotonic time the first row arrived; None while the buffer holds no rows.
+    first_row_at: float | None = None
+
+    def add(self, batch: SequencedBatch) -> None:
+        self.batch_ids.append(batch.batch_id)
+        ctx = batch.span_context
+        if ctx is not None and len(self.links) < _MAX_LINKS and ctx.is_valid:
+            self.links.append(trace.Link(ctx))
+        added = 0
+        for name, rows in (
+            (TRADES, batch.trades),
+            (QUOTES, batch.quotes),
+            (SEQUENCE_EVENTS, batch.events),
+            (DEAD_LETTERS, batch.dead_letters),
+        ):
+            if rows:
+                self.rows[name].extend(rows)
+                added += len(rows)
+                self.est_bytes += len(rows) * _ROW_BYTES[name]
+        if batch.dead_letters:
+            self.est_bytes += sum(len(d.raw) for d in batch.dead_letters)
+        if added and self.first_row_at is None:
+            self.first_row_at = time.monotonic()
+        self.row_count += added
+
+
+@dataclass(frozen=True)
+class _Flush:
+    """One flush: its number, its rows per table, and the state after its batches."""
+
+    number: int
+    rows: dict[str, list[Any]]
+    batch_ids: tuple[int, ...]
+    links: list[trace.Link]
+    watermarks: dict[str, Watermark]
+    log_position: dict[str, Any]
+
+
+class IcebergWriter(Actor[SequencedBatch, Committed]):
+    """Owns the Iceberg commits: one per table per flush, carrying the k2 resume state."""
+
+    name = "writer"
+
+    def __init__(
+        self,
+        warehouse: Warehouse,
+        cfg: WriterConfig,
+        metrics: Metrics,
+        tracer: trace.Tracer | None = None,
+    ) -> None:
+        self._wh = warehouse
+        self._cfg = cfg
+        self._metrics = metrics
+        self._tracer = tracer or trace.get_tracer("k2d.writer")
+        self._buf = _Buffer()
+        # Merged over every batch ever received (latest wins per key), seeded from storage.
+        self._watermarks: dict[str, Watermark] = {}
+        self._log_position: dict[str, Any] = {}
+        self._flush_number = 0
+        self._table_flushes: dict[str, int] = {}
+        self._in_flight: anyio.Event | None = None
+
+    async def on_start(self) -> None:
+        """Resume the flush numbering and the merged state where the tables left them."""
+        await anyio.to_thread.run_sync(self._wh.ensure_tables)
+        state = await anyio.to_thread.run_sync(self._wh.k2_state)
+        self._watermarks = dict(state.watermarks)
+        self._log_position = dict(state.log_position)
+        self._flush_number = state.flush
+        self._table_flushes = dict(state.table_flushes)
+
+    async def run(
+        self,
+        inbox: MemoryObjectReceiveStream[SequencedBatch] | None,
+        outbox: Outbox[Committed],
+    ) -> None:
+        if inbox is None:
+            raise ValueError("IcebergWriter needs an inbox")
+        async with anyio.create_task_group() as tg:
+            while True:
+                batch: SequencedBatch | None = None
+                try:
+                    with anyio.move_on_after(self._time_to_age_flush()):
+                        batch = await inbox.receive()
+                except anyio.EndOfStream:
+                    break
+                if batch is not None:
+                    self._receive(batch)
+                if self._flush_due():
+                    await self._start_flush(tg, outbox)
+            if self._buf.batch_ids:
+                await self._start_flush(tg, outbox)
+
+    def _receive(self, batch: SequencedBatch) -> None:
+        self._buf.add(batch)
+        self._watermarks.update(batch.watermarks)
+        if batch.log_position:
+            self._log_position.update(batch.log_position)
+
+    def _time_to_age_flush(self) -> float | None:
+        first = self._buf.first_row_at
+        if first is None:
+            return None
+        return max(0.0, first + self._cfg.flush_interval - time.monotonic())
+
+    def _flush_due(self) -> bool:
+        buf = self._buf
+        if buf.row_count == 0:
+            return False
+        if buf.row_count >= self._cfg.flush_rows or buf.est_bytes >= self._cfg.flush_bytes:
+            return True
+        return buf.first_row_at is not None and (
+            time.monotonic() - buf.first_row_at >= self._cfg.flush_interval
+        )
+
+    async def _start_flush(self, tg: TaskGroup, outbox: Outbox[Committed]) -> None:
+        if self._in_flight is not None:
+            # At most one flush in flight: the next buffer waits, and so does the inbox.
+            await self._in_flight.wait()
+            self._in_flight = None
+        buf, self._buf = self._buf, _Buffer()
+        if buf.row_count == 0:
+            return
+        self._flush_number += 1
+        flush = _Flush(
+            number=self._flush_number,
+            rows={name: rows for name, rows in buf.rows.items() if rows},
+            batch_ids=tuple(buf.batch_ids),
+            links=buf.links,
+            # Copies: the next buffer's batches keep updating the running state.
+            watermarks=dict(self._watermarks),
+            log_position=dict(self._log_position),
+        )
+        done = anyio.Event()
+        self._in_flight = done
+        tg.start_soon(self._flush, flush, outbox, done)
+
+    def _commit_order(self, tables: Sequence[str]) -> list[str]:
+        """Least recently committed table first. Should a crash land between the commits of
+        a flush, the tables left behind are then the ones with the freshest state, which
+        keeps the replay short (see k2d.storage._state)."""
+        return sorted(tables, key=lambda t: (self._table_flushes.get(t, -1), _TIE_ORDER.index(t)))
+
+    async def _flush(self, flush: _Flush, outbox: Outbox[Committed], done: anyio.Event) -> None:
+        props = flush_properties(
+            flush=flush.number,
+            tables=flush.rows,
+            watermarks=flush.watermarks,
+            log_position=flush.log_position,
+            batch_ids=flush.batch_ids,
+        )
+        for table in self._commit_order(list(flush.rows)):
+            rows = flush.rows[table]
+            with self._tracer.start_as_current_span(
+                "writer.commit",
+                links=flush.links,
+                attributes={"table": table, "rows": len(rows), "flush": flush.number},
+            ) as span:
+                # Not abandoned on cancel: a started commit always finishes or fails.
+                result, seconds = await anyio.to_thread.run_sync(self._commit, table, rows, props)
+                span.set_attribute("snapshot_id", result.snapshot_id)
+                span.set_attribute("retries", result.retries)
+            self._table_flushes[table] = flush.number
+            self._metrics.commit_seconds.labels(table).observe(seconds)
+            self._metrics.commits.labels(table).inc()
+            self._metrics.rows_committed.labels(table).inc(result.rows)
+            if result.retries:
+                self._metrics.commit_conflicts.labels(table).inc(result.retries)
+            await outbox.send(
+                Committed(
+                    table=table,
+                    snapshot_id=result.snapshot_id,
+                    files=result.files,
+                    batch_ids=flush.batch_ids,
+                    rows=result.rows,
+                    committed_at=now_us(),
+                )
+            )
+        # Set only on success: after a failed commit no later flush may start, since its
+        # state would claim the failed rows as stored. The failure cancels `run`.
+        done.set()
+
+    def _commit(
+        self, table: str, rows: list[Any], props: dict[str, str]
+    ) -> tuple[CommitResult, float]:
+        """Worker thread: build the Arrow table and commit it; returns the commit's seconds."""
+        data = _BUILDERS[table](rows)
+        start = time.perf_counter()
+        result = self._wh.append(table, data, props)
+        return result, time.perf_counter() - start

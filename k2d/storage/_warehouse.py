@@ -1,0 +1,267 @@
+"""Warehouse: the Iceberg catalog, the `market` tables, and atomic appends with k2 state.
+
+Blocking throughout (pyiceberg, SQLite, Parquet): callers run it via `anyio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from pyiceberg.catalog.sql import SqlCatalog
+from pyiceberg.conversions import from_bytes
+from pyiceberg.exceptions import (
+    CommitFailedException,
+    NamespaceAlreadyExistsError,
+    TableAlreadyExistsError,
+)
+
+# Private pyiceberg API, used so that a commit retried after a conflict reuses the data
+# files already written instead of writing the Parquet again (and leaving orphans).
+from pyiceberg.io.pyarrow import _check_pyarrow_schema_compatible, _dataframe_to_data_files
+from pyiceberg.manifest import DataFile
+from pyiceberg.table import Table
+from pyiceberg.types import TimestamptzType
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from k2d.config import StorageConfig, WriterConfig
+from k2d.messages import DataFileInfo, Watermark
+from k2d.runtime import Backoff
+from k2d.storage._schemas import TABLE_NAMES, TABLE_PROPERTIES, TABLES
+from k2d.storage._state import K2State, merge_states, table_state
+
+__all__ = ["CommitResult", "Warehouse"]
+
+log = logging.getLogger(__name__)
+
+_MERGE_ENABLED = "commit.manifest-merge.enabled"
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    """One committed snapshot: its id, the data files it added, rows, and conflict retries."""
+
+    snapshot_id: int
+    files: tuple[DataFileInfo, ...]
+    rows: int
+    retries: int = 0
+
+
+def _sqlite_path(url: str) -> Path | None:
+    parsed = make_url(url)
+    if not parsed.drivername.startswith("sqlite") or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database).expanduser()
+
+
+def _open_catalog(cfg: StorageConfig) -> SqlCatalog:
+    url, warehouse = cfg.catalog_url(), cfg.warehouse_url()
+    db = _sqlite_path(url)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        # WAL is a property of the database file: set it before any other connection opens.
+        with sqlite3.connect(db, timeout=cfg.sqlite_busy_timeout_ms / 1000) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+        conn.close()
+    if warehouse.startswith("file://"):
+        Path(warehouse.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+    for attempt in range(3):
+        try:
+            catalog = SqlCatalog("k2d", uri=url, warehouse=warehouse)
+            break
+        except OperationalError:
+            # Two processes creating the catalog's own tables at once: the loser retries.
+            if attempt == 2:
+                raise
+            time.sleep(0.1)
+    if db is not None:
+        busy_ms = int(cfg.sqlite_busy_timeout_ms)
+
+        def on_connect(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute(f"PRAGMA busy_timeout={busy_ms}")
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.close()
+
+        event.listen(catalog.engine, "connect", on_connect)
+        # Connections opened while the catalog initialised lack the pragmas: start afresh.
+        catalog.engine.dispose()
+    return catalog
+
+
+class Warehouse:
+    """The `market` namespace in an Iceberg SQL catalog. Thread-safe per table."""
+
+    def __init__(self, cfg: StorageConfig, commit: WriterConfig | None = None) -> None:
+        self.cfg = cfg
+        self._commit = commit or WriterConfig()
+        self.namespace = cfg.namespace
+        self.catalog = _open_catalog(cfg)
+        self._tables: dict[str, Table] = {}
+        self._locks = {name: threading.Lock() for name in TABLE_NAMES}
+
+    def close(self) -> None:
+        self.catalog.engine.dispose()
+
+    def __enter__(self) -> Warehouse:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def ensure_tables(self) -> None:
+        """Create the namespace and the four tables if missing; safe when processes race."""
+        with contextlib.suppress(NamespaceAlreadyExistsError, IntegrityError):
+            self.catalog.create_namespace(self.namespace)
+        for name, d in TABLES.items():
+            ident = (self.namespace, name)
+            if self.catalog.table_exists(ident):
+                continue
+            with contextlib.suppress(TableAlreadyExistsError):
+                self.catalog.create_table(
+                    ident,
+                    schema=d.schema,
+                    partition_spec=d.spec,
+                    sort_order=d.sort_order,
+                    properties=TABLE_PROPERTIES,
+                )
+
+    def load_table(self, name: str) -> Table:
+        """A fresh view of table `name` (other processes' commits included)."""
+        if name not in TABLES:
+            raise ValueError(f"unknown table {name!r}; expected one of {', '.join(TABLE_NAMES)}")
+        return self.catalog.load_table((self.namespace, name))
+
+    def append(self, table_name: str, data: pa.Table, properties: dict[str, str]) -> CommitResult:
+        """Append `data` to `table_name` as one snapshot carrying `properties`.
+
+        Trades and quotes are sorted by (symbol, timestamp, source_sequence) first. The data
+        files are written once; a commit conflict refreshes the table metadata and retries
+        the commit with backoff, and raises after `commit_retries` retries.
+        """
+        if data.num_rows == 0:
+            raise ValueError(f"{table_name}: refusing to commit an empty append")
+        d = TABLES[table_name]
+        if d.sort_columns:
+            data = data.sort_by([(c, "ascending", "at_start") for c in d.sort_columns])
+        with self._locks[table_name]:
+            table = self._tables.get(table_name)
+            if table is None:
+                table = self._tables[table_name] = self.load_table(table_name)
+            _check_pyarrow_schema_compatible(
+                table.schema(), provided_schema=data.schema, format_version=table.format_version
+            )
+            files = list(
+                _dataframe_to_data_files(table_metadata=table.metadata, df=data, io=table.io)
+            )
+            try:
+                retries = self._commit_files(table, files, properties)
+            except BaseException:
+                # Whether the commit landed may be unknown: reload before the next append.
+                del self._tables[table_name]
+                raise
+            snapshot = table.current_snapshot()
+            assert snapshot is not None
+        infos = tuple(_file_info(table, f) for f in files)
+        return CommitResult(snapshot.snapshot_id, infos, data.num_rows, retries)
+
+    def _commit_files(self, table: Table, files: list[DataFile], props: dict[str, str]) -> int:
+        """Commit `files` as one append snapshot; return how many conflicts were retried."""
+        backoff = Backoff(self._commit.commit_backoff_initial, self._commit.commit_backoff_max)
+        merge = table.properties.get(_MERGE_ENABLED, "false").lower() == "true"
+        while True:
+            try:
+                tx = table.transaction()
+                update = tx.update_snapshot(snapshot_properties=props)
+                with update.merge_append() if merge else update.fast_append() as append:
+                    for f in files:
+                        append.append_data_file(f)
+                tx.commit_transaction()
+                return backoff.attempt
+            except CommitFailedException as exc:
+                if backoff.attempt >= self._commit.commit_retries:
+                    raise
+                delay = backoff.next_delay()
+                log.warning(
+                    "%s: commit conflict (%s), retry %d in %.2fs",
+                    table.name(),
+                    exc,
+                    backoff.attempt,
+                    delay,
+                )
+                time.sleep(delay)
+                table.refresh()
+
+    def snapshot_properties(self, table_name: str) -> dict[str, str]:
+        """The current snapshot's summary properties; empty when the table has no snapshot."""
+        snapshot = self.load_table(table_name).current_snapshot()
+        if snapshot is None or snapshot.summary is None:
+            return {}
+        return dict(snapshot.summary.additional_properties)
+
+    def k2_state(self) -> K2State:
+        """The position to resume from, merged over the four tables' current snapshots."""
+        states = []
+        for name in TABLE_NAMES:
+            snapshot = self.load_table(name).current_snapshot()
+            if snapshot is None or snapshot.summary is None:
+                continue
+            props = snapshot.summary.additional_properties
+            state = table_state(name, props, snapshot.timestamp_ms)
+            if state is not None:
+                states.append(state)
+        return merge_states(states, TABLE_NAMES)
+
+    def latest_k2_state(self) -> tuple[dict[str, Watermark], dict[str, Any]]:
+        """(watermarks by "EXCHANGE:SYMBOL:stream", log position) to resume after."""
+        state = self.k2_state()
+        return state.watermarks, state.log_position
+
+    def stats(self) -> dict[str, dict[str, int | None]]:
+        """Per table: rows, data files, current snapshot id and snapshot count."""
+        out: dict[str, dict[str, int | None]] = {}
+        for name in TABLE_NAMES:
+            table = self.load_table(name)
+            snapshot = table.current_snapshot()
+            summary = snapshot.summary if snapshot is not None else None
+            props = summary.additional_properties if summary is not None else {}
+            out[name] = {
+                "rows": int(props.get("total-records", 0)),
+                "data_files": int(props.get("total-data-files", 0)),
+                "snapshot_id": snapshot.snapshot_id if snapshot is not None else None,
+                "snapshots": len(table.metadata.snapshots),
+            }
+        return out
+
+
+def _file_info(table: Table, f: DataFile) -> DataFileInfo:
+    spec = table.spec()
+    schema = table.schema()
+    partition: dict[str, Any] = {}
+    for i, field in enumerate(spec.fields):
+        value = f.partition[i]
+        source_type = schema.find_field(field.source_id).field_type
+        partition[field.name] = (
+            field.transform.to_human_string(source_type, value) if value is not None else None
+        )
+    time_id = schema.find_field(TABLES[table.name()[-1]].time_column).field_id
+    low = (f.lower_bounds or {}).get(time_id)
+    high = (f.upper_bounds or {}).get(time_id)
+    ts = TimestamptzType()
+    return DataFileInfo(
+        path=f.file_path,
+        record_count=f.record_count,
+        size_bytes=f.file_size_in_bytes,
+        partition=partition,
+        min_timestamp=int(from_bytes(ts, low)) if low is not None else None,
+        max_timestamp=int(from_bytes(ts, high)) if high is not None else None,
+    )

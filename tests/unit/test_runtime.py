@@ -1,0 +1,149 @@
+"""Supervision: restarts, escalation, backpressure."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import anyio
+import pytest
+
+from k2d.runtime import (
+    Backoff,
+    ChildSpec,
+    EscalationError,
+    Outbox,
+    Registry,
+    Restart,
+    Strategy,
+    Supervisor,
+    bounded_stream,
+)
+
+
+def fast() -> Backoff:
+    return Backoff(initial=0.001, maximum=0.005)
+
+
+class Child:
+    """A child that crashes on its first `crashes` starts, then runs until released."""
+
+    def __init__(self, crashes: int = 0) -> None:
+        self.starts = 0
+        self.crashes = crashes
+        self.release = anyio.Event()
+
+    async def __call__(self) -> None:
+        self.starts += 1
+        if self.starts <= self.crashes:
+            raise RuntimeError(f"crash {self.starts}")
+        await self.release.wait()
+
+
+async def test_one_for_one_restarts_only_the_failed_child() -> None:
+    reg = Registry()
+    flaky, steady = Child(crashes=2), Child()
+    sup = Supervisor("s", [ChildSpec("flaky", flaky), ChildSpec("steady", steady)], reg,
+                     Strategy.ONE_FOR_ONE, max_restarts=5, backoff=fast())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sup.run)
+        with anyio.fail_after(5):
+            while flaky.starts < 3:
+                await anyio.sleep(0.01)
+        flaky.release.set()
+        steady.release.set()
+    assert flaky.starts == 3
+    assert steady.starts == 1
+    assert reg.restarts == {"flaky": 2}
+
+
+async def test_one_for_all_restarts_the_whole_chain() -> None:
+    reg = Registry()
+    first, second = Child(crashes=1), Child()
+    sup = Supervisor("chain", [ChildSpec("a", first), ChildSpec("b", second)], reg,
+                     Strategy.ONE_FOR_ALL, max_restarts=5, backoff=fast())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sup.run)
+        with anyio.fail_after(5):
+            while second.starts < 2:
+                await anyio.sleep(0.01)
+        first.release.set()
+        second.release.set()
+    assert first.starts == 2
+    assert second.starts == 2, "the sibling of the crashed child was restarted too"
+
+
+async def test_too_many_restarts_escalate() -> None:
+    reg = Registry()
+    sup = Supervisor("s", [ChildSpec("bad", Child(crashes=100))], reg, max_restarts=3,
+                     period=60, backoff=fast())
+    with pytest.raises(ExceptionGroup) as info, anyio.fail_after(5):
+        await sup.run()
+    assert info.group_contains(EscalationError)
+
+
+def test_escalation_exits_the_process_non_zero() -> None:
+    script = textwrap.dedent("""
+        import anyio
+        from k2d.runtime import Backoff, ChildSpec, Registry, Supervisor
+        from k2d.app import exit_code_of
+
+        async def bad():
+            raise RuntimeError("boom")
+
+        async def main():
+            sup = Supervisor("root", [ChildSpec("bad", bad)], Registry(), max_restarts=2,
+                             backoff=Backoff(0.001, 0.002))
+            return await exit_code_of(sup.run())
+
+        raise SystemExit(anyio.run(main))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 70, proc.stderr
+
+
+async def test_transient_child_is_not_restarted_after_clean_end_and_closes_outbox() -> None:
+    reg = Registry()
+    send, recv = bounded_stream(reg, "s", 1)
+    ends = 0
+
+    async def once() -> None:
+        nonlocal ends
+        ends += 1
+
+    sup = Supervisor("s", [ChildSpec("t", once, Restart.TRANSIENT, on_exit=send.close)], reg)
+    await sup.run()
+    assert ends == 1
+    with pytest.raises(anyio.EndOfStream):
+        await recv.receive()
+
+
+async def test_full_stream_blocks_the_sender() -> None:
+    reg = Registry()
+    send, recv = bounded_stream(reg, "tiny", 1)
+    out = Outbox("tiny", send)
+    await out.send(1)
+    assert reg.stream_depths()["tiny"] == (1, 1)
+    with anyio.move_on_after(0.2) as scope:
+        await out.send(2)
+    assert scope.cancelled_caught, "a second send into a full stream of size 1 must block"
+    assert await recv.receive() == 1
+    await out.send(3)
+    assert await recv.receive() == 3
+
+
+def test_stream_size_must_be_finite_and_positive() -> None:
+    with pytest.raises(ValueError, match="size"):
+        bounded_stream(Registry(), "zero", 0)
+
+
+def test_backoff_grows_with_jitter_and_caps() -> None:
+    b = Backoff(initial=1.0, maximum=8.0)
+    delays = [b.next_delay() for _ in range(6)]
+    assert 0.5 <= delays[0] <= 1.0
+    assert all(d <= 8.0 for d in delays)
+    assert delays[-1] >= 4.0
+    b.reset()
+    assert b.next_delay() <= 1.0
