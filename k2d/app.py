@@ -91,7 +91,7 @@ async def run_daemon(
     daemon = Daemon(cfg, registry, metrics, tracing, warehouse, pipeline,
                     ApiState(registry=registry, metrics=metrics, tracing=tracing,
                              stats=lambda: _stats(daemon),
-                             expected_actors=set(pipeline.actor_names)),
+                             expected_actors=set(pipeline.actor_names), config=cfg.api),
                     stopping=anyio.Event())
     assert daemon.stopping is not None
     exit_code = 0

@@ -180,7 +180,8 @@ _POSITIVE = {
     "pipeline.partitions", "pipeline.stream_size", "pipeline.batch_max_records",
     "pipeline.batch_max_age", "live.window_seconds", "live.max_rows_per_symbol",
     "supervisor.max_restarts", "supervisor.period", "shutdown.drain_timeout",
-    "telemetry.span_ring_size", "sequencer.max_open_gaps",
+    "telemetry.span_ring_size", "sequencer.max_open_gaps", "api.max_body_bytes",
+    "api.shutdown_timeout",
     "feeds.binance.connection_lifetime", "feeds.binance.max_frame_bytes",
 }
 _SYMBOL = re.compile(r"^[A-Z0-9]{2,20}$")

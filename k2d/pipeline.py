@@ -14,7 +14,7 @@ ends last. Nothing is cancelled on the way, so no batch is lost in a send.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ from k2d.config import Config
 from k2d.messages import RecordBatch
 from k2d.model import partition_of
 from k2d.runtime import (
+    Actor,
     Backoff,
     ChildSpec,
     Outbox,
@@ -98,7 +99,10 @@ def build_pipeline(
     tracer: trace.Tracer,
     restore: Callable[[], Awaitable[TrackerState]] | None = None,
     frame_sink: FrameSink | None = None,
+    sources: Sequence[tuple[str, Callable[[], Actor[None, RecordBatch]]]] = (),
 ) -> Pipeline:
+    """Wire the actors. `sources` are extra producers of RecordBatches (a journal replay, a
+    benchmark's recorded frames), routed to the trackers exactly like a live feed."""
     pc = cfg.pipeline
     size = pc.stream_size
     batch_ids = itertools.count(1)
@@ -140,6 +144,10 @@ def build_pipeline(
                                 frame_sink),
             None, fout, registry, restart=Restart.TRANSIENT,
         ))
+    for name, factory in sources:
+        feed_names.append(name)
+        sout = PartitionedOutbox(f"{name}.outbox", [s.clone() for s, _ in tracker_inboxes])
+        feed_specs.append(ChildSpec.for_actor(name, factory, None, sout, registry))
     # Producers hold clones; closing the originals lets end-of-input flow once they finish.
     for s, _ in tracker_inboxes:
         s.close()

@@ -69,9 +69,9 @@ class Market:
         )
         self._update_id = 400_000_000 + setup.randrange(100_000_000)
 
-    def pick(self) -> SymbolMarket:
-        """The symbol that trades next."""
-        return self.symbols[int(self.rng.random() * len(self.symbols))]
+    def pick(self) -> int:
+        """Index of the symbol that trades next."""
+        return int(self.rng.random() * len(self.symbols))
 
     def next_update_id(self) -> int:
         """bookTicker `u`: grows across all symbols, by random steps, never contiguous."""

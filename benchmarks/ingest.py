@@ -1,0 +1,281 @@
+"""Ingest throughput: recorded Binance frames -> parse -> sequence check -> Iceberg commits.
+
+Two measurements, printed with the machine they ran on:
+  pipeline   frames as they come off the socket, replayed from a file through the real
+             parser, trackers and writer (the same wiring as the daemon) for --seconds;
+             committed trades/s and peak RSS. Also the msgspec decode-only ceiling.
+  wire       the simulator (a subprocess) to the daemon over loopback WebSocket at
+             --wire-rate trades/s: the rate achieved, the daemon's CPU share, and the lag
+             from the venue's trade time to the commit that made the row visible.
+
+    python benchmarks/ingest.py --seconds 60
+    python benchmarks/ingest.py --only wire --wire-rate 50000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from k2d.config import Config, load_config
+from k2d.messages import RecordBatch
+from k2d.model import now_us
+from k2d.runtime import Actor, Outbox, Registry
+from k2d.telemetry.metrics import Metrics
+from k2d.venues.binance import BinanceParser, ParsedFrames
+
+_LEN = struct.Struct("<I")
+
+
+def machine() -> str:
+    return (f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, "
+            f"python {platform.python_version()}")
+
+
+def record_frames(path: Path, frames: int, symbols: list[str]) -> None:
+    """Write `frames` combined-stream trade frames, contiguous ids per symbol."""
+    t0 = now_us() // 1000
+    streams = [(s, f"{s.lower()}@trade".encode(), s.encode()) for s in symbols]
+    with path.open("wb") as f:
+        buf = bytearray()
+        for i in range(frames):
+            sym, stream, s = streams[i % len(streams)]
+            tid = i // len(streams) + 1
+            price = 20_000 + (i % 1000) / 100
+            frame = (b'{"stream":"%s","data":{"e":"trade","E":%d,"s":"%s","t":%d,'
+                     b'"p":"%.8f","q":"0.%08d","T":%d,"m":%s,"M":true}}'
+                     % (stream, t0 + i // 1000, s, tid, price, (i % 9999) + 1, t0 + i // 1000,
+                        b"true" if i % 3 == 0 else b"false"))
+            buf += _LEN.pack(len(frame))
+            buf += frame
+            if len(buf) > 1 << 22:
+                f.write(buf)
+                buf.clear()
+        f.write(buf)
+
+
+def read_frames(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as f:
+        rest = b""
+        while chunk := f.read(1 << 22):
+            data = rest + chunk
+            pos, n = 0, len(data)
+            while pos + 4 <= n:
+                (size,) = _LEN.unpack_from(data, pos)
+                if pos + 4 + size > n:
+                    break
+                yield data[pos + 4: pos + 4 + size]
+                pos += 4 + size
+            rest = data[pos:]
+
+
+class FrameReplay(Actor[None, RecordBatch]):
+    """Replays recorded frames through the Binance parser, as fast as the pipeline takes them."""
+
+    def __init__(self, path: Path, symbols: list[str], batch: int, seconds: float) -> None:
+        self.name = "replay"
+        self.path, self.batch, self.seconds = path, batch, seconds
+        self.parser = BinanceParser(symbols, source="replay", max_clock_skew_s=10 * 86_400)
+        self.frames = 0
+
+    async def run(self, inbox: MemoryObjectReceiveStream[None] | None,
+                  outbox: Outbox[RecordBatch]) -> None:
+        deadline = time.monotonic() + self.seconds
+        parse = self.parser.parse
+        out = ParsedFrames()
+        received = now_us()
+        for frame in read_frames(self.path):
+            parse(frame, received, out)
+            self.frames += 1
+            if len(out) >= self.batch:
+                await outbox.send(RecordBatch(source="replay", trades=out.trades,
+                                              quotes=out.quotes, dead_letters=out.dead_letters,
+                                              received_at=received))
+                out = ParsedFrames()
+                received = now_us()
+                if time.monotonic() >= deadline:
+                    break
+        if len(out):
+            await outbox.send(RecordBatch(source="replay", trades=out.trades, quotes=out.quotes,
+                                          dead_letters=out.dead_letters, received_at=received))
+
+
+def decode_ceiling(path: Path, limit: int) -> float:
+    class Trade(msgspec.Struct):
+        e: str
+        E: int
+        s: str
+        t: int
+        p: str
+        q: str
+        T: int
+        m: bool
+        M: bool
+
+    class Env(msgspec.Struct):
+        stream: str
+        data: Trade
+
+    dec = msgspec.json.Decoder(Env)
+    frames = []
+    for i, f in enumerate(read_frames(path)):
+        if i >= limit:
+            break
+        frames.append(f)
+    t = time.perf_counter()
+    for f in frames:
+        dec.decode(f)
+    return len(frames) / (time.perf_counter() - t)
+
+
+async def run_pipeline(cfg: Config, frames: Path, symbols: list[str], seconds: float
+                       ) -> dict[str, Any]:
+    from k2d.pipeline import build_pipeline
+    from k2d.storage import Warehouse
+    from k2d.telemetry.tracing import setup_tracing
+
+    registry = Registry()
+    metrics = Metrics(registry)
+    tracing = setup_tracing(cfg.telemetry)
+    wh = Warehouse(cfg.storage)
+    await anyio.to_thread.run_sync(wh.ensure_tables)
+    replay = FrameReplay(frames, symbols, cfg.pipeline.batch_max_records, seconds)
+    p = build_pipeline(cfg, wh, metrics, registry, tracing.tracer, sources=[("replay",
+                                                                               lambda: replay)])
+    cpu0, t0 = os.times(), time.perf_counter()
+    await p.supervisor.run()
+    elapsed = time.perf_counter() - t0
+    cpu1 = os.times()
+    rows = registry and metrics.registry.get_sample_value(
+        "k2d_rows_committed_total", {"table": "trades"}) or 0.0
+    commits = metrics.registry.get_sample_value("k2d_commits_total", {"table": "trades"}) or 0
+    return {
+        "frames": replay.frames, "trades_committed": int(rows), "seconds": elapsed,
+        "trades_per_s": rows / elapsed, "commits": int(commits),
+        "cpu_share": ((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)) / elapsed,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def pipeline_benchmark(args: argparse.Namespace, work: Path) -> None:
+    symbols = [f"SYM{i}USDT" for i in range(args.symbols)]
+    frames = work / "frames.bin"
+    n = int(args.seconds * args.frames_per_second)
+    t = time.perf_counter()
+    record_frames(frames, n, symbols)
+    print(f"recorded {n:,} frames ({frames.stat().st_size / 1e6:,.0f} MB) "
+          f"in {time.perf_counter() - t:.1f}s")
+    ceiling = decode_ceiling(frames, 1_000_000)
+    print(f"decode-only ceiling (msgspec, same frames): {ceiling:,.0f} frames/s")
+    cfg = load_config(environ={}, overrides={
+        "storage": {"data_dir": str(work / "pipeline")},
+        "feeds": {"binance": {"enabled": False}},
+        "telemetry": {"log_level": "WARNING"},
+    })
+    res = anyio.run(run_pipeline, cfg, frames, symbols, args.seconds)
+    print(f"pipeline: {res['trades_committed']:,} trades committed from {res['frames']:,} "
+          f"frames in {res['seconds']:.1f}s = {res['trades_per_s']:,.0f} trades/s; "
+          f"{res['commits']} commits; CPU {res['cpu_share']:.0%} of one core; "
+          f"peak RSS {res['peak_rss_mb']:.0f} MB")
+
+
+def wire_benchmark(args: argparse.Namespace, work: Path) -> None:
+    from pyiceberg.table import Table
+
+    from k2d.storage import Warehouse
+
+    symbols = ["BTCUSDT", "ETHUSDT", "SOLUSDT", "BNBUSDT"]
+    sim = subprocess.Popen(
+        [sys.executable, "-m", "k2d", "simulate", "--port", "0", "--symbols", ",".join(symbols),
+         "--rate", str(args.wire_rate), "--seed", "3", "--manifest", str(work / "m.json")],
+        stdout=subprocess.PIPE, text=True)
+    assert sim.stdout is not None
+    port = int(sim.stdout.readline().rsplit(":", 1)[1])
+    data = work / "wire"
+    cfgfile = work / "wire.toml"
+    cfgfile.write_text(f"""
+[storage]
+data_dir = "{data}"
+[api]
+enabled = false
+[telemetry]
+log_level = "WARNING"
+[feeds.binance]
+ws_url = "ws://127.0.0.1:{port}"
+rest_url = "http://127.0.0.1:{port}"
+symbols = {symbols!r}
+""".replace("'", '"'))
+    daemon = subprocess.Popen([sys.executable, "-m", "k2d", "run", "--config", str(cfgfile),
+                               "--exit-after", str(args.wire_seconds)])
+    t0 = time.perf_counter()
+    daemon.wait()
+    elapsed = time.perf_counter() - t0
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    sim.terminate()
+    sim.wait()
+    from k2d.config import StorageConfig
+
+    table: Table = Warehouse(StorageConfig(data_dir=str(data))).load_table("trades")
+    rows = table.scan().count() if hasattr(table.scan(), "count") else len(table.scan().to_arrow())
+    entries = table.inspect.entries().to_pylist()
+    snaps = {s["snapshot_id"]: s["committed_at"] for s in table.inspect.snapshots().to_pylist()}
+    lags_newest, lags_oldest = [], []
+    for e in entries:
+        m = e["readable_metrics"]["timestamp"]
+        committed = snaps.get(e["snapshot_id"])
+        if committed is None or m["upper_bound"] is None:
+            continue
+        lags_newest.append((committed - m["upper_bound"]).total_seconds())
+        lags_oldest.append((committed - m["lower_bound"]).total_seconds())
+    lags_newest.sort()
+    lags_oldest.sort()
+    cpu = usage.ru_utime + usage.ru_stime
+    print(f"wire: simulator asked for {args.wire_rate:,.0f} trades/s; daemon committed "
+          f"{rows:,} trades in {elapsed:.1f}s = {rows / elapsed:,.0f} trades/s "
+          f"(plus as many quotes); CPU of the daemon+simulator children {cpu / elapsed:.0%} "
+          f"of one core")
+    if lags_newest:
+        mid = len(lags_newest) // 2
+        print(f"wire: trade time -> commit lag, newest row of a commit: median "
+              f"{lags_newest[mid]:.2f}s; oldest row of a commit: median {lags_oldest[mid]:.2f}s,"
+              f" max {lags_oldest[-1]:.2f}s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=["pipeline", "wire"], default=None)
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--frames-per-second", type=float, default=220_000,
+                    help="frames recorded per second of --seconds (more than can be ingested)")
+    ap.add_argument("--symbols", type=int, default=10)
+    ap.add_argument("--wire-rate", type=float, default=40_000)
+    ap.add_argument("--wire-seconds", type=float, default=30.0)
+    ap.add_argument("--work", type=Path, default=None)
+    args = ap.parse_args()
+    print(f"machine: {machine()}")
+    with tempfile.TemporaryDirectory(prefix="k2d-bench-") as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        if args.only in (None, "pipeline"):
+            pipeline_benchmark(args, work)
+        if args.only in (None, "wire"):
+            wire_benchmark(args, work)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,495 @@
+"""k2d.storage on real Iceberg tables (SQLite catalog + local warehouse) in tmp dirs."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pyiceberg.exceptions import CommitFailedException
+from pyiceberg.transforms import DayTransform, IdentityTransform
+
+from k2d.config import StorageConfig, WriterConfig
+from k2d.messages import Watermark
+from k2d.model import DeadLetter, Quote, SequenceEvent, Trade
+from k2d.storage import (
+    FLUSH,
+    LOG_POSITION,
+    TABLE_NAMES,
+    TABLES,
+    WATERMARKS,
+    Warehouse,
+    dead_letters_to_arrow,
+    events_to_arrow,
+    flush_properties,
+    quotes_to_arrow,
+    trades_to_arrow,
+)
+
+T0 = 1_700_000_000_000_000  # 2023-11-14T22:13:20Z in µs
+
+
+def trade(
+    i: int,
+    *,
+    symbol: str = "BTCUSDT",
+    exchange: str = "BINANCE",
+    ts: int | None = None,
+    seq: int | None = None,
+    price: str = "43250.12000000",
+    conditions: tuple[str, ...] | None = None,
+) -> Trade:
+    return Trade(
+        message_id=f"{exchange}:{symbol}:trade:{i}",
+        trade_id=str(i),
+        symbol=symbol,
+        exchange=exchange,
+        asset_class="crypto",
+        timestamp=T0 + i if ts is None else ts,
+        price=price,
+        quantity="0.00120000",
+        currency="USDT",
+        side="BUY" if i % 2 else "SELL",
+        trade_conditions=conditions,
+        source_sequence=i if seq is None else seq,
+        ingestion_timestamp=T0 + i + 5,
+        platform_sequence=i,
+        provenance="live",
+    )
+
+
+def quote(i: int, *, bid: str | None = "1.00000000", ask: str | None = "1.10000000") -> Quote:
+    return Quote(
+        message_id=f"BINANCE:BTCUSDT:quote:{i}",
+        symbol="BTCUSDT",
+        exchange="BINANCE",
+        asset_class="crypto",
+        timestamp=T0 + i,
+        bid_price=bid,
+        bid_quantity=None if bid is None else "2.5",
+        ask_price=ask,
+        ask_quantity=None if ask is None else "3",
+        currency="USDT",
+        source_sequence=i,
+        ingestion_timestamp=T0 + i,
+        platform_sequence=i,
+    )
+
+
+def props(
+    flush: int,
+    tables: tuple[str, ...],
+    watermarks: dict[str, Watermark] | None = None,
+    position: dict[str, object] | None = None,
+) -> dict[str, str]:
+    return flush_properties(
+        flush=flush,
+        tables=tables,
+        watermarks=watermarks or {},
+        log_position=position or {},
+        batch_ids=[flush],
+    )
+
+
+def wm(seq: int) -> Watermark:
+    return Watermark(last_sequence=seq, platform_sequence=seq, last_seen_us=T0 + seq)
+
+
+def local_path(uri: str) -> str:
+    return uri.removeprefix("file://")
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> StorageConfig:
+    return StorageConfig(data_dir=str(tmp_path), sqlite_busy_timeout_ms=4321)
+
+
+@pytest.fixture
+def wh(cfg: StorageConfig) -> Iterator[Warehouse]:
+    with Warehouse(cfg) as w:
+        w.ensure_tables()
+        yield w
+
+
+def rows_in(w: Warehouse, table: str) -> int:
+    return int(w.load_table(table).scan().to_arrow().num_rows)
+
+
+# --- catalog and tables -----------------------------------------------------------------
+
+
+def test_ensure_tables_is_idempotent_across_instances(cfg: StorageConfig) -> None:
+    with Warehouse(cfg) as a, Warehouse(cfg) as b:
+        a.ensure_tables()
+        a.ensure_tables()
+        b.ensure_tables()
+        names = sorted(t for _, t in a.catalog.list_tables("market"))
+        assert names == sorted(TABLE_NAMES)
+        for name in TABLE_NAMES:
+            metadata_dir = Path(cfg.data_dir, "warehouse", "market", name, "metadata")
+            assert len(list(metadata_dir.glob("*.metadata.json"))) == 1
+
+
+def test_catalog_runs_sqlite_in_wal_mode_with_busy_timeout(wh: Warehouse, cfg: StorageConfig) -> None:
+    with sqlite3.connect(Path(cfg.data_dir) / "catalog.db") as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with wh.catalog.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 4321
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+EXPECTED_COLUMNS = {
+    "trades": [
+        ("message_id", "string", True),
+        ("trade_id", "string", True),
+        ("symbol", "string", True),
+        ("exchange", "string", True),
+        ("asset_class", "string", True),
+        ("timestamp", "timestamptz", True),
+        ("price", "decimal(18, 8)", True),
+        ("quantity", "decimal(18, 8)", True),
+        ("currency", "string", True),
+        ("side", "string", True),
+        ("trade_conditions", "list<string>", False),
+        ("source_sequence", "long", False),
+        ("ingestion_timestamp", "timestamptz", True),
+        ("platform_sequence", "long", True),
+        ("vendor_data", "string", False),
+        ("provenance", "string", True),
+    ],
+    "quotes": [
+        ("message_id", "string", True),
+        ("symbol", "string", True),
+        ("exchange", "string", True),
+        ("asset_class", "string", True),
+        ("timestamp", "timestamptz", True),
+        ("bid_price", "decimal(18, 8)", False),
+        ("bid_quantity", "decimal(18, 8)", False),
+        ("ask_price", "decimal(18, 8)", False),
+        ("ask_quantity", "decimal(18, 8)", False),
+        ("currency", "string", True),
+        ("source_sequence", "long", False),
+        ("ingestion_timestamp", "timestamptz", True),
+        ("platform_sequence", "long", True),
+        ("vendor_data", "string", False),
+        ("provenance", "string", True),
+    ],
+    "sequence_events": [
+        ("event_id", "string", True),
+        ("exchange", "string", True),
+        ("symbol", "string", True),
+        ("stream", "string", True),
+        ("partition", "int", True),
+        ("kind", "string", True),
+        ("status", "string", True),
+        ("first_missing", "long", False),
+        ("last_missing", "long", False),
+        ("missing_count", "long", True),
+        ("detected_at", "timestamptz", True),
+        ("resolved_at", "timestamptz", False),
+        ("window_start", "timestamptz", False),
+        ("window_end", "timestamptz", False),
+        ("detail", "string", True),
+    ],
+    "dead_letters": [
+        ("received_at", "timestamptz", True),
+        ("source", "string", True),
+        ("exchange", "string", True),
+        ("reason", "string", True),
+        ("raw", "binary", True),
+        ("line", "long", False),
+        ("detail", "string", True),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", TABLE_NAMES)
+def test_table_schema_is_as_specified(wh: Warehouse, name: str) -> None:
+    schema = wh.load_table(name).schema()
+    actual = [(f.name, str(f.field_type), f.required) for f in schema.fields]
+    assert actual == EXPECTED_COLUMNS[name]
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("trades", [("timestamp", DayTransform()), ("exchange", IdentityTransform())]),
+        ("quotes", [("timestamp", DayTransform()), ("exchange", IdentityTransform())]),
+        ("sequence_events", [("detected_at", DayTransform())]),
+        ("dead_letters", [("received_at", DayTransform())]),
+    ],
+)
+def test_partition_spec_and_properties(wh: Warehouse, name: str, expected: list[object]) -> None:
+    table = wh.load_table(name)
+    schema = table.schema()
+    spec = [(schema.find_column_name(f.source_id), f.transform) for f in table.spec().fields]
+    assert spec == expected
+    assert table.properties["commit.manifest-merge.enabled"] == "true"
+    assert table.properties["write.parquet.compression-codec"] == "zstd"
+
+
+@pytest.mark.parametrize("name", ["trades", "quotes"])
+def test_sort_order_is_symbol_timestamp_source_sequence(wh: Warehouse, name: str) -> None:
+    table = wh.load_table(name)
+    schema = table.schema()
+    cols = [schema.find_column_name(f.source_id) for f in table.sort_order().fields]
+    assert cols == ["symbol", "timestamp", "source_sequence"]
+
+
+# --- Arrow builders ---------------------------------------------------------------------
+
+
+def test_builders_produce_the_iceberg_arrow_schema() -> None:
+    built = {
+        "trades": trades_to_arrow([trade(1)]),
+        "quotes": quotes_to_arrow([quote(1)]),
+        "sequence_events": events_to_arrow([]),
+        "dead_letters": dead_letters_to_arrow([]),
+    }
+    for name, table in built.items():
+        assert table.schema == TABLES[name].arrow_schema
+
+
+def test_decimals_are_exact_at_both_ends_of_decimal_18_8(wh: Warehouse) -> None:
+    rows = [trade(1, price="0.00000001"), trade(2, price="9999999999.99999999")]
+    table = trades_to_arrow(rows)
+    assert table.column("price").to_pylist() == [
+        Decimal("0.00000001"),
+        Decimal("9999999999.99999999"),
+    ]
+    wh.append("trades", table, props(1, ("trades",)))
+    back = wh.load_table("trades").scan().to_arrow().sort_by("trade_id")
+    assert back.column("price").to_pylist() == [
+        Decimal("0.00000001"),
+        Decimal("9999999999.99999999"),
+    ]
+
+
+def test_a_price_with_more_than_8_decimals_is_refused_not_rounded() -> None:
+    with pytest.raises(pa.ArrowInvalid):
+        trades_to_arrow([trade(1, price="1.000000001")])
+
+
+def test_timestamps_are_utc_microseconds() -> None:
+    table = trades_to_arrow([trade(0, ts=T0 + 1)])
+    assert table.schema.field("timestamp").type == pa.timestamp("us", tz="UTC")
+    assert table.column("timestamp")[0].as_py() == datetime(
+        2023, 11, 14, 22, 13, 20, 1, tzinfo=UTC
+    )
+
+
+def test_trade_conditions_keep_values_and_nulls() -> None:
+    none = trades_to_arrow([trade(1), trade(2)])
+    assert none.column("trade_conditions").null_count == 2
+    mixed = trades_to_arrow([trade(1, conditions=("A", "B")), trade(2)])
+    assert mixed.column("trade_conditions").to_pylist() == [["A", "B"], None]
+
+
+def test_quotes_keep_absent_sides_null(wh: Warehouse) -> None:
+    table = quotes_to_arrow([quote(1, bid=None), quote(2, ask=None)])
+    wh.append("quotes", table, props(1, ("quotes",)))
+    back = wh.load_table("quotes").scan().to_arrow().sort_by("platform_sequence").to_pylist()
+    assert back[0]["bid_price"] is None and back[0]["bid_quantity"] is None
+    assert back[0]["ask_price"] == Decimal("1.1")
+    assert back[1]["ask_price"] is None and back[1]["bid_price"] == Decimal("1")
+
+
+def test_events_and_dead_letters_round_trip(wh: Warehouse) -> None:
+    event = SequenceEvent(
+        event_id="gap-1", exchange="BINANCE", symbol="BTCUSDT", stream="trade", partition=1,
+        kind="gap", status="open", first_missing=5, last_missing=9, missing_count=5,
+        detected_at=T0, detail="",
+    )
+    dead = DeadLetter(received_at=T0, source="binance", exchange="BINANCE", reason="parse",
+                      raw=b"\x00\xffnot json")
+    wh.append("sequence_events", events_to_arrow([event]), props(1, ("sequence_events",)))
+    wh.append("dead_letters", dead_letters_to_arrow([dead]), props(2, ("dead_letters",)))
+    (e,) = wh.load_table("sequence_events").scan().to_arrow().to_pylist()
+    assert (e["event_id"], e["first_missing"], e["resolved_at"]) == ("gap-1", 5, None)
+    (d,) = wh.load_table("dead_letters").scan().to_arrow().to_pylist()
+    assert d["raw"] == b"\x00\xffnot json"
+    assert d["line"] is None
+
+
+# --- append -----------------------------------------------------------------------------
+
+
+def test_append_reports_the_data_files_it_added(wh: Warehouse) -> None:
+    rows = [trade(i, exchange="BINANCE") for i in range(10)]
+    rows += [trade(i, exchange="ASX", symbol="BHP", ts=T0 + 86_400_000_000 + i) for i in range(5)]
+    result = wh.append("trades", trades_to_arrow(rows), props(1, ("trades",)))
+    assert result.rows == 15
+    assert result.retries == 0
+    assert result.snapshot_id == wh.load_table("trades").current_snapshot().snapshot_id
+    by_exchange = {f.partition["exchange"]: f for f in result.files}
+    assert set(by_exchange) == {"BINANCE", "ASX"}
+    binance, asx = by_exchange["BINANCE"], by_exchange["ASX"]
+    assert (binance.record_count, asx.record_count) == (10, 5)
+    assert binance.partition["timestamp_day"] == "2023-11-14"
+    assert asx.partition["timestamp_day"] == "2023-11-15"
+    assert (binance.min_timestamp, binance.max_timestamp) == (T0, T0 + 9)
+    for f in result.files:
+        assert Path(local_path(f.path)).stat().st_size == f.size_bytes
+
+
+def test_each_data_file_is_sorted_by_symbol_timestamp_source_sequence(wh: Warehouse) -> None:
+    rng = random.Random(7)
+    rows = [
+        trade(i, symbol=rng.choice(["ETHUSDT", "BTCUSDT", "ADAUSDT"]), ts=T0 + rng.randrange(50),
+              seq=rng.choice([None, rng.randrange(1000)]))
+        for i in range(500)
+    ]
+    result = wh.append("trades", trades_to_arrow(rows), props(1, ("trades",)))
+    (f,) = result.files
+    parquet = pq.ParquetFile(local_path(f.path))
+    assert parquet.metadata.row_group(0).column(0).compression == "ZSTD"
+    data = parquet.read(columns=["symbol", "timestamp", "source_sequence"]).to_pylist()
+    keys = [(r["symbol"], r["timestamp"], -1 if r["source_sequence"] is None
+             else r["source_sequence"]) for r in data]
+    assert keys == sorted(keys)
+    assert len(keys) == 500
+
+
+def test_snapshot_properties_round_trip(wh: Warehouse) -> None:
+    assert wh.snapshot_properties("trades") == {}
+    p = props(3, ("trades",), {"BINANCE:BTCUSDT:trade": wm(42)}, {"journal": {"offset": 99}})
+    wh.append("trades", trades_to_arrow([trade(1)]), p)
+    got = wh.snapshot_properties("trades")
+    assert {k: got[k] for k in p} == p
+    assert got["added-records"] == "1"
+
+
+def test_stats_per_table(wh: Warehouse) -> None:
+    wh.append("trades", trades_to_arrow([trade(1), trade(2)]), props(1, ("trades",)))
+    wh.append("trades", trades_to_arrow([trade(3)]), props(2, ("trades",)))
+    stats = wh.stats()
+    assert stats["trades"]["rows"] == 3
+    assert stats["trades"]["data_files"] == 2
+    assert stats["trades"]["snapshots"] == 2
+    assert stats["trades"]["snapshot_id"] == wh.load_table("trades").current_snapshot().snapshot_id
+    assert stats["quotes"] == {"rows": 0, "data_files": 0, "snapshot_id": None, "snapshots": 0}
+
+
+# --- k2 state ---------------------------------------------------------------------------
+
+KEY_T = "BINANCE:BTCUSDT:trade"
+KEY_Q = "BINANCE:BTCUSDT:quote"
+
+
+def test_latest_k2_state_is_the_latest_complete_flush(wh: Warehouse) -> None:
+    assert wh.latest_k2_state() == ({}, {})
+    both = ("quotes", "trades")
+    w1, p1 = {KEY_T: wm(10), KEY_Q: wm(20)}, {"journal": 100}
+    wh.append("trades", trades_to_arrow([trade(1)]), props(1, both, w1, p1))
+    wh.append("quotes", quotes_to_arrow([quote(1)]), props(1, both, w1, p1))
+    assert wh.latest_k2_state() == (w1, p1)
+    # Flush 2 only had quotes: the trades table keeps flush 1's (older) state.
+    w2, p2 = {KEY_T: wm(11), KEY_Q: wm(25)}, {"journal": 200}
+    wh.append("quotes", quotes_to_arrow([quote(2)]), props(2, ("quotes",), w2, p2))
+    watermarks, position = wh.latest_k2_state()
+    assert watermarks == w2
+    assert isinstance(watermarks[KEY_T], Watermark)
+    assert position == p2
+    assert wh.k2_state().table_flushes == {
+        "trades": 1, "quotes": 2, "sequence_events": -1, "dead_letters": -1,
+    }
+
+
+def test_a_flush_cut_short_by_a_crash_resumes_before_it(wh: Warehouse) -> None:
+    both = ("quotes", "trades")
+    w1, p1 = {KEY_T: wm(10), KEY_Q: wm(20)}, {"journal": 100}
+    wh.append("trades", trades_to_arrow([trade(1)]), props(1, both, w1, p1))
+    wh.append("quotes", quotes_to_arrow([quote(1)]), props(1, both, w1, p1))
+    # Flush 2 committed quotes, then the process died before trades.
+    w2 = {KEY_T: wm(15), KEY_Q: wm(30), "BINANCE:ETHUSDT:trade": wm(1)}
+    wh.append("quotes", quotes_to_arrow([quote(2)]), props(2, both, w2, {"journal": 200}))
+    state = wh.k2_state()
+    assert not state.complete
+    # Trades may only resume after what trades holds: the older state, new keys left out.
+    assert (state.watermarks, state.log_position) == (w1, p1)
+
+
+def test_a_flush_whose_new_table_never_committed_resumes_before_it(wh: Warehouse) -> None:
+    w1, p1 = {KEY_T: wm(10)}, {"journal": 100}
+    wh.append("trades", trades_to_arrow([trade(1)]), props(1, ("trades",), w1, p1))
+    members = ("dead_letters", "sequence_events", "trades")
+    dead = DeadLetter(received_at=T0, source="s", exchange="BINANCE", reason="r", raw=b"x")
+    w2 = {KEY_T: wm(15)}
+    wh.append("dead_letters", dead_letters_to_arrow([dead]), props(2, members, w2, {"journal": 2}))
+    assert wh.latest_k2_state() == (w1, p1)
+
+
+# --- conflicts --------------------------------------------------------------------------
+
+
+def test_a_stale_writer_retries_its_commit_after_a_conflict(cfg: StorageConfig) -> None:
+    fast = WriterConfig(commit_backoff_initial=0.001, commit_backoff_max=0.01)
+    with Warehouse(cfg, fast) as a, Warehouse(cfg, fast) as b:
+        a.ensure_tables()
+        a.append("trades", trades_to_arrow([trade(1)]), props(1, ("trades",)))
+        b.append("trades", trades_to_arrow([trade(2)]), props(2, ("trades",)))
+        # `a` still holds the metadata from before b's commit: its commit must conflict.
+        result = a.append("trades", trades_to_arrow([trade(3)]), props(3, ("trades",)))
+        assert result.retries == 1
+        assert rows_in(a, "trades") == 3
+        assert a.snapshot_properties("trades")[FLUSH] == "3"
+
+
+def test_a_conflict_past_the_last_retry_raises_and_commits_nothing(cfg: StorageConfig) -> None:
+    with Warehouse(cfg, WriterConfig(commit_retries=0)) as a, Warehouse(cfg) as b:
+        a.ensure_tables()
+        a.append("trades", trades_to_arrow([trade(1)]), props(1, ("trades",)))
+        b.append("trades", trades_to_arrow([trade(2)]), props(2, ("trades",)))
+        with pytest.raises(CommitFailedException):
+            a.append("trades", trades_to_arrow([trade(3)]), props(3, ("trades",)))
+        assert rows_in(b, "trades") == 2
+        # The failed writer reloads the table and can commit again.
+        a.append("trades", trades_to_arrow([trade(4)]), props(4, ("trades",)))
+        assert rows_in(b, "trades") == 3
+
+
+def test_concurrent_appends_from_two_warehouses_all_land(cfg: StorageConfig) -> None:
+    fast = WriterConfig(commit_retries=50, commit_backoff_initial=0.005, commit_backoff_max=0.05)
+    errors: list[BaseException] = []
+    retries: list[int] = []
+    with Warehouse(cfg, fast) as a, Warehouse(cfg, fast) as b:
+        a.ensure_tables()
+
+        def worker(w: Warehouse, base: int) -> None:
+            try:
+                for n in range(6):
+                    rows = [trade(base + n * 10 + k) for k in range(10)]
+                    r = w.append("trades", trades_to_arrow(rows), props(n, ("trades",)))
+                    retries.append(r.retries)
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(w, base))
+                   for w, base in ((a, 0), (b, 1000))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert errors == []
+        assert rows_in(a, "trades") == 120
+        table = a.load_table("trades")
+        assert len(table.snapshots()) == 12
+        assert sum(int(s.summary["added-records"]) for s in table.snapshots()) == 120
+
+
+def test_properties_are_json_for_other_readers(wh: Warehouse) -> None:
+    p = props(1, ("trades",), {KEY_T: wm(5)}, {"kafka:k2d.trades:0": 17})
+    wh.append("trades", trades_to_arrow([trade(1)]), p)
+    got = wh.snapshot_properties("trades")
+    assert got[WATERMARKS] == (
+        '{"BINANCE:BTCUSDT:trade":{"last_sequence":5,"platform_sequence":5,'
+        f'"last_seen_us":{T0 + 5}}}}}'
+    )
+    assert got[LOG_POSITION] == '{"kafka:k2d.trades:0":17}'
