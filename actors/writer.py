@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 __all__ = ["IcebergWriter"]
 
 # Rough in-memory cost of one buffered row (Struct plus its strings), for flush_bytes.
-_ROW_BYTES = {TRADES: 400, QUOTES: 420, SEQUENCE_EVENTS: 480, DEAD_LETTERS: 200}
+_ROW_BYTES = {TRADES: 512, QUOTES: 560, SEQUENCE_EVENTS: 480, DEAD_LETTERS: 200}
 # A commit span links to at most this many batch spans (OTel's default link limit).
 _MAX_LINKS = 128
 # Ties in commit order: rarely written tables first (see _commit_order).

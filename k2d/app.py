@@ -80,7 +80,7 @@ async def run_daemon(
     metrics = Metrics(registry)
     tracing = setup_tracing(cfg.telemetry)
     cfg.storage.data_path().mkdir(parents=True, exist_ok=True)
-    warehouse = Warehouse(cfg.storage)
+    warehouse = Warehouse(cfg.storage, cfg.writer)
     await anyio.to_thread.run_sync(warehouse.ensure_tables)
 
     async def restore() -> TrackerState:

@@ -236,8 +236,8 @@ def _semantic_problems(cfg: Config) -> list[str]:
             node = getattr(node, part)
         if node <= 0:
             problems.append(f"{key}: must be greater than 0, got {node}")
-    if not 0 < cfg.api.port < 65536:
-        problems.append(f"api.port: must be between 1 and 65535, got {cfg.api.port}")
+    if not 0 <= cfg.api.port < 65536:
+        problems.append(f"api.port: must be between 0 (any free port) and 65535, got {cfg.api.port}")
     binance = cfg.feeds.binance
     for i, sym in enumerate(binance.symbols):
         if not _SYMBOL.match(sym):

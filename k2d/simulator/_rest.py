@@ -205,7 +205,8 @@ def _params(query: str) -> dict[str, str]:
 def _integer(name: str, raw: str) -> int:
     if not _DIGITS.fullmatch(raw):
         raise _BadRequest(
-            -1100, f"Illegal characters found in parameter '{name}'; legal range is '^[0-9]{{1,20}}$'."
+            -1100,
+            f"Illegal characters found in parameter '{name}'; legal range is '^[0-9]{{1,20}}$'.",
         )
     return int(raw)
 

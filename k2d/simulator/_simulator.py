@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
+import msgspec
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
@@ -94,8 +95,15 @@ class _Client:
 class _SymbolWire:
     """Per-symbol wire state: stream names, the held (reordered) trade, the ledger."""
 
-    __slots__ = ("held", "ledger", "market", "quote_prefix", "quote_stream")
-    __slots__ += ("trade_prefix", "trade_stream")
+    __slots__ = (
+        "held",
+        "ledger",
+        "market",
+        "quote_prefix",
+        "quote_stream",
+        "trade_prefix",
+        "trade_stream",
+    )
 
     def __init__(self, market: SymbolMarket, ledger: SymbolLedger) -> None:
         self.market = market
@@ -278,6 +286,7 @@ class Simulator:
         market = self._market
         trade_id, price, qty, maker = wire.market.next_trade(market.rng, time_ms)
         drop = dup = reorder = junk = reset = False
+        junk_kind = ""
         if self._any_fault and not clean:
             # Drawn for every trade, subscribed or not: the decisions depend on the seed only.
             chance = self._fault_rng.random
@@ -286,6 +295,9 @@ class Simulator:
             reorder = self._p_reorder > 0 and chance() < self._p_reorder
             junk = self._p_malformed > 0 and chance() < self._p_malformed
             reset = self._p_reset > 0 and chance() < self._p_reset
+            if junk:
+                junk_kind = JUNK_KINDS[self._junk_counter % len(JUNK_KINDS)]
+                self._junk_counter += 1
         subscribers = self._subscribers.get(wire.trade_stream)
         if subscribers:
             ledger = wire.ledger
@@ -309,13 +321,14 @@ class Simulator:
                     self._deliver(subscribers, wire.trade_prefix, held[1], twice=False)
                     wire.held = None
             if junk:
-                self._send_junk(wire, subscribers, trade_id, price, qty, maker, time_ms)
+                junk_payload = encode_junk(
+                    junk_kind, wire.market.symbol, trade_id, price, qty, maker, time_ms
+                )
+                self._send_junk(wire, subscribers, junk_kind, junk_payload)
         elif wire.held is not None:
             # Nobody is left to see it arrive late: it was never reordered on any wire.
             wire.ledger.unrecord_reordered(wire.held[0])
             wire.held = None
-        if junk or (self._p_malformed > 0 and not clean and not subscribers):
-            pass
         if reset:
             self._reset_all()
 
@@ -329,18 +342,8 @@ class Simulator:
             self._deliver(subscribers, wire.quote_prefix, payload, twice=False)
 
     def _send_junk(
-        self,
-        wire: _SymbolWire,
-        subscribers: dict[_Client, None],
-        trade_id: int,
-        price: int,
-        qty: int,
-        maker: bool,
-        time_ms: int,
+        self, wire: _SymbolWire, subscribers: dict[_Client, None], kind: str, payload: bytes
     ) -> None:
-        kind = JUNK_KINDS[self._junk_counter % len(JUNK_KINDS)]
-        self._junk_counter += 1
-        payload = encode_junk(kind, wire.market.symbol, trade_id, price, qty, maker, time_ms)
         if kind == "bad_json":
             frame = text_frame(payload)  # not even a wrapper parses: same bytes for everyone
             for client in subscribers:
@@ -382,7 +385,7 @@ class Simulator:
                 transport = conn.transport
                 transport.write(b"".join(client.pending))
                 if transport.get_write_buffer_size() > _MAX_SEND_BUFFER:
-                    logger.warning("dropping a client that is %d bytes behind", _MAX_SEND_BUFFER)
+                    logger.warning("dropping a client more than %d bytes behind", _MAX_SEND_BUFFER)
                     self._detach(client)
                     transport.abort()
             client.pending.clear()
@@ -422,9 +425,7 @@ class Simulator:
             await asyncio.sleep(max(0.0, deadline - loop.time()))
             clients = [client for client in self._clients if client.active]
             self._disconnects += len(clients)
-            await asyncio.gather(
-                *(self._close_planned(c, "scheduled disconnect") for c in clients)
-            )
+            await asyncio.gather(*(self._close_planned(c, "scheduled disconnect") for c in clients))
 
     async def _close_planned(self, client: _Client, reason: str) -> None:
         """serverShutdown, then close code 1001, as Binance does before maintenance."""
@@ -433,7 +434,13 @@ class Simulator:
         conn = client.conn
         if was_active and conn.protocol.state is State.OPEN:
             conn.transport.write(text_frame(encode_shutdown(_now_ms())))
-        await conn.close(CloseCode.GOING_AWAY, reason)
+        try:
+            # close() first drains the send buffer, with no deadline of its own: a client
+            # that stopped reading would hold a planned stop forever.
+            async with asyncio.timeout(2 * _CLOSE_TIMEOUT):
+                await conn.close(CloseCode.GOING_AWAY, reason)
+        except TimeoutError:
+            conn.transport.abort()
 
     # Connections and subscriptions.
 
@@ -483,15 +490,17 @@ class Simulator:
     def _answer(self, client: _Client, message: str | bytes) -> bytes:
         """Reply to a live SUBSCRIBE / UNSUBSCRIBE / LIST_SUBSCRIPTIONS request, Binance style."""
         try:
-            request = msgspec_decode(message)
-        except ValueError as exc:
+            request = msgspec.json.decode(message)
+        except msgspec.DecodeError as exc:
             return encode_error(None, 3, f"Invalid JSON: {exc}")
         if not isinstance(request, dict):
             return encode_error(None, 2, "Invalid request: expected a JSON object")
         request_id = request.get("id")
         valid_id = request_id is None or (
             isinstance(request_id, str)
-            or (isinstance(request_id, int) and not isinstance(request_id, bool) and request_id >= 0)
+            or (
+                isinstance(request_id, int) and not isinstance(request_id, bool) and request_id >= 0
+            )
         )
         if not valid_id:
             return encode_error(

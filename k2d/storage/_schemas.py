@@ -51,6 +51,10 @@ TABLE_PROPERTIES: dict[str, str] = {
     # Every commit writes a new metadata.json; keep a bounded history of them on disk.
     "write.metadata.delete-after-commit.enabled": "true",
     "write.metadata.previous-versions-max": "50",
+    # Conflicts are retried by Warehouse.append under WriterConfig's policy and counted in
+    # k2d_commit_conflicts_total; pyiceberg's own retry loop would hide them. Any other
+    # committer (compaction) retries with its own policy.
+    "commit.retry.num-retries": "0",
 }
 
 _DECIMAL = DecimalType(18, 8)

@@ -28,6 +28,7 @@ from pyiceberg.exceptions import (
 from pyiceberg.io.pyarrow import _check_pyarrow_schema_compatible, _dataframe_to_data_files
 from pyiceberg.manifest import DataFile
 from pyiceberg.table import Table
+from pyiceberg.table.snapshots import ancestors_of
 from pyiceberg.types import TimestamptzType
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
@@ -69,9 +70,9 @@ def _open_catalog(cfg: StorageConfig) -> SqlCatalog:
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
         # WAL is a property of the database file: set it before any other connection opens.
-        with sqlite3.connect(db, timeout=cfg.sqlite_busy_timeout_ms / 1000) as conn:
+        timeout = cfg.sqlite_busy_timeout_ms / 1000
+        with contextlib.closing(sqlite3.connect(db, timeout=timeout)) as conn:
             conn.execute("PRAGMA journal_mode=WAL")
-        conn.close()
     if warehouse.startswith("file://"):
         Path(warehouse.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
     for attempt in range(3):
@@ -124,16 +125,22 @@ class Warehouse:
             self.catalog.create_namespace(self.namespace)
         for name, d in TABLES.items():
             ident = (self.namespace, name)
-            if self.catalog.table_exists(ident):
+            if not self.catalog.table_exists(ident):
+                with contextlib.suppress(TableAlreadyExistsError):
+                    self.catalog.create_table(
+                        ident,
+                        schema=d.schema,
+                        partition_spec=d.spec,
+                        sort_order=d.sort_order,
+                        properties=TABLE_PROPERTIES,
+                    )
                 continue
-            with contextlib.suppress(TableAlreadyExistsError):
-                self.catalog.create_table(
-                    ident,
-                    schema=d.schema,
-                    partition_spec=d.spec,
-                    sort_order=d.sort_order,
-                    properties=TABLE_PROPERTIES,
-                )
+            table = self.catalog.load_table(ident)
+            stale = {k: v for k, v in TABLE_PROPERTIES.items() if table.properties.get(k) != v}
+            if stale:
+                # Tables made by an older k2d get today's properties (racing processes agree).
+                with contextlib.suppress(CommitFailedException), table.transaction() as tx:
+                    tx.set_properties(stale)
 
     def load_table(self, name: str) -> Table:
         """A fresh view of table `name` (other processes' commits included)."""
@@ -209,16 +216,20 @@ class Warehouse:
         return dict(snapshot.summary.additional_properties)
 
     def k2_state(self) -> K2State:
-        """The position to resume from, merged over the four tables' current snapshots."""
+        """The position to resume from, merged over the four tables' latest k2 states.
+
+        Per table that is the newest snapshot carrying k2 properties: one written by
+        another committer (compaction) is passed over in favour of its ancestors.
+        """
         states = []
         for name in TABLE_NAMES:
-            snapshot = self.load_table(name).current_snapshot()
-            if snapshot is None or snapshot.summary is None:
-                continue
-            props = snapshot.summary.additional_properties
-            state = table_state(name, props, snapshot.timestamp_ms)
-            if state is not None:
-                states.append(state)
+            table = self.load_table(name)
+            for snapshot in ancestors_of(table.current_snapshot(), table.metadata):
+                props = snapshot.summary.additional_properties if snapshot.summary else {}
+                state = table_state(name, props, snapshot.timestamp_ms)
+                if state is not None:
+                    states.append(state)
+                    break
         return merge_states(states, TABLE_NAMES)
 
     def latest_k2_state(self) -> tuple[dict[str, Watermark], dict[str, Any]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -87,7 +87,7 @@ def props(
     flush: int,
     tables: tuple[str, ...],
     watermarks: dict[str, Watermark] | None = None,
-    position: dict[str, object] | None = None,
+    position: Mapping[str, object] | None = None,
 ) -> dict[str, str]:
     return flush_properties(
         flush=flush,
@@ -137,7 +137,9 @@ def test_ensure_tables_is_idempotent_across_instances(cfg: StorageConfig) -> Non
             assert len(list(metadata_dir.glob("*.metadata.json"))) == 1
 
 
-def test_catalog_runs_sqlite_in_wal_mode_with_busy_timeout(wh: Warehouse, cfg: StorageConfig) -> None:
+def test_catalog_runs_sqlite_in_wal_mode_with_busy_timeout(
+    wh: Warehouse, cfg: StorageConfig
+) -> None:
     with sqlite3.connect(Path(cfg.data_dir) / "catalog.db") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     with wh.catalog.engine.connect() as conn:
@@ -280,9 +282,7 @@ def test_a_price_with_more_than_8_decimals_is_refused_not_rounded() -> None:
 def test_timestamps_are_utc_microseconds() -> None:
     table = trades_to_arrow([trade(0, ts=T0 + 1)])
     assert table.schema.field("timestamp").type == pa.timestamp("us", tz="UTC")
-    assert table.column("timestamp")[0].as_py() == datetime(
-        2023, 11, 14, 22, 13, 20, 1, tzinfo=UTC
-    )
+    assert table.column("timestamp")[0].as_py() == datetime(2023, 11, 14, 22, 13, 20, 1, tzinfo=UTC)
 
 
 def test_trade_conditions_keep_values_and_nulls() -> None:
@@ -296,19 +296,33 @@ def test_quotes_keep_absent_sides_null(wh: Warehouse) -> None:
     table = quotes_to_arrow([quote(1, bid=None), quote(2, ask=None)])
     wh.append("quotes", table, props(1, ("quotes",)))
     back = wh.load_table("quotes").scan().to_arrow().sort_by("platform_sequence").to_pylist()
-    assert back[0]["bid_price"] is None and back[0]["bid_quantity"] is None
+    assert (back[0]["bid_price"], back[0]["bid_quantity"]) == (None, None)
     assert back[0]["ask_price"] == Decimal("1.1")
-    assert back[1]["ask_price"] is None and back[1]["bid_price"] == Decimal("1")
+    assert (back[1]["ask_price"], back[1]["bid_price"]) == (None, Decimal("1"))
 
 
 def test_events_and_dead_letters_round_trip(wh: Warehouse) -> None:
     event = SequenceEvent(
-        event_id="gap-1", exchange="BINANCE", symbol="BTCUSDT", stream="trade", partition=1,
-        kind="gap", status="open", first_missing=5, last_missing=9, missing_count=5,
-        detected_at=T0, detail="",
+        event_id="gap-1",
+        exchange="BINANCE",
+        symbol="BTCUSDT",
+        stream="trade",
+        partition=1,
+        kind="gap",
+        status="open",
+        first_missing=5,
+        last_missing=9,
+        missing_count=5,
+        detected_at=T0,
+        detail="",
     )
-    dead = DeadLetter(received_at=T0, source="binance", exchange="BINANCE", reason="parse",
-                      raw=b"\x00\xffnot json")
+    dead = DeadLetter(
+        received_at=T0,
+        source="binance",
+        exchange="BINANCE",
+        reason="parse",
+        raw=b"\x00\xffnot json",
+    )
     wh.append("sequence_events", events_to_arrow([event]), props(1, ("sequence_events",)))
     wh.append("dead_letters", dead_letters_to_arrow([dead]), props(2, ("dead_letters",)))
     (e,) = wh.load_table("sequence_events").scan().to_arrow().to_pylist()
@@ -342,8 +356,12 @@ def test_append_reports_the_data_files_it_added(wh: Warehouse) -> None:
 def test_each_data_file_is_sorted_by_symbol_timestamp_source_sequence(wh: Warehouse) -> None:
     rng = random.Random(7)
     rows = [
-        trade(i, symbol=rng.choice(["ETHUSDT", "BTCUSDT", "ADAUSDT"]), ts=T0 + rng.randrange(50),
-              seq=rng.choice([None, rng.randrange(1000)]))
+        trade(
+            i,
+            symbol=rng.choice(["ETHUSDT", "BTCUSDT", "ADAUSDT"]),
+            ts=T0 + rng.randrange(50),
+            seq=rng.choice([None, rng.randrange(1000)]),
+        )
         for i in range(500)
     ]
     result = wh.append("trades", trades_to_arrow(rows), props(1, ("trades",)))
@@ -351,8 +369,10 @@ def test_each_data_file_is_sorted_by_symbol_timestamp_source_sequence(wh: Wareho
     parquet = pq.ParquetFile(local_path(f.path))
     assert parquet.metadata.row_group(0).column(0).compression == "ZSTD"
     data = parquet.read(columns=["symbol", "timestamp", "source_sequence"]).to_pylist()
-    keys = [(r["symbol"], r["timestamp"], -1 if r["source_sequence"] is None
-             else r["source_sequence"]) for r in data]
+    keys = [
+        (r["symbol"], r["timestamp"], -1 if r["source_sequence"] is None else r["source_sequence"])
+        for r in data
+    ]
     assert keys == sorted(keys)
     assert len(keys) == 500
 
@@ -398,7 +418,10 @@ def test_latest_k2_state_is_the_latest_complete_flush(wh: Warehouse) -> None:
     assert isinstance(watermarks[KEY_T], Watermark)
     assert position == p2
     assert wh.k2_state().table_flushes == {
-        "trades": 1, "quotes": 2, "sequence_events": -1, "dead_letters": -1,
+        "trades": 1,
+        "quotes": 2,
+        "sequence_events": -1,
+        "dead_letters": -1,
     }
 
 
@@ -423,6 +446,15 @@ def test_a_flush_whose_new_table_never_committed_resumes_before_it(wh: Warehouse
     dead = DeadLetter(received_at=T0, source="s", exchange="BINANCE", reason="r", raw=b"x")
     w2 = {KEY_T: wm(15)}
     wh.append("dead_letters", dead_letters_to_arrow([dead]), props(2, members, w2, {"journal": 2}))
+    assert wh.latest_k2_state() == (w1, p1)
+
+
+def test_a_snapshot_without_k2_properties_is_passed_over(wh: Warehouse) -> None:
+    w1, p1 = {KEY_T: wm(10)}, {"journal": 100}
+    wh.append("trades", trades_to_arrow([trade(1)]), props(1, ("trades",), w1, p1))
+    # Another committer (say, compaction) writes a snapshot with no k2 state.
+    wh.load_table("trades").append(trades_to_arrow([trade(2)]))
+    assert WATERMARKS not in wh.snapshot_properties("trades")
     assert wh.latest_k2_state() == (w1, p1)
 
 
@@ -471,8 +503,9 @@ def test_concurrent_appends_from_two_warehouses_all_land(cfg: StorageConfig) -> 
             except BaseException as exc:  # pragma: no cover - reported below
                 errors.append(exc)
 
-        threads = [threading.Thread(target=worker, args=(w, base))
-                   for w, base in ((a, 0), (b, 1000))]
+        threads = [
+            threading.Thread(target=worker, args=(w, base)) for w, base in ((a, 0), (b, 1000))
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -493,3 +526,10 @@ def test_properties_are_json_for_other_readers(wh: Warehouse) -> None:
         f'"last_seen_us":{T0 + 5}}}}}'
     )
     assert got[LOG_POSITION] == '{"kafka:k2d.trades:0":17}'
+
+
+def test_ensure_tables_restores_missing_table_properties(wh: Warehouse) -> None:
+    with wh.load_table("quotes").transaction() as tx:
+        tx.remove_properties("commit.manifest-merge.enabled")
+    wh.ensure_tables()
+    assert wh.load_table("quotes").properties["commit.manifest-merge.enabled"] == "true"
