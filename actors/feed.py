@@ -56,7 +56,9 @@ class FeedHandler(Actor[None, RecordBatch]):
         self.stop = stop
         self.url = combined_stream_url(cfg.ws_url, cfg.symbols)
         self.parser = BinanceParser(
-            cfg.symbols, source=name, max_clock_skew_s=cfg.max_clock_skew,
+            cfg.symbols,
+            source=name,
+            max_clock_skew_s=cfg.max_clock_skew,
             max_frame_bytes=cfg.max_frame_bytes,
         )
         self._tracer = tracer or trace.get_tracer("k2d")
@@ -73,7 +75,9 @@ class FeedHandler(Actor[None, RecordBatch]):
         self._lag = metrics.feed_lag.labels(name)
         self.backoff = Backoff(cfg.reconnect_initial, cfg.reconnect_max)
 
-    async def run(self, inbox: MemoryObjectReceiveStream[None] | None, outbox: Outbox[RecordBatch]) -> None:
+    async def run(
+        self, inbox: MemoryObjectReceiveStream[None] | None, outbox: Outbox[RecordBatch]
+    ) -> None:
         self._outbox = outbox
         self._closing = anyio.Event()
         async with anyio.create_task_group() as tg:
@@ -104,8 +108,13 @@ class FeedHandler(Actor[None, RecordBatch]):
     async def _connect(self) -> ClientConnection | None:
         try:
             ws = await connect(
-                self.url, max_size=self.cfg.max_frame_bytes * 16, open_timeout=10,
-                ping_interval=20, ping_timeout=60, close_timeout=2, compression=None,
+                self.url,
+                max_size=self.cfg.max_frame_bytes * 16,
+                open_timeout=10,
+                ping_interval=20,
+                ping_timeout=60,
+                close_timeout=2,
+                compression=None,
             )
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as e:
             log.warning("%s: connect to %s failed: %r", self.name, self.url, e)
@@ -228,8 +237,11 @@ class FeedHandler(Actor[None, RecordBatch]):
                 span.set_attribute("k2d.quotes", len(p.quotes))
                 span.set_attribute("k2d.dead_letters", len(p.dead_letters))
                 batch = RecordBatch(
-                    source=self.name, trades=p.trades, quotes=p.quotes,
-                    dead_letters=p.dead_letters, received_at=received,
+                    source=self.name,
+                    trades=p.trades,
+                    quotes=p.quotes,
+                    dead_letters=p.dead_letters,
+                    received_at=received,
                     span_context=span.get_span_context(),
                 )
             if p.trades:

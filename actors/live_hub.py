@@ -101,15 +101,21 @@ class LiveHub(Actor[SequencedBatch | Committed, None]):
         return self._read(self._quotes, "quotes", exchange, symbol, since_us, uncommitted_only)
 
     def _read(
-        self, store: dict[_Key, _Recent], table: str, exchange: str, symbol: str,
-        since_us: int, uncommitted_only: bool,
+        self,
+        store: dict[_Key, _Recent],
+        table: str,
+        exchange: str,
+        symbol: str,
+        since_us: int,
+        uncommitted_only: bool,
     ) -> list[Any]:
         recent = store.get((exchange, symbol))
         if recent is None:
             return []
         pending = self._uncommitted[table]
         return [
-            r for batch_id, r in recent.rows
+            r
+            for batch_id, r in recent.rows
             if r.timestamp >= since_us and (not uncommitted_only or batch_id in pending)
         ]
 

@@ -142,8 +142,11 @@ class StreamBook:
         else:
             bisect.insort(self.gaps, gap, key=lambda g: g.first)
         if len(self.gaps) > self.cfg.max_open_gaps:
-            log.warning("%s: more than %d open gaps; oldest no longer tracked",
-                        stream_key(k), self.cfg.max_open_gaps)
+            log.warning(
+                "%s: more than %d open gaps; oldest no longer tracked",
+                stream_key(k),
+                self.cfg.max_open_gaps,
+            )
             self.gaps.pop(0)
 
     def _fill(self, seq: int, provenance: str) -> bool:
@@ -161,8 +164,15 @@ class StreamBook:
             g.last -= 1
         else:
             k = self.key
-            tail = OpenGap(f"{k[0]}:{k[1]}:{k[2]}:gap:{seq + 1}", seq + 1, g.last, g.detected_at,
-                           emitted=False, dirty=g.emitted, filled_by=set(g.filled_by))
+            tail = OpenGap(
+                f"{k[0]}:{k[1]}:{k[2]}:gap:{seq + 1}",
+                seq + 1,
+                g.last,
+                g.detected_at,
+                emitted=False,
+                dirty=g.emitted,
+                filled_by=set(g.filled_by),
+            )
             g.last = seq - 1
             gaps.insert(i + 1, tail)
         g.dirty = g.emitted
@@ -171,15 +181,30 @@ class StreamBook:
     # -- ledger rows ----------------------------------------------------------------------
 
     def _event(
-        self, kind: str, status: str, now: int, first: int | None, last: int | None,
-        count: int, detail: str, event_id: str | None = None, detected_at: int | None = None,
+        self,
+        kind: str,
+        status: str,
+        now: int,
+        first: int | None,
+        last: int | None,
+        count: int,
+        detail: str,
+        event_id: str | None = None,
+        detected_at: int | None = None,
     ) -> SequenceEvent:
         k = self.key
         return SequenceEvent(
             event_id=event_id or f"{k[0]}:{k[1]}:{k[2]}:{kind}:{first}:{now}",
-            exchange=k[0], symbol=k[1], stream=k[2], partition=self.partition,
-            kind=kind, status=status, first_missing=first, last_missing=last,
-            missing_count=count, detected_at=detected_at or now,
+            exchange=k[0],
+            symbol=k[1],
+            stream=k[2],
+            partition=self.partition,
+            kind=kind,
+            status=status,
+            first_missing=first,
+            last_missing=last,
+            missing_count=count,
+            detected_at=detected_at or now,
             resolved_at=now if status in ("backfilled", "unrecoverable") else None,
             detail=detail,
         )
@@ -192,25 +217,57 @@ class StreamBook:
             if closed:
                 if g.emitted:
                     by = "backfill" if "backfill" in g.filled_by else "late arrival"
-                    events.append(self._event(
-                        "gap", "backfilled", now, None, None, 0, f"filled by {by}",
-                        event_id=g.event_id, detected_at=g.detected_at))
+                    events.append(
+                        self._event(
+                            "gap",
+                            "backfilled",
+                            now,
+                            None,
+                            None,
+                            0,
+                            f"filled by {by}",
+                            event_id=g.event_id,
+                            detected_at=g.detected_at,
+                        )
+                    )
                 continue
             if (not g.emitted and (force or now - g.detected_at >= self._grace_us)) or g.dirty:
-                events.append(self._event(
-                    "gap", "open", now, g.first, g.last, g.last - g.first + 1, "",
-                    event_id=g.event_id, detected_at=g.detected_at))
+                events.append(
+                    self._event(
+                        "gap",
+                        "open",
+                        now,
+                        g.first,
+                        g.last,
+                        g.last - g.first + 1,
+                        "",
+                        event_id=g.event_id,
+                        detected_at=g.detected_at,
+                    )
+                )
                 g.emitted, g.dirty = True, False
             keep.append(g)
         self.gaps = keep
         if self._dup_range and (force or now - self._dup_since >= 60_000_000):
             lo, hi = self._dup_range
             if self.duplicates:
-                events.append(self._event("duplicate", "info", now, lo, hi, self.duplicates,
-                                          "dropped duplicates"))
+                events.append(
+                    self._event(
+                        "duplicate", "info", now, lo, hi, self.duplicates, "dropped duplicates"
+                    )
+                )
             if self.dropped_out_of_order:
-                events.append(self._event("out_of_order", "info", now, lo, hi,
-                                          self.dropped_out_of_order, "dropped stale records"))
+                events.append(
+                    self._event(
+                        "out_of_order",
+                        "info",
+                        now,
+                        lo,
+                        hi,
+                        self.dropped_out_of_order,
+                        "dropped stale records",
+                    )
+                )
             self.duplicates = self.dropped_out_of_order = 0
             self._dup_range = None
 
@@ -218,8 +275,11 @@ class StreamBook:
         return {i for g in self.gaps for i in range(g.first, g.last + 1)}
 
     def watermark(self) -> Watermark:
-        return Watermark(last_sequence=self.hi, platform_sequence=self.platform_sequence,
-                         last_seen_us=self.last_seen_us)
+        return Watermark(
+            last_sequence=self.hi,
+            platform_sequence=self.platform_sequence,
+            last_seen_us=self.last_seen_us,
+        )
 
 
 class SequenceTracker(Actor[RecordBatch, SequencedBatch]):
@@ -254,9 +314,14 @@ class SequenceTracker(Actor[RecordBatch, SequencedBatch]):
         b = self._books.get(key)
         if b is None:
             sk = stream_key(key)
-            b = StreamBook(key, self.partition, self.cfg, contiguous=key[2] == "trade",
-                           watermark=self._state.watermarks.get(sk),
-                           open_gaps=self._state.open_gaps.get(sk))
+            b = StreamBook(
+                key,
+                self.partition,
+                self.cfg,
+                contiguous=key[2] == "trade",
+                watermark=self._state.watermarks.get(sk),
+                open_gaps=self._state.open_gaps.get(sk),
+            )
             self._books[key] = b
         return b
 
@@ -284,18 +349,26 @@ class SequenceTracker(Actor[RecordBatch, SequencedBatch]):
             span.set_attribute("k2d.records_in", len(batch.trades) + len(batch.quotes))
             span.set_attribute("k2d.records_out", len(trades) + len(quotes))
             out = SequencedBatch(
-                batch_id=next(self._batch_ids), partition=self.partition,
-                trades=trades, quotes=quotes, events=events,
+                batch_id=next(self._batch_ids),
+                partition=self.partition,
+                trades=trades,
+                quotes=quotes,
+                events=events,
                 dead_letters=batch.dead_letters,
                 watermarks={stream_key(k): self._books[k].watermark() for k in touched},
-                log_position=batch.log_position, span_context=span.get_span_context(),
+                log_position=batch.log_position,
+                span_context=span.get_span_context(),
             )
         self._count(events)
         return out
 
     def _check(
-        self, records: list[Trade] | list[Quote], stream: str, now: int,
-        events: list[SequenceEvent], touched: set[StreamKey],
+        self,
+        records: list[Trade] | list[Quote],
+        stream: str,
+        now: int,
+        events: list[SequenceEvent],
+        touched: set[StreamKey],
     ) -> list[Any]:
         out: list[Any] = []
         if not records:
@@ -331,8 +404,12 @@ class SequenceTracker(Actor[RecordBatch, SequencedBatch]):
             b.emit_pending(now, events, force=True)
         self._count(events)
         return SequencedBatch(
-            batch_id=next(self._batch_ids), partition=self.partition, trades=[], quotes=[],
-            events=events, dead_letters=[],
+            batch_id=next(self._batch_ids),
+            partition=self.partition,
+            trades=[],
+            quotes=[],
+            events=events,
+            dead_letters=[],
             watermarks={stream_key(k): b.watermark() for k, b in self._books.items()},
         )
 

@@ -42,8 +42,10 @@ _LEN = struct.Struct("<I")
 
 
 def machine() -> str:
-    return (f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, "
-            f"python {platform.python_version()}")
+    return (
+        f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, "
+        f"python {platform.python_version()}"
+    )
 
 
 def record_frames(path: Path, frames: int, symbols: list[str]) -> None:
@@ -53,13 +55,23 @@ def record_frames(path: Path, frames: int, symbols: list[str]) -> None:
     with path.open("wb") as f:
         buf = bytearray()
         for i in range(frames):
-            sym, stream, s = streams[i % len(streams)]
+            _sym, stream, s = streams[i % len(streams)]
             tid = i // len(streams) + 1
             price = 20_000 + (i % 1000) / 100
-            frame = (b'{"stream":"%s","data":{"e":"trade","E":%d,"s":"%s","t":%d,'
-                     b'"p":"%.8f","q":"0.%08d","T":%d,"m":%s,"M":true}}'
-                     % (stream, t0 + i // 1000, s, tid, price, (i % 9999) + 1, t0 + i // 1000,
-                        b"true" if i % 3 == 0 else b"false"))
+            frame = (
+                b'{"stream":"%s","data":{"e":"trade","E":%d,"s":"%s","t":%d,'
+                b'"p":"%.8f","q":"0.%08d","T":%d,"m":%s,"M":true}}'
+                % (
+                    stream,
+                    t0 + i // 1000,
+                    s,
+                    tid,
+                    price,
+                    (i % 9999) + 1,
+                    t0 + i // 1000,
+                    b"true" if i % 3 == 0 else b"false",
+                )
+            )
             buf += _LEN.pack(len(frame))
             buf += frame
             if len(buf) > 1 << 22:
@@ -78,7 +90,7 @@ def read_frames(path: Path) -> Iterator[bytes]:
                 (size,) = _LEN.unpack_from(data, pos)
                 if pos + 4 + size > n:
                     break
-                yield data[pos + 4: pos + 4 + size]
+                yield data[pos + 4 : pos + 4 + size]
                 pos += 4 + size
             rest = data[pos:]
 
@@ -92,8 +104,9 @@ class FrameReplay(Actor[None, RecordBatch]):
         self.parser = BinanceParser(symbols, source="replay", max_clock_skew_s=10 * 86_400)
         self.frames = 0
 
-    async def run(self, inbox: MemoryObjectReceiveStream[None] | None,
-                  outbox: Outbox[RecordBatch]) -> None:
+    async def run(
+        self, inbox: MemoryObjectReceiveStream[None] | None, outbox: Outbox[RecordBatch]
+    ) -> None:
         deadline = time.monotonic() + self.seconds
         parse = self.parser.parse
         out = ParsedFrames()
@@ -102,16 +115,29 @@ class FrameReplay(Actor[None, RecordBatch]):
             parse(frame, received, out)
             self.frames += 1
             if len(out) >= self.batch:
-                await outbox.send(RecordBatch(source="replay", trades=out.trades,
-                                              quotes=out.quotes, dead_letters=out.dead_letters,
-                                              received_at=received))
+                await outbox.send(
+                    RecordBatch(
+                        source="replay",
+                        trades=out.trades,
+                        quotes=out.quotes,
+                        dead_letters=out.dead_letters,
+                        received_at=received,
+                    )
+                )
                 out = ParsedFrames()
                 received = now_us()
                 if time.monotonic() >= deadline:
                     break
         if len(out):
-            await outbox.send(RecordBatch(source="replay", trades=out.trades, quotes=out.quotes,
-                                          dead_letters=out.dead_letters, received_at=received))
+            await outbox.send(
+                RecordBatch(
+                    source="replay",
+                    trades=out.trades,
+                    quotes=out.quotes,
+                    dead_letters=out.dead_letters,
+                    received_at=received,
+                )
+            )
 
 
 def decode_ceiling(path: Path, limit: int) -> float:
@@ -142,8 +168,9 @@ def decode_ceiling(path: Path, limit: int) -> float:
     return len(frames) / (time.perf_counter() - t)
 
 
-async def run_pipeline(cfg: Config, frames: Path, symbols: list[str], seconds: float
-                       ) -> dict[str, Any]:
+async def run_pipeline(
+    cfg: Config, frames: Path, symbols: list[str], seconds: float
+) -> dict[str, Any]:
     from k2d.pipeline import build_pipeline
     from k2d.storage import Warehouse
     from k2d.telemetry.tracing import setup_tracing
@@ -154,18 +181,24 @@ async def run_pipeline(cfg: Config, frames: Path, symbols: list[str], seconds: f
     wh = Warehouse(cfg.storage)
     await anyio.to_thread.run_sync(wh.ensure_tables)
     replay = FrameReplay(frames, symbols, cfg.pipeline.batch_max_records, seconds)
-    p = build_pipeline(cfg, wh, metrics, registry, tracing.tracer, sources=[("replay",
-                                                                               lambda: replay)])
+    p = build_pipeline(
+        cfg, wh, metrics, registry, tracing.tracer, sources=[("replay", lambda: replay)]
+    )
     cpu0, t0 = os.times(), time.perf_counter()
     await p.supervisor.run()
     elapsed = time.perf_counter() - t0
     cpu1 = os.times()
-    rows = registry and metrics.registry.get_sample_value(
-        "k2d_rows_committed_total", {"table": "trades"}) or 0.0
+    rows = (
+        registry
+        and metrics.registry.get_sample_value("k2d_rows_committed_total", {"table": "trades"})
+    ) or 0.0
     commits = metrics.registry.get_sample_value("k2d_commits_total", {"table": "trades"}) or 0
     return {
-        "frames": replay.frames, "trades_committed": int(rows), "seconds": elapsed,
-        "trades_per_s": rows / elapsed, "commits": int(commits),
+        "frames": replay.frames,
+        "trades_committed": int(rows),
+        "seconds": elapsed,
+        "trades_per_s": rows / elapsed,
+        "commits": int(commits),
         "cpu_share": ((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)) / elapsed,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -177,20 +210,27 @@ def pipeline_benchmark(args: argparse.Namespace, work: Path) -> None:
     n = int(args.seconds * args.frames_per_second)
     t = time.perf_counter()
     record_frames(frames, n, symbols)
-    print(f"recorded {n:,} frames ({frames.stat().st_size / 1e6:,.0f} MB) "
-          f"in {time.perf_counter() - t:.1f}s")
+    print(
+        f"recorded {n:,} frames ({frames.stat().st_size / 1e6:,.0f} MB) "
+        f"in {time.perf_counter() - t:.1f}s"
+    )
     ceiling = decode_ceiling(frames, 1_000_000)
     print(f"decode-only ceiling (msgspec, same frames): {ceiling:,.0f} frames/s")
-    cfg = load_config(environ={}, overrides={
-        "storage": {"data_dir": str(work / "pipeline")},
-        "feeds": {"binance": {"enabled": False}},
-        "telemetry": {"log_level": "WARNING"},
-    })
+    cfg = load_config(
+        environ={},
+        overrides={
+            "storage": {"data_dir": str(work / "pipeline")},
+            "feeds": {"binance": {"enabled": False}},
+            "telemetry": {"log_level": "WARNING"},
+        },
+    )
     res = anyio.run(run_pipeline, cfg, frames, symbols, args.seconds)
-    print(f"pipeline: {res['trades_committed']:,} trades committed from {res['frames']:,} "
-          f"frames in {res['seconds']:.1f}s = {res['trades_per_s']:,.0f} trades/s; "
-          f"{res['commits']} commits; CPU {res['cpu_share']:.0%} of one core; "
-          f"peak RSS {res['peak_rss_mb']:.0f} MB")
+    print(
+        f"pipeline: {res['trades_committed']:,} trades committed from {res['frames']:,} "
+        f"frames in {res['seconds']:.1f}s = {res['trades_per_s']:,.0f} trades/s; "
+        f"{res['commits']} commits; CPU {res['cpu_share']:.0%} of one core; "
+        f"peak RSS {res['peak_rss_mb']:.0f} MB"
+    )
 
 
 def wire_benchmark(args: argparse.Namespace, work: Path) -> None:
@@ -200,14 +240,31 @@ def wire_benchmark(args: argparse.Namespace, work: Path) -> None:
 
     symbols = ["BTCUSDT", "ETHUSDT", "SOLUSDT", "BNBUSDT"]
     sim = subprocess.Popen(
-        [sys.executable, "-m", "k2d", "simulate", "--port", "0", "--symbols", ",".join(symbols),
-         "--rate", str(args.wire_rate), "--seed", "3", "--manifest", str(work / "m.json")],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "k2d",
+            "simulate",
+            "--port",
+            "0",
+            "--symbols",
+            ",".join(symbols),
+            "--rate",
+            str(args.wire_rate),
+            "--seed",
+            "3",
+            "--manifest",
+            str(work / "m.json"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert sim.stdout is not None
     port = int(sim.stdout.readline().rsplit(":", 1)[1])
     data = work / "wire"
     cfgfile = work / "wire.toml"
-    cfgfile.write_text(f"""
+    cfgfile.write_text(
+        f"""
 [storage]
 data_dir = "{data}"
 [api]
@@ -218,9 +275,20 @@ log_level = "WARNING"
 ws_url = "ws://127.0.0.1:{port}"
 rest_url = "http://127.0.0.1:{port}"
 symbols = {symbols!r}
-""".replace("'", '"'))
-    daemon = subprocess.Popen([sys.executable, "-m", "k2d", "run", "--config", str(cfgfile),
-                               "--exit-after", str(args.wire_seconds)])
+""".replace("'", '"')
+    )
+    daemon = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "k2d",
+            "run",
+            "--config",
+            str(cfgfile),
+            "--exit-after",
+            str(args.wire_seconds),
+        ]
+    )
     t0 = time.perf_counter()
     daemon.wait()
     elapsed = time.perf_counter() - t0
@@ -244,24 +312,33 @@ symbols = {symbols!r}
     lags_newest.sort()
     lags_oldest.sort()
     cpu = usage.ru_utime + usage.ru_stime
-    print(f"wire: simulator asked for {args.wire_rate:,.0f} trades/s; daemon committed "
-          f"{rows:,} trades in {elapsed:.1f}s = {rows / elapsed:,.0f} trades/s "
-          f"(plus as many quotes); CPU of the daemon+simulator children {cpu / elapsed:.0%} "
-          f"of one core")
+    print(
+        f"wire: simulator asked for {args.wire_rate:,.0f} trades/s; daemon committed "
+        f"{rows:,} trades in {elapsed:.1f}s = {rows / elapsed:,.0f} trades/s "
+        f"(plus as many quotes); CPU of the daemon+simulator children {cpu / elapsed:.0%} "
+        f"of one core"
+    )
     if lags_newest:
         mid = len(lags_newest) // 2
-        print(f"wire: trade time -> commit lag, newest row of a commit: median "
-              f"{lags_newest[mid]:.2f}s; oldest row of a commit: median {lags_oldest[mid]:.2f}s,"
-              f" max {lags_oldest[-1]:.2f}s")
+        print(
+            f"wire: trade time -> commit lag, newest row of a commit: median "
+            f"{lags_newest[mid]:.2f}s; oldest row of a commit: median {lags_oldest[mid]:.2f}s,"
+            f" max {lags_oldest[-1]:.2f}s"
+        )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--only", choices=["pipeline", "wire"], default=None)
     ap.add_argument("--seconds", type=float, default=60.0)
-    ap.add_argument("--frames-per-second", type=float, default=220_000,
-                    help="frames recorded per second of --seconds (more than can be ingested)")
+    ap.add_argument(
+        "--frames-per-second",
+        type=float,
+        default=220_000,
+        help="frames recorded per second of --seconds (more than can be ingested)",
+    )
     ap.add_argument("--symbols", type=int, default=10)
     ap.add_argument("--wire-rate", type=float, default=40_000)
     ap.add_argument("--wire-seconds", type=float, default=30.0)

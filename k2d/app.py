@@ -56,9 +56,10 @@ async def _stats(d: Daemon) -> dict[str, Any]:
     watermarks, log_position = await anyio.to_thread.run_sync(d.warehouse.latest_k2_state)
     return {
         "tables": tables,
-        "watermarks": {k: {"last_sequence": w.last_sequence,
-                           "platform_sequence": w.platform_sequence}
-                       for k, w in sorted(watermarks.items())},
+        "watermarks": {
+            k: {"last_sequence": w.last_sequence, "platform_sequence": w.platform_sequence}
+            for k, w in sorted(watermarks.items())
+        },
         "log_position": log_position,
         "live_rows": d.pipeline.live_hub.row_count(),
     }
@@ -88,11 +89,23 @@ async def run_daemon(
         return TrackerState(watermarks=watermarks)
 
     pipeline = build_pipeline(cfg, warehouse, metrics, registry, tracing.tracer, restore)
-    daemon = Daemon(cfg, registry, metrics, tracing, warehouse, pipeline,
-                    ApiState(registry=registry, metrics=metrics, tracing=tracing,
-                             stats=lambda: _stats(daemon),
-                             expected_actors=set(pipeline.actor_names), config=cfg.api),
-                    stopping=anyio.Event())
+    daemon = Daemon(
+        cfg,
+        registry,
+        metrics,
+        tracing,
+        warehouse,
+        pipeline,
+        ApiState(
+            registry=registry,
+            metrics=metrics,
+            tracing=tracing,
+            stats=lambda: _stats(daemon),
+            expected_actors=set(pipeline.actor_names),
+            config=cfg.api,
+        ),
+        stopping=anyio.Event(),
+    )
     assert daemon.stopping is not None
     exit_code = 0
     try:
@@ -116,15 +129,13 @@ async def run_daemon(
             with anyio.CancelScope() as wait_scope:
                 tg.start_soon(_cancel_when, pipeline_done, wait_scope)
                 await daemon.stopping.wait()
-            log.info("stopping: draining the pipeline (deadline %.1fs)",
-                     cfg.shutdown.drain_timeout)
+            log.info("stopping: draining the pipeline (deadline %.1fs)", cfg.shutdown.drain_timeout)
             daemon.api.mark_draining()
             pipeline.feeds_stop.set()
             with anyio.move_on_after(cfg.shutdown.drain_timeout) as drain:
                 await pipeline_done.wait()
             if drain.cancelled_caught:
-                log.error("drain deadline of %.1fs passed; cancelling",
-                          cfg.shutdown.drain_timeout)
+                log.error("drain deadline of %.1fs passed; cancelling", cfg.shutdown.drain_timeout)
                 exit_code = 1
             if server is not None:
                 await server.stop()

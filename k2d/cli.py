@@ -18,8 +18,12 @@ EXIT_CONFIG = 2
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, default=None,
-                   help="config.toml to read (default: ./config.toml if present)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="config.toml to read (default: ./config.toml if present)",
+    )
 
 
 def _config_path(arg: Path | None) -> Path | None:
@@ -37,16 +41,20 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the daemon (production entry point)")
     _add_config(run)
-    run.add_argument("--exit-after", type=float, default=None, metavar="S",
-                     help="drain and exit after S seconds")
+    run.add_argument(
+        "--exit-after", type=float, default=None, metavar="S", help="drain and exit after S seconds"
+    )
 
     demo = sub.add_parser("demo", help="run the simulator and the daemon pointed at it")
     _add_config(demo)
     demo.add_argument("--data-dir", type=Path, default=Path("./demo-data"))
     demo.add_argument("--exit-after", type=float, default=None, metavar="S")
     demo.add_argument("--rate", type=float, default=2_000.0, help="simulated trades/s in total")
-    demo.add_argument("--faults", default="drop=0.002,dup=0.002,reorder=0.002,malformed=0.001",
-                      help="simulator fault mix")
+    demo.add_argument(
+        "--faults",
+        default="drop=0.002,dup=0.002,reorder=0.002,malformed=0.001",
+        help="simulator fault mix",
+    )
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--symbols", default="BTCUSDT,ETHUSDT,SOLUSDT")
     demo.add_argument("--api-port", type=int, default=None)

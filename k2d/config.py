@@ -176,13 +176,25 @@ class ConfigError(Exception):
 
 
 _POSITIVE = {
-    "writer.flush_rows", "writer.flush_bytes", "writer.flush_interval", "writer.commit_retries",
-    "pipeline.partitions", "pipeline.stream_size", "pipeline.batch_max_records",
-    "pipeline.batch_max_age", "live.window_seconds", "live.max_rows_per_symbol",
-    "supervisor.max_restarts", "supervisor.period", "shutdown.drain_timeout",
-    "telemetry.span_ring_size", "sequencer.max_open_gaps", "api.max_body_bytes",
+    "writer.flush_rows",
+    "writer.flush_bytes",
+    "writer.flush_interval",
+    "writer.commit_retries",
+    "pipeline.partitions",
+    "pipeline.stream_size",
+    "pipeline.batch_max_records",
+    "pipeline.batch_max_age",
+    "live.window_seconds",
+    "live.max_rows_per_symbol",
+    "supervisor.max_restarts",
+    "supervisor.period",
+    "shutdown.drain_timeout",
+    "telemetry.span_ring_size",
+    "sequencer.max_open_gaps",
+    "api.max_body_bytes",
     "api.shutdown_timeout",
-    "feeds.binance.connection_lifetime", "feeds.binance.max_frame_bytes",
+    "feeds.binance.connection_lifetime",
+    "feeds.binance.max_frame_bytes",
 }
 _SYMBOL = re.compile(r"^[A-Z0-9]{2,20}$")
 
@@ -237,7 +249,9 @@ def _semantic_problems(cfg: Config) -> list[str]:
         if node <= 0:
             problems.append(f"{key}: must be greater than 0, got {node}")
     if not 0 <= cfg.api.port < 65536:
-        problems.append(f"api.port: must be between 0 (any free port) and 65535, got {cfg.api.port}")
+        problems.append(
+            f"api.port: must be between 0 (any free port) and 65535, got {cfg.api.port}"
+        )
     binance = cfg.feeds.binance
     for i, sym in enumerate(binance.symbols):
         if not _SYMBOL.match(sym):

@@ -31,9 +31,22 @@ _LISTENING = re.compile(r"listening on ws://[\d.]+:(\d+)")
 
 def _start_simulator(args: argparse.Namespace, manifest: Path) -> tuple[subprocess.Popen[str], int]:
     cmd = [
-        sys.executable, "-m", "k2d", "simulate", "--host", "127.0.0.1", "--port", "0",
-        "--symbols", args.symbols, "--rate", str(args.rate), "--seed", str(args.seed),
-        "--manifest", str(manifest),
+        sys.executable,
+        "-m",
+        "k2d",
+        "simulate",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--symbols",
+        args.symbols,
+        "--rate",
+        str(args.rate),
+        "--seed",
+        str(args.seed),
+        "--manifest",
+        str(manifest),
     ]
     if args.faults:
         cmd += ["--faults", args.faults]
@@ -69,13 +82,16 @@ def status_line(d: Daemon, elapsed: float, rate: float) -> str:
     quotes = _sum(d, "k2d_feed_records_total", {"stream": "quote"})
     gaps_open = _sum(d, "k2d_open_gaps")
     gaps_closed = _sum(d, "k2d_gaps_total", {"kind": "gap", "status": "backfilled"}) + _sum(
-        d, "k2d_gaps_total", {"kind": "gap", "status": "unrecoverable"})
+        d, "k2d_gaps_total", {"kind": "gap", "status": "unrecoverable"}
+    )
     dead = _sum(d, "k2d_dead_letters_total")
     commits = _sum(d, "k2d_commits_total")
     rows = _sum(d, "k2d_rows_committed_total")
-    return (f"{elapsed:6.1f}s | {rate:8,.0f} rec/s | trades {trades:,.0f} quotes {quotes:,.0f} | "
-            f"gaps open {gaps_open:,.0f} closed {gaps_closed:,.0f} | dead letters {dead:,.0f} | "
-            f"commits {commits:,.0f} rows {rows:,.0f}")
+    return (
+        f"{elapsed:6.1f}s | {rate:8,.0f} rec/s | trades {trades:,.0f} quotes {quotes:,.0f} | "
+        f"gaps open {gaps_open:,.0f} closed {gaps_closed:,.0f} | dead letters {dead:,.0f} | "
+        f"commits {commits:,.0f} rows {rows:,.0f}"
+    )
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -86,8 +102,14 @@ def run_demo(args: argparse.Namespace) -> int:
     proc, port = _start_simulator(args, manifest)
     overrides: dict[str, Any] = {
         "storage": {"data_dir": str(data_dir)},
-        "feeds": {"binance": {"enabled": True, "ws_url": f"ws://127.0.0.1:{port}",
-                              "rest_url": f"http://127.0.0.1:{port}", "symbols": symbols}},
+        "feeds": {
+            "binance": {
+                "enabled": True,
+                "ws_url": f"ws://127.0.0.1:{port}",
+                "rest_url": f"http://127.0.0.1:{port}",
+                "symbols": symbols,
+            }
+        },
         "telemetry": {"log_level": "WARNING"},
     }
     if args.api_port is not None:
@@ -110,8 +132,10 @@ def run_demo(args: argparse.Namespace) -> int:
 async def _demo(cfg: Any, proc: subprocess.Popen[str], exit_after: float | None) -> int:
     async with anyio.create_task_group() as tg:
         daemon: Daemon = await tg.start(_run, cfg)
-        print(f"API: http://{cfg.api.host}:{daemon.api_port}  (data in {cfg.storage.data_dir})",
-              flush=True)
+        print(
+            f"API: http://{cfg.api.host}:{daemon.api_port}  (data in {cfg.storage.data_dir})",
+            flush=True,
+        )
         await _until_stop(daemon, exit_after)
         await _stop_simulator(proc)
         # Let the feed parse the simulator's last frames before the pipeline drains.
@@ -163,8 +187,7 @@ async def _until_stop(daemon: Daemon, exit_after: float | None) -> None:
 async def _stop_simulator(proc: subprocess.Popen[str]) -> None:
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGTERM)
-    with anyio.move_on_after(15):
-        while proc.poll() is None:
-            await anyio.sleep(0.05)
-    if proc.poll() is None:
+    try:
+        await anyio.to_thread.run_sync(proc.wait, 15)
+    except subprocess.TimeoutExpired:
         proc.kill()

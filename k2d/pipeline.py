@@ -67,8 +67,12 @@ class PartitionedOutbox(Outbox[RecordBatch]):
             await Outbox.send(self, item)
             return
         split = [
-            RecordBatch(source=item.source, log_position=item.log_position,
-                        received_at=item.received_at, span_context=item.span_context)
+            RecordBatch(
+                source=item.source,
+                log_position=item.log_position,
+                received_at=item.received_at,
+                span_context=item.span_context,
+            )
             for _ in range(n)
         ]
         for t in item.trades:
@@ -112,22 +116,28 @@ def build_pipeline(
 
     to_writer, writer_inbox = bounded_stream(registry, "writer.inbox", size)
     to_hub, hub_inbox = bounded_stream(registry, "live_hub.inbox", size * 4)
-    tracker_inboxes = [bounded_stream(registry, f"sequencer-{p}.inbox", size)
-                       for p in range(pc.partitions)]
+    tracker_inboxes = [
+        bounded_stream(registry, f"sequencer-{p}.inbox", size) for p in range(pc.partitions)
+    ]
 
     ingest: list[ChildSpec] = []
+
+    def tracker(p: int) -> Callable[[], SequenceTracker]:
+        return lambda: SequenceTracker(p, cfg.sequencer, metrics, batch_ids, restore, tracer)
+
     for p, (_, inbox) in enumerate(tracker_inboxes):
         out = Outbox[Any](f"sequencer-{p}.outbox", to_writer.clone(), to_hub.clone())
-        ingest.append(ChildSpec.for_actor(
-            f"sequencer-{p}",
-            lambda p=p: SequenceTracker(p, cfg.sequencer, metrics, batch_ids, restore, tracer),
-            inbox, out, registry,
-        ))
+        ingest.append(ChildSpec.for_actor(f"sequencer-{p}", tracker(p), inbox, out, registry))
     writer_out = Outbox[Any]("writer.outbox", to_hub.clone())
-    ingest.append(ChildSpec.for_actor(
-        "writer", lambda: IcebergWriter(warehouse, cfg.writer, metrics, tracer),
-        writer_inbox, writer_out, registry,
-    ))
+    ingest.append(
+        ChildSpec.for_actor(
+            "writer",
+            lambda: IcebergWriter(warehouse, cfg.writer, metrics, tracer),
+            writer_inbox,
+            writer_out,
+            registry,
+        )
+    )
     hub = LiveHub(cfg.live, metrics)
     ingest.append(ChildSpec.for_actor("live_hub", lambda: hub, hub_inbox, Outbox("none"), registry))
 
@@ -138,12 +148,18 @@ def build_pipeline(
         name = "feed-binance"
         feed_names.append(name)
         fout = PartitionedOutbox(f"{name}.outbox", [s.clone() for s, _ in tracker_inboxes])
-        feed_specs.append(ChildSpec.for_actor(
-            name,
-            lambda: FeedHandler(name, cfg.feeds.binance, pc, metrics, feeds_stop, tracer,
-                                frame_sink),
-            None, fout, registry, restart=Restart.TRANSIENT,
-        ))
+        feed_specs.append(
+            ChildSpec.for_actor(
+                name,
+                lambda: FeedHandler(
+                    name, cfg.feeds.binance, pc, metrics, feeds_stop, tracer, frame_sink
+                ),
+                None,
+                fout,
+                registry,
+                restart=Restart.TRANSIENT,
+            )
+        )
     for name, factory in sources:
         feed_names.append(name)
         sout = PartitionedOutbox(f"{name}.outbox", [s.clone() for s, _ in tracker_inboxes])
@@ -155,11 +171,20 @@ def build_pipeline(
     to_hub.close()
 
     sup = cfg.supervisor
-    ingest_sup = Supervisor("ingest", ingest, registry, Strategy.ONE_FOR_ALL,
-                            sup.max_restarts, sup.period, backoff())
-    feeds_sup = Supervisor("feeds", feed_specs, registry, Strategy.ONE_FOR_ONE,
-                           sup.max_restarts, sup.period, backoff())
-    root = Supervisor("root", [ingest_sup.as_child(), feeds_sup.as_child()], registry,
-                      Strategy.ONE_FOR_ONE, sup.max_restarts, sup.period, backoff())
+    ingest_sup = Supervisor(
+        "ingest", ingest, registry, Strategy.ONE_FOR_ALL, sup.max_restarts, sup.period, backoff()
+    )
+    feeds_sup = Supervisor(
+        "feeds", feed_specs, registry, Strategy.ONE_FOR_ONE, sup.max_restarts, sup.period, backoff()
+    )
+    root = Supervisor(
+        "root",
+        [ingest_sup.as_child(), feeds_sup.as_child()],
+        registry,
+        Strategy.ONE_FOR_ONE,
+        sup.max_restarts,
+        sup.period,
+        backoff(),
+    )
     names = {s.name for s in ingest} | {s.name for s in feed_specs}
     return Pipeline(root, feeds_stop, hub, feed_names, names)

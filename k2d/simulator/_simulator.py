@@ -568,14 +568,14 @@ class Simulator:
     # Manifest.
 
     async def _write_manifest_periodically(self) -> None:
+        """Rewrite the manifest every interval (first at start) until the stop writes it last."""
         while not self._closing.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), self._options.manifest_interval)
-                return
             try:
                 await self._write_manifest()
             except OSError:
                 logger.exception("cannot write the simulator manifest")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self._options.manifest_interval)
 
     async def _write_manifest(self) -> None:
         path = self._options.manifest_path

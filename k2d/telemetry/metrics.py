@@ -62,36 +62,41 @@ class Metrics:
             "k2d_feed_lag_seconds", "Receive time minus venue event time", ["feed"], registry=r
         )
         self.dead_letters = Counter(
-            "k2d_dead_letters_total", "Inputs routed to market.dead_letters", ["source", "reason"],
+            "k2d_dead_letters_total",
+            "Inputs routed to market.dead_letters",
+            ["source", "reason"],
             registry=r,
         )
         self.sequence_records = Counter(
-            "k2d_sequence_records_total", "Records classified by the sequence tracker",
-            ["stream", "verdict"], registry=r,
+            "k2d_sequence_records_total",
+            "Records classified by the sequence tracker",
+            ["stream", "verdict"],
+            registry=r,
         )
         self.gaps = Counter(
-            "k2d_gaps_total", "Ledger rows written, by kind and status", ["kind", "status"],
+            "k2d_gaps_total",
+            "Ledger rows written, by kind and status",
+            ["kind", "status"],
             registry=r,
         )
         self.open_gaps = Gauge(
             "k2d_open_gaps", "Gaps currently open per stream", ["stream"], registry=r
         )
         self.commit_seconds = Histogram(
-            "k2d_commit_seconds", "Iceberg commit latency", ["table"], buckets=_COMMIT_BUCKETS,
+            "k2d_commit_seconds",
+            "Iceberg commit latency",
+            ["table"],
+            buckets=_COMMIT_BUCKETS,
             registry=r,
         )
-        self.commits = Counter(
-            "k2d_commits_total", "Iceberg commits", ["table"], registry=r
-        )
+        self.commits = Counter("k2d_commits_total", "Iceberg commits", ["table"], registry=r)
         self.commit_conflicts = Counter(
             "k2d_commit_conflicts_total", "Commits retried after a conflict", ["table"], registry=r
         )
         self.rows_committed = Counter(
             "k2d_rows_committed_total", "Rows committed to Iceberg", ["table"], registry=r
         )
-        self.live_rows = Gauge(
-            "k2d_live_rows", "Rows held in memory by the live hub", registry=r
-        )
+        self.live_rows = Gauge("k2d_live_rows", "Rows held in memory by the live hub", registry=r)
         self.http_requests = Counter(
             "k2d_http_requests_total", "HTTP requests served", ["route", "status"], registry=r
         )

@@ -58,7 +58,8 @@ def combined_stream_url(ws_url: str, symbols: Iterable[str]) -> str:
 
 
 def historical_trades_url(rest_url: str, symbol: str, from_id: int, limit: int) -> str:
-    return f"{rest_url.rstrip('/')}/api/v3/historicalTrades?symbol={symbol}&fromId={from_id}&limit={limit}"
+    base = rest_url.rstrip("/")
+    return f"{base}/api/v3/historicalTrades?symbol={symbol}&fromId={from_id}&limit={limit}"
 
 
 class _TradePayload(msgspec.Struct):
@@ -153,7 +154,9 @@ class BinanceParser:
         self._book = msgspec.json.Decoder(_BookTickerPayload)
         self._control = msgspec.json.Decoder(_Control)
 
-    def _dead(self, out: ParsedFrames, frame: bytes, received_us: int, reason: str, detail: str) -> None:
+    def _dead(
+        self, out: ParsedFrames, frame: bytes, received_us: int, reason: str, detail: str
+    ) -> None:
         out.dead_letters.append(
             DeadLetter(
                 received_at=received_us,
@@ -228,7 +231,10 @@ class BinanceParser:
         ts = t.T * 1000
         if abs(ts - received_us) > self._max_skew_us:
             self._dead(
-                out, frame, received_us, "clock_skew",
+                out,
+                frame,
+                received_us,
+                "clock_skew",
                 f"trade time {ts} is {(ts - received_us) / 1e6:.1f}s from receive time",
             )
             return
@@ -268,7 +274,9 @@ class BinanceParser:
         if b.s != symbol:
             self._dead(out, frame, received_us, "unknown_symbol", f"symbol {b.s!r} on {symbol}")
             return
-        if not (_DECIMAL_STR(b.b) and _DECIMAL_STR(b.B) and _DECIMAL_STR(b.a) and _DECIMAL_STR(b.A)):
+        if not (
+            _DECIMAL_STR(b.b) and _DECIMAL_STR(b.B) and _DECIMAL_STR(b.a) and _DECIMAL_STR(b.A)
+        ):
             self._dead(out, frame, received_us, "invalid_number", "bid/ask not decimal(18,8)")
             return
         bid = b.b if float(b.b) > 0.0 else None

@@ -50,9 +50,20 @@ class SimProcess:
 def start_simulator(tmp: Path, *args: str) -> SimProcess:
     manifest = tmp / "manifest.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "k2d", "simulate", "--port", "0", "--manifest", str(manifest),
-         *args],
-        stdout=subprocess.PIPE, text=True, bufsize=1,
+        [
+            sys.executable,
+            "-m",
+            "k2d",
+            "simulate",
+            "--port",
+            "0",
+            "--manifest",
+            str(manifest),
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        bufsize=1,
     )
     assert proc.stdout is not None
     for _ in range(50):
@@ -82,8 +93,9 @@ def simulator(tmp_path: Path) -> Iterator[Any]:
             sim.proc.wait()
 
 
-def write_config(path: Path, data_dir: Path, sim: SimProcess, symbols: list[str],
-                 extra: str = "") -> Path:
+def write_config(
+    path: Path, data_dir: Path, sim: SimProcess, symbols: list[str], extra: str = ""
+) -> Path:
     path.write_text(
         f"""
 [storage]
@@ -103,7 +115,9 @@ symbols = {json.dumps(symbols)}
 def daemon(config: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "k2d", "run", "--config", str(config), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         env={**os.environ, **(env or {})},
     )
 

@@ -21,13 +21,19 @@ def test_sigterm_drains_and_commits_the_last_batch_within_the_deadline(
     sim = simulator("--symbols", ",".join(SYMBOLS), "--rate", "2000", "--seed", "11")
     data = tmp_path / "data"
     # Nothing commits before the drain: the only trades commit is the last batch.
-    cfg = write_config(tmp_path / "c.toml", data, sim, SYMBOLS, """
+    cfg = write_config(
+        tmp_path / "c.toml",
+        data,
+        sim,
+        SYMBOLS,
+        """
 [writer]
 flush_interval = 600.0
 flush_rows = 10000000
 [shutdown]
 drain_timeout = 20.0
-""")
+""",
+    )
     proc = daemon(cfg)
     time.sleep(5)
     assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
@@ -51,10 +57,16 @@ drain_timeout = 20.0
 def test_sigkill_at_random_moments_never_corrupts_a_table(tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--symbols", ",".join(SYMBOLS), "--rate", "3000", "--seed", "12")
     data = tmp_path / "data"
-    cfg = write_config(tmp_path / "c.toml", data, sim, SYMBOLS, """
+    cfg = write_config(
+        tmp_path / "c.toml",
+        data,
+        sim,
+        SYMBOLS,
+        """
 [writer]
 flush_interval = 0.3
-""")
+""",
+    )
     rng = random.Random(5)
     rows_before = 0
     for _ in range(3):
@@ -77,7 +89,12 @@ flush_interval = 0.3
 def test_repeated_crashes_escalate_and_exit_non_zero(tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--symbols", "BTCUSDT", "--rate", "500", "--seed", "13")
     data = tmp_path / "data"
-    cfg = write_config(tmp_path / "c.toml", data, sim, ["BTCUSDT"], """
+    cfg = write_config(
+        tmp_path / "c.toml",
+        data,
+        sim,
+        ["BTCUSDT"],
+        """
 [writer]
 flush_interval = 0.2
 commit_retries = 1
@@ -86,7 +103,8 @@ max_restarts = 2
 period = 60.0
 backoff_initial = 0.05
 backoff_max = 0.1
-""")
+""",
+    )
     proc = daemon(cfg)
     time.sleep(4)
     assert proc.poll() is None

@@ -16,10 +16,25 @@ from tests.e2e.conftest import open_gap_ids, read_table
 def test_demo_stores_every_sent_trade_or_reports_it_missing(tmp_path: Path) -> None:
     data = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "k2d", "demo", "--exit-after", "30", "--data-dir", str(data),
-         "--api-port", "0", "--rate", "3000",
-         "--faults", "drop=0.01,dup=0.01,reorder=0.01,malformed=0.002"],
-        capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            "-m",
+            "k2d",
+            "demo",
+            "--exit-after",
+            "30",
+            "--data-dir",
+            str(data),
+            "--api-port",
+            "0",
+            "--rate",
+            "3000",
+            "--faults",
+            "drop=0.01,dup=0.01,reorder=0.01,malformed=0.002",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "API: http://127.0.0.1:" in proc.stdout
@@ -37,8 +52,7 @@ def test_demo_stores_every_sent_trade_or_reports_it_missing(tmp_path: Path) -> N
 
     for symbol, sent in manifest["symbols"].items():
         stored = set(
-            trades.filter(pc.equal(trades["symbol"], symbol)).column("source_sequence")
-            .to_pylist()
+            trades.filter(pc.equal(trades["symbol"], symbol)).column("source_sequence").to_pylist()
         )
         missing = open_gap_ids(events, symbol)
         expected = set(range(sent["first_trade_id"], sent["last_trade_id"] + 1))
@@ -52,5 +66,12 @@ def test_demo_stores_every_sent_trade_or_reports_it_missing(tmp_path: Path) -> N
 
     assert dead.num_rows == manifest["malformed_frames"] > 0
     assert set(dead.column("reason").to_pylist()) <= {
-        "bad_json", "missing_field", "invalid_number", "non_positive", "clock_skew",
-        "unknown_symbol", "unknown_stream", "frame_too_large"}
+        "bad_json",
+        "missing_field",
+        "invalid_number",
+        "non_positive",
+        "clock_skew",
+        "unknown_symbol",
+        "unknown_stream",
+        "frame_too_large",
+    }

@@ -354,6 +354,33 @@ async def test_same_seed_generates_the_same_trades() -> None:
     assert other != first
 
 
+async def test_same_seed_makes_the_same_fault_decisions() -> None:
+    async def faulted_ids(seed: int) -> tuple[range, dict[str, list[int]]]:
+        faults = parse_faults("drop=0.05,dup=0.05,malformed=0.05")
+        async with (
+            venue(seed=seed, symbols=("BTCUSDT",), faults=faults) as sim,
+            stream(f"{sim.ws_url}/ws/btcusdt@trade"),
+        ):
+            await asyncio.sleep(0.5)
+            entry = sim.manifest()["symbols"]["BTCUSDT"]
+        observed = range(entry["first_trade_id"] + 1, entry["last_trade_id"] + 1)
+        return observed, {kind: entry[kind] for kind in ("dropped", "duplicated")}
+
+    runs = [await faulted_ids(seed) for seed in (3, 3, 4)]
+
+    # Each run observes from its first subscription on: compare where all three overlap.
+    common = range(max(r.start for r, _ in runs), min(r.stop for r, _ in runs))
+    assert len(common) > 200
+    first, again, other = (
+        {kind: [i for i in ids if i in common] for kind, ids in faulted.items()}
+        for _, faulted in runs
+    )
+    assert first == again
+    assert first["dropped"]
+    assert first["duplicated"]
+    assert other != first
+
+
 async def test_planned_stop_sends_server_shutdown_then_going_away() -> None:
     async with venue() as sim:
         ws = await connect(f"{sim.ws_url}/ws/btcusdt@trade")

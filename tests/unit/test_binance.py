@@ -18,9 +18,17 @@ NOW = now_us()
 
 
 def trade_frame(**over: object) -> bytes:
-    data: dict[str, object] = {"e": "trade", "E": NOW // 1000, "s": "BTCUSDT", "t": 42,
-                               "p": "16500.12000000", "q": "0.00100000", "T": NOW // 1000 - 1,
-                               "m": True, "M": True}
+    data: dict[str, object] = {
+        "e": "trade",
+        "E": NOW // 1000,
+        "s": "BTCUSDT",
+        "t": 42,
+        "p": "16500.12000000",
+        "q": "0.00100000",
+        "T": NOW // 1000 - 1,
+        "m": True,
+        "M": True,
+    }
     data.update(over)
     return msgspec.json.encode({"stream": "btcusdt@trade", "data": data})
 
@@ -43,12 +51,26 @@ def test_trade_fields() -> None:
 
 
 def test_book_ticker_fields() -> None:
-    frame = msgspec.json.encode({"stream": "ethusdt@bookTicker", "data": {
-        "u": 400900217, "s": "ETHUSDT", "b": "25.35190000", "B": "31.21000000",
-        "a": "25.36520000", "A": "40.66000000"}})
+    frame = msgspec.json.encode(
+        {
+            "stream": "ethusdt@bookTicker",
+            "data": {
+                "u": 400900217,
+                "s": "ETHUSDT",
+                "b": "25.35190000",
+                "B": "31.21000000",
+                "a": "25.36520000",
+                "A": "40.66000000",
+            },
+        }
+    )
     (q,) = parse(frame).quotes
     assert (q.bid_price, q.bid_quantity, q.ask_price, q.ask_quantity) == (
-        "25.35190000", "31.21000000", "25.36520000", "40.66000000")
+        "25.35190000",
+        "31.21000000",
+        "25.36520000",
+        "40.66000000",
+    )
     assert q.source_sequence == 400900217 and q.timestamp == NOW
 
 
@@ -57,8 +79,7 @@ def test_book_ticker_fields() -> None:
     [
         (b'{"stream":"btcusdt@trade","data":{"e":"trade",', "bad_json"),
         (trade_frame(p=None), "missing_field"),
-        (msgspec.json.encode({"stream": "btcusdt@trade", "data": {"e": "trade"}}),
-         "missing_field"),
+        (msgspec.json.encode({"stream": "btcusdt@trade", "data": {"e": "trade"}}), "missing_field"),
         (trade_frame(p="abc"), "invalid_number"),
         (trade_frame(p="1e5"), "invalid_number"),
         (trade_frame(p="-1.0"), "invalid_number"),
@@ -94,8 +115,9 @@ def test_control_frames_are_not_market_data() -> None:
 
 
 def test_rest_trade_has_the_same_message_id_as_the_live_one() -> None:
-    item = HistoricalTrade(id=42, price="1.00000000", qty="2.00000000", time=NOW // 1000,
-                           isBuyerMaker=True)
+    item = HistoricalTrade(
+        id=42, price="1.00000000", qty="2.00000000", time=NOW // 1000, isBuyerMaker=True
+    )
     t = trade_from_rest(item, "BTCUSDT", NOW)
     assert t.message_id == parse(trade_frame()).trades[0].message_id
     assert t.provenance == "backfill" and t.side == "SELL"

@@ -49,17 +49,23 @@ def test_wrong_type_and_range_are_named() -> None:
 
 def test_bad_symbol_and_url_are_named() -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(environ={}, overrides={"feeds": {"binance": {
-            "symbols": ["btc-usdt"], "ws_url": "http://x"}}})
+        load_config(
+            environ={},
+            overrides={"feeds": {"binance": {"symbols": ["btc-usdt"], "ws_url": "http://x"}}},
+        )
     joined = "\n".join(info.value.problems)
     assert "feeds.binance.symbols.0:" in joined
     assert "feeds.binance.ws_url: must start with ws:// or wss://" in joined
 
 
 def test_env_overrides_use_double_underscores() -> None:
-    cfg = load_config(environ={"K2D_API__PORT": "9000",
-                               "K2D_FEEDS__BINANCE__SYMBOLS": '["SOLUSDT"]',
-                               "K2D_STORAGE__DATA_DIR": "/tmp/k2d"})
+    cfg = load_config(
+        environ={
+            "K2D_API__PORT": "9000",
+            "K2D_FEEDS__BINANCE__SYMBOLS": '["SOLUSDT"]',
+            "K2D_STORAGE__DATA_DIR": "/tmp/k2d",
+        }
+    )
     assert cfg.api.port == 9000
     assert cfg.feeds.binance.symbols == ("SOLUSDT",)
     assert cfg.storage.data_dir == "/tmp/k2d"
@@ -80,11 +86,19 @@ def test_config_renders_back_to_equivalent_toml(tmp_path: Path) -> None:
 def test_check_config_cli_prints_key_and_exits_2(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[feeds.binance]\nsymbolz = ['BTCUSDT']\n")
-    proc = subprocess.run([sys.executable, "-m", "k2d", "check-config", "--config", str(bad)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "k2d", "check-config", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert "feeds.binance.symbolz: unknown key" in proc.stderr
-    good = subprocess.run([sys.executable, "-m", "k2d", "check-config", "--config",
-                           str(ROOT / "config.toml")], capture_output=True, text=True, timeout=60)
+    good = subprocess.run(
+        [sys.executable, "-m", "k2d", "check-config", "--config", str(ROOT / "config.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert good.returncode == 0, good.stderr
     assert "[feeds.binance]" in good.stdout

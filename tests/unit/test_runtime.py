@@ -44,8 +44,14 @@ class Child:
 async def test_one_for_one_restarts_only_the_failed_child() -> None:
     reg = Registry()
     flaky, steady = Child(crashes=2), Child()
-    sup = Supervisor("s", [ChildSpec("flaky", flaky), ChildSpec("steady", steady)], reg,
-                     Strategy.ONE_FOR_ONE, max_restarts=5, backoff=fast())
+    sup = Supervisor(
+        "s",
+        [ChildSpec("flaky", flaky), ChildSpec("steady", steady)],
+        reg,
+        Strategy.ONE_FOR_ONE,
+        max_restarts=5,
+        backoff=fast(),
+    )
     async with anyio.create_task_group() as tg:
         tg.start_soon(sup.run)
         with anyio.fail_after(5):
@@ -61,8 +67,14 @@ async def test_one_for_one_restarts_only_the_failed_child() -> None:
 async def test_one_for_all_restarts_the_whole_chain() -> None:
     reg = Registry()
     first, second = Child(crashes=1), Child()
-    sup = Supervisor("chain", [ChildSpec("a", first), ChildSpec("b", second)], reg,
-                     Strategy.ONE_FOR_ALL, max_restarts=5, backoff=fast())
+    sup = Supervisor(
+        "chain",
+        [ChildSpec("a", first), ChildSpec("b", second)],
+        reg,
+        Strategy.ONE_FOR_ALL,
+        max_restarts=5,
+        backoff=fast(),
+    )
     async with anyio.create_task_group() as tg:
         tg.start_soon(sup.run)
         with anyio.fail_after(5):
@@ -76,8 +88,9 @@ async def test_one_for_all_restarts_the_whole_chain() -> None:
 
 async def test_too_many_restarts_escalate() -> None:
     reg = Registry()
-    sup = Supervisor("s", [ChildSpec("bad", Child(crashes=100))], reg, max_restarts=3,
-                     period=60, backoff=fast())
+    sup = Supervisor(
+        "s", [ChildSpec("bad", Child(crashes=100))], reg, max_restarts=3, period=60, backoff=fast()
+    )
     with pytest.raises(ExceptionGroup) as info, anyio.fail_after(5):
         await sup.run()
     assert info.group_contains(EscalationError)
@@ -99,8 +112,9 @@ def test_escalation_exits_the_process_non_zero() -> None:
 
         raise SystemExit(anyio.run(main))
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 70, proc.stderr
 
 

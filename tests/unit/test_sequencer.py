@@ -18,10 +18,19 @@ CFG = SequencerConfig(gap_grace=0.0)
 
 def trade(seq: int, symbol: str = "BTCUSDT", provenance: str = "live") -> Trade:
     return Trade(
-        message_id=f"BINANCE:{symbol}:trade:{seq}", trade_id=str(seq), symbol=symbol,
-        exchange="BINANCE", asset_class="crypto", timestamp=1_700_000_000_000_000 + seq,
-        price="1.00000000", quantity="1.00000000", currency="USDT", side="BUY",
-        source_sequence=seq, ingestion_timestamp=1_700_000_000_000_000, provenance=provenance,
+        message_id=f"BINANCE:{symbol}:trade:{seq}",
+        trade_id=str(seq),
+        symbol=symbol,
+        exchange="BINANCE",
+        asset_class="crypto",
+        timestamp=1_700_000_000_000_000 + seq,
+        price="1.00000000",
+        quantity="1.00000000",
+        currency="USDT",
+        side="BUY",
+        source_sequence=seq,
+        ingestion_timestamp=1_700_000_000_000_000,
+        provenance=provenance,
     )
 
 
@@ -137,7 +146,7 @@ def test_far_lower_id_without_silence_is_a_duplicate_not_a_reset() -> None:
 
 
 def test_split_gap_keeps_both_halves_open() -> None:
-    stored, events = run_tracker([[1, 10], [5]])
+    _stored, events = run_tracker([[1, 10], [5]])
     assert open_gap_ids(events) == {2, 3, 4, 6, 7, 8, 9}
 
 
