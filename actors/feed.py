@@ -230,6 +230,7 @@ class FeedHandler(Actor[None, RecordBatch]):
             if not p or self._outbox is None:
                 return
             self._pending = ParsedFrames()
+            self.parser.finish(p)
             received = now_us()
             with self._tracer.start_as_current_span("feed.receive") as span:
                 span.set_attribute("k2d.feed", self.name)

@@ -96,7 +96,7 @@ class SequencerConfig(_Section, frozen=True):
 
 class LiveConfig(_Section, frozen=True):
     window_seconds: float = 900.0
-    max_rows_per_symbol: int = 500_000
+    max_rows_per_symbol: int = 100_000
 
 
 class ApiConfig(_Section, frozen=True):

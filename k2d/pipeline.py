@@ -52,6 +52,7 @@ class PartitionedOutbox(Outbox[RecordBatch]):
     def __init__(self, name: str, streams: list[MemoryObjectSendStream[RecordBatch]]) -> None:
         super().__init__(name, *streams)
         self._parts = streams
+        self._outs = [Outbox(f"{name}[{i}]", s) for i, s in enumerate(streams)]
         self._cache: dict[tuple[str, str], int] = {}
 
     def _partition(self, exchange: str, symbol: str) -> int:
@@ -81,9 +82,9 @@ class PartitionedOutbox(Outbox[RecordBatch]):
             split[self._partition(q.exchange, q.symbol)].quotes.append(q)
         # Dead letters have no symbol to route by; partition 0 stores them.
         split[0].dead_letters = item.dead_letters
-        for stream, part in zip(self._parts, split, strict=True):
+        for out, part in zip(self._outs, split, strict=True):
             if part.trades or part.quotes or part.dead_letters or part.log_position:
-                await Outbox(self.name, stream).send(part)
+                await out.send(part)
 
 
 @dataclass

@@ -30,7 +30,7 @@ class SimulatorOptions:
     weight_limit: int = 6000
     request_weight: int = 25
     quotes_per_trade: float = 1.0
-    # Beyond the issue: caps and periods that keep a run bounded and tests fast.
+    # Not command-line options: bounds and periods that tests shrink to stay fast.
     max_manifest_ids: int = 1_000_000
     ban_seconds: float = 120.0
     manifest_interval: float = 2.0

@@ -35,7 +35,9 @@ def trade_frame(**over: object) -> bytes:
 
 def parse(frame: bytes) -> ParsedFrames:
     out = ParsedFrames()
-    BinanceParser(["BTCUSDT", "ETHUSDT"]).parse(frame, NOW, out)
+    parser = BinanceParser(["BTCUSDT", "ETHUSDT"])
+    parser.parse(frame, NOW, out)
+    parser.finish(out)
     return out
 
 
@@ -97,6 +99,25 @@ def test_malformed_frames_become_dead_letters(frame: bytes, reason: str) -> None
     (d,) = out.dead_letters
     assert d.reason == reason
     assert d.raw == frame and d.received_at == NOW and d.source == "binance"
+
+
+def test_empty_quote_side_is_null_not_zero() -> None:
+    frame = msgspec.json.encode({"stream": "ethusdt@bookTicker", "data": {
+        "u": 7, "s": "ETHUSDT", "b": "0.00000000", "B": "0.00000000",
+        "a": "25.36520000", "A": "40.66000000"}})
+    (q,) = parse(frame).quotes
+    assert (q.bid_price, q.bid_quantity, q.ask_price) == (None, None, "25.36520000")
+
+
+def test_one_bad_row_does_not_spoil_its_batch() -> None:
+    parser = BinanceParser(["BTCUSDT"])
+    out = ParsedFrames()
+    for i, price in enumerate(["1.5", "x", "2.5", "0.0"]):
+        parser.parse(trade_frame(t=i, p=price), NOW, out)
+    parser.finish(out)
+    assert [t.price for t in out.trades] == ["1.5", "2.5"]
+    assert [d.reason for d in out.dead_letters] == ["invalid_number", "non_positive"]
+    assert out.dead_letters[0].raw == trade_frame(t=1, p="x")
 
 
 def test_oversized_frame_is_dead_lettered() -> None:
