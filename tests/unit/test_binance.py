@@ -102,9 +102,19 @@ def test_malformed_frames_become_dead_letters(frame: bytes, reason: str) -> None
 
 
 def test_empty_quote_side_is_null_not_zero() -> None:
-    frame = msgspec.json.encode({"stream": "ethusdt@bookTicker", "data": {
-        "u": 7, "s": "ETHUSDT", "b": "0.00000000", "B": "0.00000000",
-        "a": "25.36520000", "A": "40.66000000"}})
+    frame = msgspec.json.encode(
+        {
+            "stream": "ethusdt@bookTicker",
+            "data": {
+                "u": 7,
+                "s": "ETHUSDT",
+                "b": "0.00000000",
+                "B": "0.00000000",
+                "a": "25.36520000",
+                "A": "40.66000000",
+            },
+        }
+    )
     (q,) = parse(frame).quotes
     assert (q.bid_price, q.bid_quantity, q.ask_price) == (None, None, "25.36520000")
 
