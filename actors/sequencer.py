@@ -206,6 +206,7 @@ class StreamBook:
             missing_count=count,
             detected_at=detected_at or now,
             resolved_at=now if status in ("backfilled", "unrecoverable") else None,
+            recorded_at=now,
             detail=detail,
         )
 

@@ -89,6 +89,8 @@ class SequenceEvent(msgspec.Struct, kw_only=True):
     window_start: int | None = None
     window_end: int | None = None
     detail: str = ""
+    # When this row was written: the latest recorded_at per event_id is the event's status.
+    recorded_at: int = 0
 
 
 class DeadLetter(msgspec.Struct, kw_only=True):

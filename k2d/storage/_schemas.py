@@ -226,6 +226,7 @@ TABLES: dict[str, TableDef] = {
             ("window_start", _TS, False),
             ("window_end", _TS, False),
             ("detail", StringType(), True),
+            ("recorded_at", _TS, True),
         ),
         time_column="detected_at",
         by_exchange=False,

@@ -130,7 +130,7 @@ def read_table(data_dir: Path, name: str) -> pa.Table:
 def open_gap_ids(events: pa.Table, symbol: str) -> set[int]:
     """Latest row per event_id decides; collect the ids of gaps still open."""
     latest: dict[str, dict[str, Any]] = {}
-    rows = events.sort_by([("detected_at", "ascending")]).to_pylist()
+    rows = events.sort_by([("recorded_at", "ascending")]).to_pylist()
     for row in rows:
         if row["kind"] == "gap" and row["symbol"] == symbol and row["stream"] == "trade":
             latest[row["event_id"]] = row

@@ -199,6 +199,7 @@ EXPECTED_COLUMNS = {
         ("window_start", "timestamptz", False),
         ("window_end", "timestamptz", False),
         ("detail", "string", True),
+        ("recorded_at", "timestamptz", True),
     ],
     "dead_letters": [
         ("received_at", "timestamptz", True),
