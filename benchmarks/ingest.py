@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -316,6 +317,8 @@ symbols = {symbols!r}
         committed = snaps.get(e["snapshot_id"])
         if committed is None or m["upper_bound"] is None:
             continue
+        if committed.tzinfo is None:  # pyiceberg reports commit times as naive UTC
+            committed = committed.replace(tzinfo=UTC)
         lags_newest.append((committed - m["upper_bound"]).total_seconds())
         lags_oldest.append((committed - m["lower_bound"]).total_seconds())
     lags_newest.sort()

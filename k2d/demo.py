@@ -130,26 +130,24 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 async def _demo(cfg: Any, proc: subprocess.Popen[str], exit_after: float | None) -> int:
+    exit_code = 0
+
+    async def daemon(*, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        nonlocal exit_code
+        exit_code = await run_daemon(cfg, install_signals=False, task_status=task_status)
+
     async with anyio.create_task_group() as tg:
-        daemon: Daemon = await tg.start(_run, cfg)
+        d: Daemon = await tg.start(daemon)
         print(
-            f"API: http://{cfg.api.host}:{daemon.api_port}  (data in {cfg.storage.data_dir})",
-            flush=True,
+            f"API: http://{cfg.api.host}:{d.api_port}  (data in {cfg.storage.data_dir})", flush=True
         )
-        await _until_stop(daemon, exit_after)
+        await _until_stop(d, exit_after)
         await _stop_simulator(proc)
         # Let the feed parse the simulator's last frames before the pipeline drains.
         await anyio.sleep(cfg.pipeline.batch_max_age * 4 + 0.5)
-        daemon.request_stop()
-    return _exit_code
-
-
-_exit_code = 0
-
-
-async def _run(cfg: Any, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
-    global _exit_code
-    _exit_code = await run_daemon(cfg, install_signals=False, task_status=task_status)
+        d.request_stop()
+    print("after drain: " + status_line(d, 0.0, 0.0).split("|", 2)[2].strip(), flush=True)
+    return exit_code
 
 
 async def _until_stop(daemon: Daemon, exit_after: float | None) -> None:
