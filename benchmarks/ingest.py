@@ -23,8 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC
 from collections.abc import Iterator
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
