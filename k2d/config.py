@@ -19,6 +19,10 @@ import msgspec
 
 __all__ = [
     "ApiConfig",
+    "BackfillConfig",
+    "JournalConfig",
+    "MaintenanceConfig",
+    "QueryConfig",
     "BinanceFeedConfig",
     "Config",
     "ConfigError",
@@ -147,6 +151,59 @@ class FeedsConfig(_Section, frozen=True):
     binance: BinanceFeedConfig = msgspec.field(default_factory=BinanceFeedConfig)
 
 
+class JournalConfig(_Section, frozen=True):
+    enabled: bool = True
+    # Directory of the capture journal; empty = data_dir/journal.
+    directory: str = ""
+    fsync_interval: float = 0.2
+    segment_bytes: int = 256 * 1024 * 1024
+    buffer_bytes: int = 4 * 1024 * 1024
+    retention_days: float = 30.0
+    max_total_bytes: int = 50 * 1024**3
+
+
+class BackfillConfig(_Section, frozen=True):
+    enabled: bool = True
+    # Concurrent REST requests to the venue.
+    concurrency: int = 2
+    # Trades per historicalTrades page (the venue allows at most 1000).
+    page_limit: int = 1000
+    # Request weight we allow ourselves per minute (Binance allows 6000 per IP).
+    weight_per_minute: int = 3000
+    request_weight: int = 25
+    # Gaps waiting for backfill; beyond it new gaps wait for the tracker's next re-request.
+    max_pending: int = 10_000
+    request_timeout: float = 10.0
+    max_attempts: int = 5
+
+
+class QueryConfig(_Section, frozen=True):
+    workers: int = 4
+    threads_per_worker: int = 1
+    memory_limit: str = "1GB"
+    queue_size: int = 64
+    default_limit: int = 1_000
+    max_rows: int = 100_000
+    max_window_seconds: float = 31 * 86_400.0
+    timeout: float = 10.0
+    per_key_concurrency: int = 4
+    snapshot_cache_size: int = 32
+
+
+class MaintenanceConfig(_Section, frozen=True):
+    enabled: bool = True
+    # Seconds between maintenance rounds.
+    interval: float = 3_600.0
+    # Partitions whose day ended at least this long ago are compacted.
+    closed_partition_age: float = 3_600.0
+    target_file_bytes: int = 128 * 1024 * 1024
+    min_files_to_compact: int = 4
+    snapshot_retention_days: float = 7.0
+    min_snapshots_to_keep: int = 10
+    # Per-table data retention in days (0 = keep forever), e.g. {quotes = 365}.
+    data_retention_days: dict[str, float] = msgspec.field(default_factory=dict)
+
+
 class KafkaConfig(_Section, frozen=True):
     enabled: bool = False
     bootstrap_servers: str = "127.0.0.1:9092"
@@ -164,6 +221,10 @@ class Config(_Section, frozen=True):
     shutdown: ShutdownConfig = msgspec.field(default_factory=ShutdownConfig)
     telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
     feeds: FeedsConfig = msgspec.field(default_factory=FeedsConfig)
+    journal: JournalConfig = msgspec.field(default_factory=JournalConfig)
+    backfill: BackfillConfig = msgspec.field(default_factory=BackfillConfig)
+    query: QueryConfig = msgspec.field(default_factory=QueryConfig)
+    maintenance: MaintenanceConfig = msgspec.field(default_factory=MaintenanceConfig)
     kafka: KafkaConfig = msgspec.field(default_factory=KafkaConfig)
 
 
@@ -353,4 +414,6 @@ def _toml_value(value: Any) -> str:
         return msgspec.json.encode(value).decode()
     if isinstance(value, tuple | list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot render {value!r}")

@@ -8,7 +8,55 @@ import msgspec
 
 from k2d.model import DeadLetter, Quote, SequenceEvent, Trade
 
-__all__ = ["Committed", "DataFileInfo", "RecordBatch", "SequencedBatch", "Watermark"]
+__all__ = [
+    "Committed",
+    "DataFileInfo",
+    "GapRequest",
+    "GapResolution",
+    "Outage",
+    "RecordBatch",
+    "SequencedBatch",
+    "Watermark",
+]
+
+
+class GapRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """Tracker -> Backfiller: fetch ids first..last of a stream from the venue's history."""
+
+    event_id: str
+    exchange: str
+    symbol: str
+    stream: str
+    partition: int
+    first: int
+    last: int
+
+
+class GapResolution(msgspec.Struct, frozen=True, kw_only=True):
+    """Backfiller -> Tracker: ids first..last of a gap cannot be recovered, and why.
+
+    Trades that were recovered travel as ordinary rows (provenance "backfill") in the same
+    RecordBatch; the tracker closes a gap as `backfilled` once rows fill it."""
+
+    exchange: str
+    symbol: str
+    stream: str
+    first: int
+    last: int
+    status: str  # "unrecoverable"
+    reason: str
+
+
+class Outage(msgspec.Struct, frozen=True, kw_only=True):
+    """A feed captured nothing between start_us and end_us (disconnect, handshake, downtime)."""
+
+    source: str
+    exchange: str
+    symbols: tuple[str, ...]
+    streams: tuple[str, ...]
+    start_us: int
+    end_us: int
+    reason: str
 
 
 class RecordBatch(msgspec.Struct, kw_only=True):
@@ -18,6 +66,8 @@ class RecordBatch(msgspec.Struct, kw_only=True):
     trades: list[Trade] = msgspec.field(default_factory=list)
     quotes: list[Quote] = msgspec.field(default_factory=list)
     dead_letters: list[DeadLetter] = msgspec.field(default_factory=list)
+    outages: list[Outage] = msgspec.field(default_factory=list)
+    resolutions: list[GapResolution] = msgspec.field(default_factory=list)
     # Journal or Kafka position of the last frame in this batch (JSON-able), if any.
     log_position: dict[str, Any] | None = None
     received_at: int = 0
