@@ -21,11 +21,11 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from k2d.config import BinanceFeedConfig, PipelineConfig
-from k2d.messages import RecordBatch
+from k2d.messages import Outage, RecordBatch
 from k2d.model import now_us
 from k2d.runtime import Actor, Backoff, Outbox
 from k2d.telemetry.metrics import Metrics
-from k2d.venues.binance import BinanceParser, ParsedFrames, combined_stream_url
+from k2d.venues.binance import EXCHANGE, BinanceParser, ParsedFrames, combined_stream_url
 
 __all__ = ["FeedHandler", "FrameSink"]
 
@@ -48,7 +48,10 @@ class FeedHandler(Actor[None, RecordBatch]):
         stop: anyio.Event,
         tracer: trace.Tracer | None = None,
         frame_sink: FrameSink | None = None,
+        last_capture_us: int | None = None,
     ) -> None:
+        """`last_capture_us`: receive time of the last frame captured before this process
+        started (from the journal); the silence since then is recorded as an outage."""
         self.name = name
         self.cfg = cfg
         self.pipeline = pipeline
@@ -74,6 +77,10 @@ class FeedHandler(Actor[None, RecordBatch]):
         self._frames = metrics.frames.labels(name)
         self._lag = metrics.feed_lag.labels(name)
         self.backoff = Backoff(cfg.reconnect_initial, cfg.reconnect_max)
+        self._last_frame_us = last_capture_us
+        self._outage_since = last_capture_us
+        self._outage_reason = "daemon down"
+        self._outages: list[Outage] = []
 
     async def run(
         self, inbox: MemoryObjectReceiveStream[None] | None, outbox: Outbox[RecordBatch]
@@ -138,6 +145,9 @@ class FeedHandler(Actor[None, RecordBatch]):
             except ConnectionClosed as e:
                 if not successor:
                     log.warning("%s: connection closed: %s", self.name, e)
+                    if self._outage_since is None and self._last_frame_us is not None:
+                        self._outage_since = self._last_frame_us
+                        self._outage_reason = f"disconnected: {e}"
             if not successor:
                 tg.cancel_scope.cancel()  # the replacement task is only connecting or waiting
         self._sockets.discard(ws)
@@ -185,6 +195,20 @@ class FeedHandler(Actor[None, RecordBatch]):
         received = now_us()
         if self._sink is not None:
             self._sink(frame, received)
+        if self._outage_since is not None:
+            self._outages.append(
+                Outage(
+                    source=self.name,
+                    exchange=EXCHANGE,
+                    symbols=self.cfg.symbols,
+                    streams=("trade", "quote"),
+                    start_us=self._outage_since,
+                    end_us=received,
+                    reason=self._outage_reason,
+                )
+            )
+            self._outage_since = None
+        self._last_frame_us = received
         self._frames.inc()
         p = self._pending
         if not p:
@@ -227,8 +251,9 @@ class FeedHandler(Actor[None, RecordBatch]):
     async def _emit(self) -> None:
         async with self._lock:
             p = self._pending
-            if not p or self._outbox is None:
+            if (not p and not self._outages) or self._outbox is None:
                 return
+            outages, self._outages = self._outages, []
             self._pending = ParsedFrames()
             self.parser.finish(p)
             received = now_us()
@@ -242,6 +267,7 @@ class FeedHandler(Actor[None, RecordBatch]):
                     trades=p.trades,
                     quotes=p.quotes,
                     dead_letters=p.dead_letters,
+                    outages=outages,
                     received_at=received,
                     span_context=span.get_span_context(),
                 )

@@ -14,11 +14,12 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from anyio.streams.memory import MemoryObjectReceiveStream
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from opentelemetry import trace
 
 from k2d.config import SequencerConfig
-from k2d.messages import RecordBatch, SequencedBatch, Watermark
+from k2d.messages import GapRequest, GapResolution, Outage, RecordBatch, SequencedBatch, Watermark
 from k2d.model import Quote, SequenceEvent, StreamKey, Trade, now_us
 from k2d.runtime import Actor, Outbox
 from k2d.telemetry.metrics import Metrics
@@ -41,14 +42,32 @@ class OpenGap:
     emitted: bool = False
     dirty: bool = False
     filled_by: set[str] = field(default_factory=set)
+    requested_at: int = 0  # when a backfill was last asked for (0 = never)
+
+
+@dataclass
+class OpenOutage:
+    """An interval a feed captured nothing. For trades, the ids it hid are known once the
+    next live trade arrives; the outage closes when no open gap is left in that range."""
+
+    event_id: str
+    start_us: int
+    end_us: int
+    detected_at: int
+    reason: str
+    after: int | None  # the high-water mark when the outage began
+    first: int | None = None
+    last: int | None = None
+    unrecoverable: str = ""  # reason, once part of the range was declared unrecoverable
 
 
 @dataclass
 class TrackerState:
-    """What a tracker resumes from: committed watermarks and the ledger's open gaps."""
+    """What a tracker resumes from: committed watermarks and the ledger's open entries."""
 
     watermarks: dict[str, Watermark] = field(default_factory=dict)
     open_gaps: dict[str, list[OpenGap]] = field(default_factory=dict)
+    open_outages: dict[str, list[OpenOutage]] = field(default_factory=dict)
 
 
 class StreamBook:
@@ -63,6 +82,7 @@ class StreamBook:
         contiguous: bool,
         watermark: Watermark | None = None,
         open_gaps: list[OpenGap] | None = None,
+        open_outages: list[OpenOutage] | None = None,
     ) -> None:
         self.key = key
         self.partition = partition
@@ -77,6 +97,9 @@ class StreamBook:
         self.gaps: list[OpenGap] = sorted(open_gaps or [], key=lambda g: g.first)
         for g in self.gaps:
             g.emitted = True
+        self.outages: list[OpenOutage] = list(open_outages or [])
+        # True while an outage waits for the next live id: the tracker's fast path is off.
+        self.awaiting = any(o.first is None and o.after is not None for o in self.outages)
         self.duplicates = 0
         self.dropped_out_of_order = 0
         self.filled_out_of_order = 0
@@ -89,6 +112,8 @@ class StreamBook:
 
     def check(self, seq: int, now: int, provenance: str, events: list[SequenceEvent]) -> bool:
         """Classify `seq`; True when the record is to be stored."""
+        if self.awaiting and provenance != "backfill":
+            self._link_outages(seq, now, events)
         hi = self.hi
         if hi is None:
             self.hi = self.lo = seq
@@ -133,6 +158,142 @@ class StreamBook:
         self.gaps.clear()
         self.hi = self.lo = seq
         self.last_seen_us = now
+
+    # -- outages and backfill results -----------------------------------------------------
+
+    def note_outage(self, o: Outage, now: int, events: list[SequenceEvent]) -> None:
+        """Record that the feed saw nothing from o.start_us to o.end_us."""
+        k = self.key
+        out = OpenOutage(
+            f"{k[0]}:{k[1]}:{k[2]}:outage:{o.start_us}",
+            o.start_us,
+            o.end_us,
+            now,
+            o.reason,
+            self.hi,
+        )
+        if not self.contiguous:
+            # Quotes carry no contiguous ids and the venue keeps no quote history.
+            events.append(
+                self._outage_row(
+                    out, "unrecoverable", now, f"{o.reason}; venue has no history for {k[2]}"
+                )
+            )
+            return
+        if self.hi is None:
+            events.append(
+                self._outage_row(
+                    out, "unrecoverable", now, f"{o.reason}; no sequence known before it"
+                )
+            )
+            return
+        events.append(self._outage_row(out, "open", now, o.reason))
+        self.outages.append(out)
+        self.awaiting = True
+
+    def _link_outages(self, seq: int, now: int, events: list[SequenceEvent]) -> None:
+        for o in self.outages:
+            if o.first is None and o.after is not None:
+                o.first, o.last = o.after + 1, seq - 1
+                if o.first <= o.last:
+                    events.append(self._outage_row(o, "open", now, o.reason))
+        self.awaiting = False
+
+    def _outage_row(self, o: OpenOutage, status: str, now: int, detail: str) -> SequenceEvent:
+        missing = (o.last - o.first + 1) if o.first is not None and o.last is not None else 0
+        row = self._event(
+            "outage",
+            status,
+            now,
+            o.first,
+            o.last,
+            max(missing, 0),
+            detail,
+            event_id=o.event_id,
+            detected_at=o.detected_at,
+        )
+        row.window_start, row.window_end = o.start_us, o.end_us
+        return row
+
+    def resolve(self, res: GapResolution, now: int, events: list[SequenceEvent]) -> None:
+        """The venue cannot supply ids res.first..res.last: close them as unrecoverable."""
+        f, last = res.first, res.last
+        keep: list[OpenGap] = []
+        k = self.key
+        for g in self.gaps:
+            if g.last < f or g.first > last or g.first > g.last:
+                keep.append(g)
+                continue
+            lo, hi = max(g.first, f), min(g.last, last)
+            whole = lo == g.first and hi == g.last
+            eid = g.event_id if whole else f"{k[0]}:{k[1]}:{k[2]}:gap:{lo}:unrecoverable"
+            events.append(
+                self._event(
+                    "gap",
+                    "unrecoverable",
+                    now,
+                    lo,
+                    hi,
+                    hi - lo + 1,
+                    res.reason,
+                    event_id=eid,
+                    detected_at=g.detected_at,
+                )
+            )
+            if whole:
+                continue
+            # The first piece that survives keeps the gap's event_id, so its ledger row
+            # narrows rather than being left open at the old range.
+            pieces = [(a, b) for a, b in ((g.first, lo - 1), (hi + 1, g.last)) if a <= b]
+            for n, (a, b) in enumerate(pieces):
+                eid = g.event_id if n == 0 else f"{k[0]}:{k[1]}:{k[2]}:gap:{a}"
+                keep.append(
+                    OpenGap(
+                        eid,
+                        a,
+                        b,
+                        g.detected_at,
+                        g.emitted and n == 0,
+                        g.emitted,
+                        set(g.filled_by),
+                        g.requested_at,
+                    )
+                )
+        self.gaps = keep
+        for o in self.outages:
+            if o.first is not None and o.last is not None and o.first <= last and f <= o.last:
+                o.unrecoverable = res.reason
+
+    def due_requests(self, now: int, every_us: int) -> list[OpenGap]:
+        """Emitted gaps whose backfill was never asked for, or not for `every_us`."""
+        return [
+            g
+            for g in self.gaps
+            if g.emitted
+            and g.first <= g.last
+            and (g.requested_at == 0 or now - g.requested_at >= every_us)
+        ]
+
+    def _close_outages(self, now: int, events: list[SequenceEvent]) -> None:
+        keep = []
+        for o in self.outages:
+            if o.first is None:
+                keep.append(o)
+                continue
+            assert o.last is not None
+            if o.first <= o.last and any(
+                g.first <= o.last and o.first <= g.last and g.first <= g.last for g in self.gaps
+            ):
+                keep.append(o)
+                continue
+            if o.first > o.last:
+                status, detail = "backfilled", f"{o.reason}; no trades missed"
+            elif o.unrecoverable:
+                status, detail = "unrecoverable", f"{o.reason}; {o.unrecoverable}"
+            else:
+                status, detail = "backfilled", f"{o.reason}; missed trades backfilled"
+            events.append(self._outage_row(o, status, now, detail))
+        self.outages = keep
 
     def _open_gap(self, first: int, last: int, now: int) -> None:
         k = self.key
@@ -249,6 +410,8 @@ class StreamBook:
                 g.emitted, g.dirty = True, False
             keep.append(g)
         self.gaps = keep
+        if self.outages:
+            self._close_outages(now, events)
         if self._dup_range and (force or now - self._dup_since >= 60_000_000):
             lo, hi = self._dup_range
             if self.duplicates:
@@ -295,8 +458,15 @@ class SequenceTracker(Actor[RecordBatch, SequencedBatch]):
         restore: Callable[[], Awaitable[TrackerState]] | None = None,
         tracer: trace.Tracer | None = None,
         clock: Callable[[], int] = now_us,
+        gap_requests: MemoryObjectSendStream[GapRequest] | None = None,
+        backfill_inbox: MemoryObjectReceiveStream[RecordBatch] | None = None,
     ) -> None:
         self.name = f"sequencer-{partition}"
+        # Requests go out with send_nowait: the backfiller also sends to this tracker, so a
+        # blocking send here could deadlock the pair. A request that does not fit is retried.
+        self._gap_requests = gap_requests
+        self._backfill_inbox = backfill_inbox
+        self._rerequest_us = int(cfg.rerequest_after * 1_000_000)
         self.partition = partition
         self.cfg = cfg
         self.metrics = metrics
@@ -322,6 +492,7 @@ class SequenceTracker(Actor[RecordBatch, SequencedBatch]):
                 contiguous=key[2] == "trade",
                 watermark=self._state.watermarks.get(sk),
                 open_gaps=self._state.open_gaps.get(sk),
+                open_outages=self._state.open_outages.get(sk),
             )
             self._books[key] = b
         return b
@@ -330,11 +501,54 @@ class SequenceTracker(Actor[RecordBatch, SequencedBatch]):
         self, inbox: MemoryObjectReceiveStream[RecordBatch] | None, outbox: Outbox[SequencedBatch]
     ) -> None:
         assert inbox is not None
-        async for batch in inbox:
-            await outbox.send(self.process(batch))
+        async with anyio.create_task_group() as tg:
+            if self._backfill_inbox is not None:
+                tg.start_soon(self._backfill_results, self._backfill_inbox, outbox)
+            self._request_restored_gaps()
+            async for batch in inbox:
+                await outbox.send(self.process(batch))
+            # Live input has ended: ask for nothing more; the backfiller finishes what it
+            # holds, closes its side, and _backfill_results ends with it.
+            if self._gap_requests is not None:
+                self._gap_requests.close()
         final = self.flush_all()
         if final.events:
             await outbox.send(final)
+
+    async def _backfill_results(
+        self, inbox: MemoryObjectReceiveStream[RecordBatch], outbox: Outbox[SequencedBatch]
+    ) -> None:
+        async for batch in inbox:
+            await outbox.send(self.process(batch))
+
+    def _request_restored_gaps(self) -> None:
+        for sk, gaps in self._state.open_gaps.items():
+            exchange, symbol, stream = sk.split(":", 2)
+            if gaps:
+                self.book((exchange, symbol, stream))
+        self._send_requests(self._clock())
+
+    def _send_requests(self, now: int) -> None:
+        if self._gap_requests is None:
+            return
+        for key, b in self._books.items():
+            if key[2] != "trade":
+                continue
+            for g in b.due_requests(now, self._rerequest_us):
+                req = GapRequest(
+                    event_id=g.event_id,
+                    exchange=key[0],
+                    symbol=key[1],
+                    stream=key[2],
+                    partition=self.partition,
+                    first=g.first,
+                    last=g.last,
+                )
+                try:
+                    self._gap_requests.send_nowait(req)
+                except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
+                    return  # asked again on a later batch
+                g.requested_at = now
 
     def process(self, batch: RecordBatch) -> SequencedBatch:
         now = self._clock()
@@ -342,10 +556,21 @@ class SequenceTracker(Actor[RecordBatch, SequencedBatch]):
         with self._tracer.start_as_current_span("sequence.check", links=links) as span:
             events: list[SequenceEvent] = []
             touched: set[StreamKey] = set()
+            for o in batch.outages:
+                for symbol in o.symbols:
+                    for stream in o.streams:
+                        key = (o.exchange, symbol, stream)
+                        self.book(key).note_outage(o, now, events)
+                        touched.add(key)
+            for res in batch.resolutions:
+                key = (res.exchange, res.symbol, res.stream)
+                self.book(key).resolve(res, now, events)
+                touched.add(key)
             trades = self._check(batch.trades, "trade", now, events, touched)
             quotes = self._check(batch.quotes, "quote", now, events, touched)
             for key in touched:
                 self._books[key].emit_pending(now, events)
+            self._send_requests(now)
             span.set_attribute("k2d.partition", self.partition)
             span.set_attribute("k2d.records_in", len(batch.trades) + len(batch.quotes))
             span.set_attribute("k2d.records_out", len(trades) + len(quotes))
@@ -383,7 +608,7 @@ class SequenceTracker(Actor[RecordBatch, SequencedBatch]):
             seq = r.source_sequence
             if seq is not None:
                 hi = b.hi
-                if hi is not None and seq == hi + 1:  # the common case, kept inline
+                if hi is not None and seq == hi + 1 and not b.awaiting:  # the common case
                     b.hi = seq
                     b.last_seen_us = now
                 elif not b.check(seq, now, r.provenance, events):

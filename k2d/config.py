@@ -96,6 +96,8 @@ class SequencerConfig(_Section, frozen=True):
     max_reorder: int = 1_000
     # Limit on tracked open gaps per stream; beyond it the oldest are written and forgotten.
     max_open_gaps: int = 10_000
+    # An open gap whose backfill has not closed it is asked for again after this many seconds.
+    rerequest_after: float = 120.0
 
 
 class LiveConfig(_Section, frozen=True):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import msgspec
 from anyio.streams.memory import MemoryObjectSendStream
 from opentelemetry import trace
 
@@ -82,8 +83,23 @@ class PartitionedOutbox(Outbox[RecordBatch]):
             split[self._partition(q.exchange, q.symbol)].quotes.append(q)
         # Dead letters have no symbol to route by; partition 0 stores them.
         split[0].dead_letters = item.dead_letters
+        for r in item.resolutions:
+            split[self._partition(r.exchange, r.symbol)].resolutions.append(r)
+        for o in item.outages:
+            by_part: dict[int, list[str]] = {}
+            for sym in o.symbols:
+                by_part.setdefault(self._partition(o.exchange, sym), []).append(sym)
+            for index, syms in by_part.items():
+                split[index].outages.append(msgspec.structs.replace(o, symbols=tuple(syms)))
         for out, part in zip(self._outs, split, strict=True):
-            if part.trades or part.quotes or part.dead_letters or part.log_position:
+            if (
+                part.trades
+                or part.quotes
+                or part.dead_letters
+                or part.log_position
+                or part.outages
+                or part.resolutions
+            ):
                 await out.send(part)
 
 

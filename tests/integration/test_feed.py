@@ -67,6 +67,11 @@ async def test_abrupt_resets_are_survived_by_reconnecting() -> None:
     assert connects is not None and connects >= manifest["disconnects"] + 1
     ids = trade_ids(batches)
     assert max(ids) == manifest["symbols"]["BTCUSDT"]["last_trade_id"]
+    # Every reconnect after a reset is an outage: from the last frame before to the first after.
+    outages = [o for b in batches for o in b.outages]
+    assert len(outages) >= 1
+    assert all(o.start_us < o.end_us and o.streams == ("trade", "quote") for o in outages)
+    assert all(o.reason.startswith("disconnected") for o in outages)
 
 
 async def test_malformed_frames_are_dead_lettered_and_the_feed_goes_on() -> None:

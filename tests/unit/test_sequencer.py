@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
+
+import anyio
+import pytest
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from actors.sequencer import SequenceTracker, StreamBook
 from k2d.config import SequencerConfig
-from k2d.messages import RecordBatch
+from k2d.messages import GapRequest, GapResolution, Outage, RecordBatch
 from k2d.model import SequenceEvent, Trade
 from k2d.telemetry.metrics import Metrics
 
@@ -168,3 +172,104 @@ def test_restored_watermark_drops_replayed_ids_and_opens_downtime_gap() -> None:
     assert [book.check(i, 2, "live", events) for i in (99, 100, 105)] == [False, False, True]
     book.emit_pending(2, events, force=True)
     assert open_gap_ids(events) == {101, 102, 103, 104}
+
+
+# -- backfill requests, resolutions and outages ----------------------------------------------
+
+
+def latest(events: list[SequenceEvent]) -> dict[str, SequenceEvent]:
+    out: dict[str, SequenceEvent] = {}
+    for e in events:
+        out[e.event_id] = e
+    return out
+
+
+def make_tracker(clock_start: int = 1_700_000_000_000_000) -> tuple[SequenceTracker, Any]:
+    ticks = itertools.count(clock_start, 1_000)
+    send, recv = anyio.create_memory_object_stream[GapRequest](10)
+    tracker = SequenceTracker(
+        0, CFG, Metrics(), itertools.count(), clock=lambda: next(ticks), gap_requests=send
+    )
+    return tracker, recv
+
+
+def test_an_emitted_gap_is_requested_from_the_backfiller_once() -> None:
+    tracker, requests = make_tracker()
+    tracker.process(RecordBatch(source="t", trades=[trade(1), trade(5)]))
+    tracker.process(RecordBatch(source="t", trades=[trade(6)]))
+    req = requests.receive_nowait()
+    assert (req.symbol, req.stream, req.first, req.last) == ("BTCUSDT", "trade", 2, 4)
+    with pytest.raises(anyio.WouldBlock):
+        requests.receive_nowait()
+
+
+def test_unrecoverable_part_is_closed_and_the_rest_stays_open_until_backfilled() -> None:
+    tracker, _ = make_tracker()
+    events = tracker.process(RecordBatch(source="t", trades=[trade(9), trade(21)])).events
+    res = GapResolution(
+        exchange="BINANCE",
+        symbol="BTCUSDT",
+        stream="trade",
+        first=10,
+        last=14,
+        status="unrecoverable",
+        reason="venue history starts at id 15",
+    )
+    events += tracker.process(RecordBatch(source="backfill", resolutions=[res])).events
+    rows = latest(events)
+    gone = [e for e in rows.values() if e.status == "unrecoverable"]
+    assert [(e.first_missing, e.last_missing, e.detail) for e in gone] == [
+        (10, 14, "venue history starts at id 15")
+    ]
+    assert open_gap_ids(events) == {15, 16, 17, 18, 19, 20}
+    fill = [trade(i, provenance="backfill") for i in range(15, 21)]
+    out = tracker.process(RecordBatch(source="backfill", trades=fill))
+    events += out.events
+    assert [int(t.trade_id) for t in out.trades] == list(range(15, 21))
+    assert open_gap_ids(events) == set()
+    assert any(e.status == "backfilled" for e in latest(events).values())
+
+
+def test_trade_outage_gets_its_id_range_from_the_next_trade_and_closes_with_the_gap() -> None:
+    tracker, _ = make_tracker()
+    events = tracker.process(RecordBatch(source="t", trades=[trade(100)])).events
+    outage = Outage(
+        source="feed",
+        exchange="BINANCE",
+        symbols=("BTCUSDT",),
+        streams=("trade", "quote"),
+        start_us=1,
+        end_us=2,
+        reason="disconnect",
+    )
+    events += tracker.process(RecordBatch(source="t", outages=[outage], trades=[trade(105)])).events
+    rows = [e for e in latest(events).values() if e.kind == "outage"]
+    by_stream = {e.stream: e for e in rows}
+    assert by_stream["quote"].status == "unrecoverable"
+    assert (
+        by_stream["trade"].status,
+        by_stream["trade"].first_missing,
+        by_stream["trade"].last_missing,
+    ) == ("open", 101, 104)
+    assert (by_stream["trade"].window_start, by_stream["trade"].window_end) == (1, 2)
+    fill = [trade(i, provenance="backfill") for i in range(101, 105)]
+    events += tracker.process(RecordBatch(source="backfill", trades=fill)).events
+    trade_outage = latest(events)[by_stream["trade"].event_id]
+    assert trade_outage.status == "backfilled"
+
+
+def test_outage_that_missed_no_trade_closes_at_once() -> None:
+    tracker, _ = make_tracker()
+    tracker.process(RecordBatch(source="t", trades=[trade(100)]))
+    outage = Outage(
+        source="feed",
+        exchange="BINANCE",
+        symbols=("BTCUSDT",),
+        streams=("trade",),
+        start_us=1,
+        end_us=2,
+        reason="disconnect",
+    )
+    events = tracker.process(RecordBatch(source="t", outages=[outage], trades=[trade(101)])).events
+    (row,) = [e for e in latest(events).values() if e.kind == "outage"]
+    assert row.status == "backfilled" and "no trades missed" in row.detail
