@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from datetime import datetime
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
-from actors.sequencer import TrackerState
+from actors.sequencer import OpenGap, OpenOutage, TrackerState
 from k2d.api import ApiState, create_app, serve
 from k2d.config import Config
 from k2d.pipeline import Pipeline, build_pipeline
@@ -85,8 +86,7 @@ async def run_daemon(
     await anyio.to_thread.run_sync(warehouse.ensure_tables)
 
     async def restore() -> TrackerState:
-        watermarks, _ = await anyio.to_thread.run_sync(warehouse.latest_k2_state)
-        return TrackerState(watermarks=watermarks)
+        return await anyio.to_thread.run_sync(tracker_state, warehouse)
 
     pipeline = build_pipeline(cfg, warehouse, metrics, registry, tracing.tracer, restore)
     daemon = Daemon(
@@ -148,6 +148,48 @@ async def run_daemon(
         tracing.shutdown()
     log.info("stopped with exit code %d", exit_code)
     return exit_code
+
+
+def tracker_state(warehouse: Warehouse) -> TrackerState:
+    """Committed watermarks plus the ledger's open gaps and outages, for the trackers."""
+    watermarks, _ = warehouse.latest_k2_state()
+    state = TrackerState(watermarks=watermarks)
+    for row in warehouse.open_ledger_rows():
+        key = f"{row['exchange']}:{row['symbol']}:{row['stream']}"
+        detected = _us(row["detected_at"])
+        if row["kind"] == "gap" and row["first_missing"] is not None:
+            state.open_gaps.setdefault(key, []).append(
+                OpenGap(
+                    row["event_id"],
+                    row["first_missing"],
+                    row["last_missing"],
+                    detected,
+                    emitted=True,
+                )
+            )
+        elif row["kind"] == "outage":
+            first, last = row["first_missing"], row["last_missing"]
+            state.open_outages.setdefault(key, []).append(
+                OpenOutage(
+                    row["event_id"],
+                    _us(row["window_start"]),
+                    _us(row["window_end"]),
+                    detected,
+                    row["detail"],
+                    after=None if first is None else first - 1,
+                    first=first,
+                    last=last,
+                )
+            )
+    return state
+
+
+def _us(value: Any) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, datetime):
+        return int(value.timestamp() * 1_000_000)
+    return int(value)
 
 
 async def exit_code_of(main: Awaitable[None]) -> int:

@@ -271,16 +271,19 @@ def _records(
     Returns None at a clean end (end of file or `limit`), else where and why it stopped.
     This loop is the replay speed: keep per-record work to one unpack, one crc, two slices.
     """
-    f.seek(start)
     crc32 = zlib.crc32
     unpack = _RECORD.unpack_from
     new = _new_tuple
-    data = b""
     base = start  # file offset of data[0]
-    off = 0
-    eof = False
+    want = _CHUNK
     while True:
+        # Re-reading the partial record at a chunk's end is cheaper than joining chunks.
+        f.seek(base)
+        data = f.read(want)
         n = len(data)
+        eof = n < want
+        want = _CHUNK
+        off = 0
         rel_limit = limit - base
         while off + 16 <= n:
             length, crc, received_us = unpack(data, off)
@@ -288,6 +291,7 @@ def _records(
             if end > n:
                 if length > max_frame:
                     return _Stop(base + off, f"length {length} above max_frame_bytes {max_frame}")
+                want = max(_CHUNK, end - off)
                 break
             if crc32(data[off + 8 : end]) != crc or end > rel_limit:
                 if end > rel_limit:
@@ -301,11 +305,7 @@ def _records(
             if off < n:
                 return _Stop(base + off, f"incomplete record: {n - off} bytes before end of file")
             return None
-        chunk = f.read(_CHUNK)
-        eof = not chunk
-        data = data[off:] + chunk
         base += off
-        off = 0
 
 
 def _find_record(data: bytes, hi: int, max_frame: int) -> int:

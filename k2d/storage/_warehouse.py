@@ -237,6 +237,19 @@ class Warehouse:
         state = self.k2_state()
         return state.watermarks, state.log_position
 
+    def open_ledger_rows(self) -> list[dict[str, Any]]:
+        """Gap and outage entries of market.sequence_events whose latest row is `open`."""
+        table = self.load_table("sequence_events")
+        if table.current_snapshot() is None:
+            return []
+        rows = table.scan(row_filter="kind IN ('gap', 'outage')").to_arrow()
+        if rows.num_rows == 0:
+            return []
+        latest: dict[str, dict[str, Any]] = {}
+        for row in rows.sort_by([("recorded_at", "ascending")]).to_pylist():
+            latest[row["event_id"]] = row
+        return [r for r in latest.values() if r["status"] == "open"]
+
     def stats(self) -> dict[str, dict[str, int | None]]:
         """Per table: rows, data files, current snapshot id and snapshot count."""
         out: dict[str, dict[str, int | None]] = {}
