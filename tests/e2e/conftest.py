@@ -94,14 +94,19 @@ def simulator(tmp_path: Path) -> Iterator[Any]:
 
 
 def write_config(
-    path: Path, data_dir: Path, sim: SimProcess, symbols: list[str], extra: str = ""
+    path: Path,
+    data_dir: Path,
+    sim: SimProcess,
+    symbols: list[str],
+    extra: str = "",
+    api_port: int = 0,
 ) -> Path:
     path.write_text(
         f"""
 [storage]
 data_dir = "{data_dir}"
 [api]
-port = 0
+port = {api_port}
 [feeds.binance]
 ws_url = "{sim.ws_url}"
 rest_url = "{sim.rest_url}"
