@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import signal
-from datetime import datetime
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import anyio

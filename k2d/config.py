@@ -20,16 +20,16 @@ import msgspec
 __all__ = [
     "ApiConfig",
     "BackfillConfig",
-    "JournalConfig",
-    "MaintenanceConfig",
-    "QueryConfig",
     "BinanceFeedConfig",
     "Config",
     "ConfigError",
     "FeedsConfig",
+    "JournalConfig",
     "KafkaConfig",
     "LiveConfig",
+    "MaintenanceConfig",
     "PipelineConfig",
+    "QueryConfig",
     "SequencerConfig",
     "ShutdownConfig",
     "StorageConfig",
@@ -155,13 +155,26 @@ class FeedsConfig(_Section, frozen=True):
 
 class JournalConfig(_Section, frozen=True):
     enabled: bool = True
-    # Directory of the capture journal; empty = data_dir/journal.
+    # Directory of the capture journal; empty = data_dir/journal. One subdirectory per feed.
     directory: str = ""
+    # Group fsync: buffered frames are written and fsynced this often (seconds).
     fsync_interval: float = 0.2
     segment_bytes: int = 256 * 1024 * 1024
     buffer_bytes: int = 4 * 1024 * 1024
+    # Largest frame accepted (at most 16 MiB - 1); keep it >= feeds.*.max_frame_bytes.
+    max_frame_bytes: int = 1024 * 1024
+    # Whole segments older than this or beyond this total are deleted, never one holding
+    # frames after the last committed position, never the active one.
     retention_days: float = 30.0
     max_total_bytes: int = 50 * 1024**3
+    retention_interval: float = 300.0
+
+    def path(self, storage: StorageConfig) -> Path:
+        return (
+            Path(self.directory).expanduser().resolve()
+            if self.directory
+            else (storage.data_path() / "journal")
+        )
 
 
 class BackfillConfig(_Section, frozen=True):
@@ -256,6 +269,11 @@ _POSITIVE = {
     "sequencer.max_open_gaps",
     "api.max_body_bytes",
     "api.shutdown_timeout",
+    "journal.fsync_interval",
+    "journal.segment_bytes",
+    "journal.buffer_bytes",
+    "journal.max_frame_bytes",
+    "journal.retention_interval",
     "feeds.binance.connection_lifetime",
     "feeds.binance.max_frame_bytes",
 }

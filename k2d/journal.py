@@ -21,8 +21,9 @@ and at every `open()`, so that records appended after a crash are numbered after
 committed position even if the unsynced tail behind it was lost.
 
 Damage handling: `open()` checks the newest segment. A torn or corrupt tail (no valid record
-after the bad bytes) is truncated to the last valid record. Bad bytes followed by valid
-records are mid-segment corruption: the segment is left as it is, as evidence. `scan()`
+after the bad bytes) is truncated to the last valid record. Bad bytes followed by a valid
+record (found by trying every later offset: a length within max_frame_bytes and a matching
+CRC) are mid-segment corruption: the segment is left as it is, as evidence. `scan()`
 stops reading a segment at its first bad record, with a warning, and goes on with the next
 segment: lengths after a bad record cannot be trusted, so the records behind it are not
 replayed (the SequenceTracker sees the hole as a gap); `inspect()` reports where they are.

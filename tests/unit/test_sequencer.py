@@ -7,7 +7,6 @@ from typing import Any
 
 import anyio
 import pytest
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
