@@ -8,10 +8,10 @@ with records seen on both dropped during the overlap.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -21,19 +21,19 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from k2d.config import BinanceFeedConfig, PipelineConfig
+from k2d.journal import Journal, JournalPosition
+from k2d.journal import scan as journal_scan
 from k2d.messages import Outage, RecordBatch
 from k2d.model import now_us
 from k2d.runtime import Actor, Backoff, Outbox
 from k2d.telemetry.metrics import Metrics
 from k2d.venues.binance import EXCHANGE, BinanceParser, ParsedFrames, combined_stream_url
 
-__all__ = ["FeedHandler", "FrameSink"]
+__all__ = ["FeedHandler"]
 
 log = logging.getLogger(__name__)
 
-FrameSink = Callable[[bytes, int], None]
-"""Called with (frame, receive time µs) before a frame is parsed (the capture journal)."""
-
+_REPLAY_CHUNK = 5_000  # frames read from the journal per worker-thread call
 _OVERLAP_IDS = 200_000  # message ids remembered while two connections overlap
 _OVERLAP_GRACE = 10.0  # seconds after a handover during which repeats are still dropped
 
@@ -47,11 +47,15 @@ class FeedHandler(Actor[None, RecordBatch]):
         metrics: Metrics,
         stop: anyio.Event,
         tracer: trace.Tracer | None = None,
-        frame_sink: FrameSink | None = None,
+        journal: Journal | None = None,
+        replay_after: JournalPosition | None = None,
         last_capture_us: int | None = None,
+        replay: bool = True,
     ) -> None:
-        """`last_capture_us`: receive time of the last frame captured before this process
-        started (from the journal); the silence since then is recorded as an outage."""
+        """With a `journal`, every frame is appended to it before it is parsed, and frames
+        journaled after `replay_after` (the last committed position) but before this start
+        are replayed first. `last_capture_us` is the receive time of the last frame captured
+        before this start: the silence since then is recorded as an outage."""
         self.name = name
         self.cfg = cfg
         self.pipeline = pipeline
@@ -65,7 +69,12 @@ class FeedHandler(Actor[None, RecordBatch]):
             max_frame_bytes=cfg.max_frame_bytes,
         )
         self._tracer = tracer or trace.get_tracer("k2d")
-        self._sink = frame_sink
+        self._journal = journal
+        self._replay_after = replay_after
+        self._replay_until = journal.position if journal is not None and replay else None
+        self._position: JournalPosition | None = None
+        self._log_key = f"journal:{name}"
+        self._active = self.parser
         self._pending = ParsedFrames()
         self._pending_since = 0.0
         self._lock = anyio.Lock()
@@ -87,6 +96,8 @@ class FeedHandler(Actor[None, RecordBatch]):
     ) -> None:
         self._outbox = outbox
         self._closing = anyio.Event()
+        if self._journal is not None and self._replay_until is not None:
+            await self._replay(self._journal, self._replay_until)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._flush_by_age)
             tg.start_soon(self._close_on_stop)
@@ -94,6 +105,34 @@ class FeedHandler(Actor[None, RecordBatch]):
             # No cancel here: a cancelled send would lose the batch it carried.
             self._closing.set()
         await self._emit()
+
+    async def _replay(self, journal: Journal, until: JournalPosition) -> None:
+        """Frames captured but not committed before the last stop, through the same parser."""
+        self._active = BinanceParser(
+            self.cfg.symbols,
+            source=self.name,
+            max_clock_skew_s=self.cfg.max_clock_skew,
+            max_frame_bytes=self.cfg.max_frame_bytes,
+            provenance="replay",
+        )
+        frames = journal_scan(journal.directory, journal.feed, self._replay_after, until)
+        replayed = 0
+        while chunk := await anyio.to_thread.run_sync(
+            lambda: list(itertools.islice(frames, _REPLAY_CHUNK))
+        ):
+            for position, received, frame in chunk:
+                self._active.parse(frame, received, self._pending)
+                self._position = position
+                if len(self._pending) >= self.pipeline.batch_max_records:
+                    await self._emit()
+            replayed += len(chunk)
+        await self._emit()
+        self._replay_after = until  # a restart of this actor replays nothing twice
+        self._replay_until = None
+        self._active = self.parser
+        self.metrics.journal_replayed.labels(self.name).inc(replayed)
+        if replayed:
+            log.info("%s: replayed %d journaled frames", self.name, replayed)
 
     async def _close_on_stop(self) -> None:
         await self.stop.wait()
@@ -116,7 +155,11 @@ class FeedHandler(Actor[None, RecordBatch]):
         try:
             ws = await connect(
                 self.url,
-                max_size=self.cfg.max_frame_bytes * 16,
+                max_size=(
+                    self._journal.options.max_frame_bytes
+                    if self._journal is not None
+                    else self.cfg.max_frame_bytes * 16
+                ),
                 open_timeout=10,
                 ping_interval=20,
                 ping_timeout=60,
@@ -193,8 +236,8 @@ class FeedHandler(Actor[None, RecordBatch]):
 
     async def _handle(self, frame: bytes) -> None:
         received = now_us()
-        if self._sink is not None:
-            self._sink(frame, received)
+        if self._journal is not None:
+            self._position = self._journal.append(received, frame)
         if self._outage_since is not None:
             self._outages.append(
                 Outage(
@@ -255,7 +298,7 @@ class FeedHandler(Actor[None, RecordBatch]):
                 return
             outages, self._outages = self._outages, []
             self._pending = ParsedFrames()
-            self.parser.finish(p)
+            self._active.finish(p)
             received = now_us()
             with self._tracer.start_as_current_span("feed.receive") as span:
                 span.set_attribute("k2d.feed", self.name)
@@ -268,6 +311,9 @@ class FeedHandler(Actor[None, RecordBatch]):
                     quotes=p.quotes,
                     dead_letters=p.dead_letters,
                     outages=outages,
+                    log_position=(
+                        {self._log_key: self._position.to_json()} if self._position else None
+                    ),
                     received_at=received,
                     span_context=span.get_span_context(),
                 )

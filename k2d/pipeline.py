@@ -23,11 +23,13 @@ import msgspec
 from anyio.streams.memory import MemoryObjectSendStream
 from opentelemetry import trace
 
-from actors.feed import FeedHandler, FrameSink
+from actors.backfill import Backfiller
+from actors.feed import FeedHandler
 from actors.live_hub import LiveHub
 from actors.sequencer import SequenceTracker, TrackerState
 from actors.writer import IcebergWriter
 from k2d.config import Config
+from k2d.journal import Journal, JournalPosition
 from k2d.messages import RecordBatch
 from k2d.model import partition_of
 from k2d.runtime import (
@@ -104,6 +106,44 @@ class PartitionedOutbox(Outbox[RecordBatch]):
 
 
 @dataclass
+class FeedJournal:
+    """A feed's capture journal, where to replay it from, and when it last captured."""
+
+    journal: Journal
+    replay_after: JournalPosition | None
+    last_capture_us: int | None
+
+
+def feed_factory(
+    name: str,
+    cfg: Config,
+    metrics: Metrics,
+    stop: anyio.Event,
+    tracer: trace.Tracer,
+    journal: FeedJournal | None,
+) -> Callable[[], FeedHandler]:
+    """The first instance replays the journal; one restarted after a crash does not."""
+    first = [True]
+
+    def make() -> FeedHandler:
+        replay, first[0] = first[0], False
+        return FeedHandler(
+            name,
+            cfg.feeds.binance,
+            cfg.pipeline,
+            metrics,
+            stop,
+            tracer,
+            journal=journal.journal if journal else None,
+            replay_after=journal.replay_after if journal else None,
+            replay=replay,
+            last_capture_us=journal.last_capture_us if journal and replay else None,
+        )
+
+    return make
+
+
+@dataclass
 class Pipeline:
     supervisor: Supervisor
     feeds_stop: anyio.Event
@@ -119,11 +159,11 @@ def build_pipeline(
     registry: Registry,
     tracer: trace.Tracer,
     restore: Callable[[], Awaitable[TrackerState]] | None = None,
-    frame_sink: FrameSink | None = None,
+    journal: FeedJournal | None = None,
     sources: Sequence[tuple[str, Callable[[], Actor[None, RecordBatch]]]] = (),
 ) -> Pipeline:
-    """Wire the actors. `sources` are extra producers of RecordBatches (a journal replay, a
-    benchmark's recorded frames), routed to the trackers exactly like a live feed."""
+    """Wire the actors. `sources` are extra producers of RecordBatches (a benchmark's
+    recorded frames), routed to the trackers exactly like a live feed."""
     pc = cfg.pipeline
     size = pc.stream_size
     batch_ids = itertools.count(1)
@@ -138,9 +178,28 @@ def build_pipeline(
     ]
 
     ingest: list[ChildSpec] = []
+    # The backfiller answers on streams of its own, so a tracker can finish its live input
+    # (and stop asking) while backfill results still come in: see SequenceTracker.run.
+    backfill = cfg.backfill.enabled and cfg.feeds.binance.enabled
+    if backfill:
+        to_backfiller, backfill_inbox = bounded_stream(
+            registry, "backfiller.inbox", cfg.backfill.max_pending
+        )
+        backfill_results = [
+            bounded_stream(registry, f"sequencer-{p}.backfill", size) for p in range(pc.partitions)
+        ]
 
     def tracker(p: int) -> Callable[[], SequenceTracker]:
-        return lambda: SequenceTracker(p, cfg.sequencer, metrics, batch_ids, restore, tracer)
+        return lambda: SequenceTracker(
+            p,
+            cfg.sequencer,
+            metrics,
+            batch_ids,
+            restore,
+            tracer,
+            gap_requests=to_backfiller.clone() if backfill else None,
+            backfill_inbox=backfill_results[p][1] if backfill else None,
+        )
 
     for p, (_, inbox) in enumerate(tracker_inboxes):
         out = Outbox[Any](f"sequencer-{p}.outbox", to_writer.clone(), to_hub.clone())
@@ -155,6 +214,20 @@ def build_pipeline(
             registry,
         )
     )
+    if backfill:
+        bout = PartitionedOutbox("backfiller.outbox", [s.clone() for s, _ in backfill_results])
+        ingest.append(
+            ChildSpec.for_actor(
+                "backfiller",
+                lambda: Backfiller(cfg.backfill, cfg.feeds.binance.rest_url, metrics, tracer),
+                backfill_inbox,
+                bout,
+                registry,
+            )
+        )
+        for s, _ in backfill_results:
+            s.close()
+        to_backfiller.close()
     hub = LiveHub(cfg.live, metrics)
     ingest.append(ChildSpec.for_actor("live_hub", lambda: hub, hub_inbox, Outbox("none"), registry))
 
@@ -168,9 +241,7 @@ def build_pipeline(
         feed_specs.append(
             ChildSpec.for_actor(
                 name,
-                lambda: FeedHandler(
-                    name, cfg.feeds.binance, pc, metrics, feeds_stop, tracer, frame_sink
-                ),
+                feed_factory(name, cfg, metrics, feeds_stop, tracer, journal),
                 None,
                 fout,
                 registry,

@@ -232,6 +232,43 @@ class Warehouse:
                     break
         return merge_states(states, TABLE_NAMES)
 
+    def roll_back_incomplete_flush(self) -> list[str]:
+        """Undo the commits of a flush that a crash cut short; return the tables rolled back.
+
+        Iceberg has no multi-table commit. When a crash lands between the commits of one
+        flush, the tables that did commit hold rows the others' state does not cover; with
+        a journal to replay from, rolling those commits back makes every table agree, and
+        the replay then writes the whole flush again, once.
+        """
+        rolled: list[str] = []
+        for _ in range(len(TABLE_NAMES)):
+            latest = {}
+            for name in TABLE_NAMES:
+                table = self.load_table(name)
+                for snap in ancestors_of(table.current_snapshot(), table.metadata):
+                    props = snap.summary.additional_properties if snap.summary else {}
+                    state = table_state(name, props, snap.timestamp_ms)
+                    if state is not None:
+                        latest[name] = (state, snap)
+                        break
+            if not latest:
+                return rolled
+            newest = max(st.flush for st, _ in latest.values())
+            members = next(st.flush_tables for st, _ in latest.values() if st.flush == newest)
+            if all(t in latest and latest[t][0].flush == newest for t in members):
+                return rolled
+            for name, (state, snap) in latest.items():
+                if state.flush != newest:
+                    continue
+                table = self.load_table(name)
+                if snap.parent_snapshot_id is None:
+                    table.delete()  # the flush was this table's first commit
+                else:
+                    table.manage_snapshots().rollback_to_snapshot(snap.parent_snapshot_id).commit()
+                log.warning("rolled back %s: flush %d was cut short by a crash", name, newest)
+                rolled.append(name)
+        return rolled
+
     def latest_k2_state(self) -> tuple[dict[str, Watermark], dict[str, Any]]:
         """(watermarks by "EXCHANGE:SYMBOL:stream", log position) to resume after."""
         state = self.k2_state()

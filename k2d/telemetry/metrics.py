@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from k2d.runtime import ActorState, Registry
@@ -41,6 +43,46 @@ class _RuntimeCollector(Collector):
         for actor, n in sorted(self._registry.restarts.items()):
             restarts.add_metric([actor], n)
         yield from (depth, capacity, state, restarts)
+
+
+class JournalStats(Protocol):
+    bytes_written: int
+    records_written: int
+    fsyncs: int
+    last_fsync_seconds: float
+    truncations: int
+    truncated_bytes: int
+
+
+class _JournalCollector(Collector):
+    def __init__(self) -> None:
+        self.journals: dict[str, JournalStats] = {}
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        fams: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
+            "bytes": CounterMetricFamily(
+                "k2d_journal_bytes", "Bytes appended to the journal", labels=["feed"]
+            ),
+            "records": CounterMetricFamily(
+                "k2d_journal_records", "Frames appended", labels=["feed"]
+            ),
+            "fsyncs": CounterMetricFamily("k2d_journal_fsyncs", "Group fsyncs", labels=["feed"]),
+            "fsync": GaugeMetricFamily(
+                "k2d_journal_last_fsync_seconds",
+                "Duration of the last group fsync",
+                labels=["feed"],
+            ),
+            "trunc": CounterMetricFamily(
+                "k2d_journal_truncations", "Torn or corrupt tails cut back at open", labels=["feed"]
+            ),
+        }
+        for feed, j in sorted(self.journals.items()):
+            fams["bytes"].add_metric([feed], j.bytes_written)
+            fams["records"].add_metric([feed], j.records_written)
+            fams["fsyncs"].add_metric([feed], j.fsyncs)
+            fams["fsync"].add_metric([feed], j.last_fsync_seconds)
+            fams["trunc"].add_metric([feed], j.truncations)
+        yield from fams.values()
 
 
 class Metrics:
@@ -100,5 +142,17 @@ class Metrics:
         self.http_requests = Counter(
             "k2d_http_requests_total", "HTTP requests served", ["route", "status"], registry=r
         )
+        self.journal_replayed = Counter(
+            "k2d_journal_replayed_frames_total",
+            "Journaled frames replayed at start",
+            ["feed"],
+            registry=r,
+        )
+        self._journals = _JournalCollector()
+        r.register(self._journals)
         if runtime is not None:
             r.register(_RuntimeCollector(runtime))
+
+    def watch_journal(self, feed: str, journal: JournalStats) -> None:
+        """Export a journal's own counters (bytes, records, fsyncs, truncations) at scrape."""
+        self._journals.journals[feed] = journal

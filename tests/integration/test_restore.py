@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from k2d.app import tracker_state
 from k2d.config import StorageConfig
@@ -65,3 +66,59 @@ def test_tracker_state_has_watermarks_and_only_still_open_entries(tmp_path: Path
     assert (gap.event_id, gap.first, gap.last) == ("g1", 15, 20)
     (outage,) = state.open_outages["BINANCE:BTCUSDT:trade"]
     assert (outage.first, outage.last, outage.start_us) == (40, 45, T0)
+
+
+def test_a_flush_cut_short_by_a_crash_is_rolled_back_on_every_table(tmp_path: Path) -> None:
+    from k2d.model import Trade
+    from k2d.storage import trades_to_arrow
+
+    def trades(ids: range) -> Any:
+        return trades_to_arrow(
+            [
+                Trade(
+                    message_id=f"BINANCE:BTCUSDT:trade:{i}",
+                    trade_id=str(i),
+                    symbol="BTCUSDT",
+                    exchange="BINANCE",
+                    asset_class="crypto",
+                    timestamp=T0 + i,
+                    price="1.00000000",
+                    quantity="1.00000000",
+                    currency="USDT",
+                    side="BUY",
+                    source_sequence=i,
+                    ingestion_timestamp=T0,
+                )
+                for i in ids
+            ]
+        )
+
+    def wm(seq: int) -> dict[str, Watermark]:
+        return {
+            "BINANCE:BTCUSDT:trade": Watermark(
+                last_sequence=seq, platform_sequence=seq, last_seen_us=T0
+            )
+        }
+
+    wh = Warehouse(StorageConfig(data_dir=str(tmp_path)))
+    wh.ensure_tables()
+    both = ["trades", "sequence_events"]
+    p1 = flush_properties(
+        flush=1, tables=both, watermarks=wm(9), log_position={"j": 1}, batch_ids=(1,)
+    )
+    wh.append("trades", trades(range(0, 10)), p1)
+    wh.append("sequence_events", events_to_arrow([row("g", "open", 3, 3, T0)]), p1)
+    # Flush 2 reaches trades, then the process dies before sequence_events commits.
+    p2 = flush_properties(
+        flush=2, tables=both, watermarks=wm(19), log_position={"j": 2}, batch_ids=(2,)
+    )
+    wh.append("trades", trades(range(10, 20)), p2)
+
+    assert wh.roll_back_incomplete_flush() == ["trades"]
+
+    assert wh.load_table("trades").scan().to_arrow().num_rows == 10
+    state = wh.k2_state()
+    assert state.complete
+    assert state.log_position == {"j": 1}
+    assert state.watermarks["BINANCE:BTCUSDT:trade"].last_sequence == 9
+    assert wh.roll_back_incomplete_flush() == []
