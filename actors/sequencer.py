@@ -27,6 +27,8 @@ from k2d.telemetry.metrics import Metrics
 __all__ = ["OpenGap", "SequenceTracker", "StreamBook", "TrackerState", "stream_key"]
 
 log = logging.getLogger(__name__)
+# Trade ids one backfill request may span: the venue's largest history page.
+_REQUEST_SPAN = 1_000
 
 
 def stream_key(key: StreamKey) -> str:
@@ -43,6 +45,7 @@ class OpenGap:
     dirty: bool = False
     filled_by: set[str] = field(default_factory=set)
     requested_at: int = 0  # when a backfill was last asked for (0 = never)
+    partition: int | None = None  # the tracker that owns it, when restored from the ledger
 
 
 @dataclass
@@ -68,6 +71,7 @@ class TrackerState:
     watermarks: dict[str, Watermark] = field(default_factory=dict)
     open_gaps: dict[str, list[OpenGap]] = field(default_factory=dict)
     open_outages: dict[str, list[OpenOutage]] = field(default_factory=dict)
+    log_position: dict[str, Any] = field(default_factory=dict)
 
 
 class StreamBook:
@@ -94,9 +98,13 @@ class StreamBook:
         self.lo: int | None = None
         self.platform_sequence = watermark.platform_sequence if watermark else 0
         self.last_seen_us = watermark.last_seen_us if watermark else 0
-        self.gaps: list[OpenGap] = sorted(open_gaps or [], key=lambda g: g.first)
-        for g in self.gaps:
+        gaps = list(open_gaps or [])
+        for g in gaps:
             g.emitted = True
+        k = key
+        for first, last, detected in watermark.pending_gaps if watermark else ():
+            gaps.append(OpenGap(f"{k[0]}:{k[1]}:{k[2]}:gap:{first}", first, last, detected))
+        self.gaps: list[OpenGap] = sorted(gaps, key=lambda g: g.first)
         self.outages: list[OpenOutage] = list(open_outages or [])
         # True while an outage waits for the next live id: the tracker's fast path is off.
         self.awaiting = any(o.first is None and o.after is not None for o in self.outages)
@@ -443,6 +451,11 @@ class StreamBook:
             last_sequence=self.hi,
             platform_sequence=self.platform_sequence,
             last_seen_us=self.last_seen_us,
+            pending_gaps=tuple(
+                (g.first, g.last, g.detected_at)
+                for g in self.gaps
+                if not g.emitted and g.first <= g.last
+            ),
         )
 
 
@@ -501,12 +514,15 @@ class SequenceTracker(Actor[RecordBatch, SequencedBatch]):
         self, inbox: MemoryObjectReceiveStream[RecordBatch] | None, outbox: Outbox[SequencedBatch]
     ) -> None:
         assert inbox is not None
+        live_done = anyio.Event()
         async with anyio.create_task_group() as tg:
             if self._backfill_inbox is not None:
                 tg.start_soon(self._backfill_results, self._backfill_inbox, outbox)
+            tg.start_soon(self._tick, outbox, live_done)
             self._request_restored_gaps()
             async for batch in inbox:
                 await outbox.send(self.process(batch))
+            live_done.set()
             # Live input has ended: ask for nothing more; the backfiller finishes what it
             # holds, closes its side, and _backfill_results ends with it.
             if self._gap_requests is not None:
@@ -514,6 +530,33 @@ class SequenceTracker(Actor[RecordBatch, SequencedBatch]):
         final = self.flush_all()
         if final.events:
             await outbox.send(final)
+
+    async def _tick(self, outbox: Outbox[SequencedBatch], done: anyio.Event) -> None:
+        """While a feed is quiet, gaps still outlive their grace period and need asking for."""
+        period = max(0.1, self.cfg.gap_grace / 2)
+        while not done.is_set():
+            with anyio.move_on_after(period):
+                await done.wait()
+            if done.is_set():
+                return
+            now = self._clock()
+            events: list[SequenceEvent] = []
+            for b in self._books.values():
+                b.emit_pending(now, events)
+            self._send_requests(now)
+            if events:
+                self._count(events)
+                await outbox.send(
+                    SequencedBatch(
+                        batch_id=next(self._batch_ids),
+                        partition=self.partition,
+                        trades=[],
+                        quotes=[],
+                        events=events,
+                        dead_letters=[],
+                        watermarks={stream_key(k): b.watermark() for k, b in self._books.items()},
+                    )
+                )
 
     async def _backfill_results(
         self, inbox: MemoryObjectReceiveStream[RecordBatch], outbox: Outbox[SequencedBatch]
@@ -524,31 +567,42 @@ class SequenceTracker(Actor[RecordBatch, SequencedBatch]):
     def _request_restored_gaps(self) -> None:
         for sk, gaps in self._state.open_gaps.items():
             exchange, symbol, stream = sk.split(":", 2)
-            if gaps:
+            if gaps and gaps[0].partition in (None, self.partition):
                 self.book((exchange, symbol, stream))
         self._send_requests(self._clock())
 
     def _send_requests(self, now: int) -> None:
+        """Ask the backfiller for due gaps. Nearby gaps share one request: the venue's page
+        holds up to _REQUEST_SPAN trades for the same request weight, and ids the tracker
+        already has are dropped as duplicates when they come back."""
         if self._gap_requests is None:
             return
         for key, b in self._books.items():
             if key[2] != "trade":
                 continue
-            for g in b.due_requests(now, self._rerequest_us):
+            due = b.due_requests(now, self._rerequest_us)
+            i = 0
+            while i < len(due):
+                j = i
+                while j + 1 < len(due) and due[j + 1].last - due[i].first < _REQUEST_SPAN:
+                    j += 1
+                first, last = due[i], due[j]
                 req = GapRequest(
-                    event_id=g.event_id,
+                    event_id=first.event_id,
                     exchange=key[0],
                     symbol=key[1],
                     stream=key[2],
                     partition=self.partition,
-                    first=g.first,
-                    last=g.last,
+                    first=first.first,
+                    last=last.last,
                 )
                 try:
                     self._gap_requests.send_nowait(req)
                 except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
                     return  # asked again on a later batch
-                g.requested_at = now
+                for g in due[i : j + 1]:
+                    g.requested_at = now
+                i = j + 1
 
     def process(self, batch: RecordBatch) -> SequencedBatch:
         now = self._clock()
@@ -580,13 +634,39 @@ class SequenceTracker(Actor[RecordBatch, SequencedBatch]):
                 trades=trades,
                 quotes=quotes,
                 events=events,
-                dead_letters=batch.dead_letters,
+                dead_letters=self._dead_letters(batch),
                 watermarks={stream_key(k): self._books[k].watermark() for k in touched},
-                log_position=batch.log_position,
+                log_position=self._position(batch),
                 span_context=span.get_span_context(),
             )
         self._count(events)
         return out
+
+    def _position(self, batch: RecordBatch) -> dict[str, Any] | None:
+        """Positions are kept per partition: a feed's batch is split across trackers, and a
+        frame is committed only once every tracker's share of it is (resume = the minimum)."""
+        if not batch.log_position:
+            return None
+        return {f"{k}@{self.partition}": v for k, v in batch.log_position.items()}
+
+    def _dead_letters(self, batch: RecordBatch) -> list[Any]:
+        """Records replayed from the journal are deduplicated by sequence; dead letters have
+        none, so those of frames at or before this tracker's committed position are dropped."""
+        if not batch.dead_letters or not batch.log_position:
+            return batch.dead_letters
+        committed = self._state.log_position
+        for key, pos in batch.log_position.items():
+            done = committed.get(f"{key}@{self.partition}")
+            if (
+                isinstance(done, dict)
+                and isinstance(pos, dict)
+                and (
+                    (pos.get("segment", 0), pos.get("offset", 0))
+                    <= (done.get("segment", 0), done.get("offset", 0))
+                )
+            ):
+                return []
+        return batch.dead_letters
 
     def _check(
         self,

@@ -20,7 +20,9 @@ from anyio.abc import TaskStatus
 from actors.sequencer import OpenGap, OpenOutage, TrackerState
 from k2d.api import ApiState, create_app, serve
 from k2d.config import Config
-from k2d.pipeline import Pipeline, build_pipeline
+from k2d.journal import Journal, JournalOptions, JournalPosition, last_record
+from k2d.model import partition_of
+from k2d.pipeline import FeedJournal, Pipeline, build_pipeline
 from k2d.runtime import EscalationError, Registry
 from k2d.storage import Warehouse
 from k2d.telemetry.logs import setup_logging
@@ -86,9 +88,14 @@ async def run_daemon(
     await anyio.to_thread.run_sync(warehouse.ensure_tables)
 
     async def restore() -> TrackerState:
-        return await anyio.to_thread.run_sync(tracker_state, warehouse)
+        return await anyio.to_thread.run_sync(tracker_state, warehouse, cfg.pipeline.partitions)
 
-    pipeline = build_pipeline(cfg, warehouse, metrics, registry, tracing.tracer, restore)
+    feed_journal = await anyio.to_thread.run_sync(open_journal, cfg, warehouse)
+    if feed_journal is not None:
+        metrics.watch_journal(feed_journal.journal.feed, feed_journal.journal)
+    pipeline = build_pipeline(
+        cfg, warehouse, metrics, registry, tracing.tracer, restore, journal=feed_journal
+    )
     daemon = Daemon(
         cfg,
         registry,
@@ -121,6 +128,9 @@ async def run_daemon(
             if exit_after is not None:
                 tg.start_soon(_stop_after, daemon.stopping, exit_after)
             pipeline_done = anyio.Event()
+            if feed_journal is not None:
+                tg.start_soon(feed_journal.journal.run_syncer)
+                tg.start_soon(_journal_retention, cfg, warehouse, feed_journal)
             tg.start_soon(_run_pipeline, pipeline, pipeline_done)
             daemon.api.mark_ready()
             task_status.started(daemon)
@@ -145,15 +155,71 @@ async def run_daemon(
             log.critical("escalation: %s", e)
         exit_code = EXIT_ESCALATED
     finally:
+        if feed_journal is not None:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(feed_journal.journal.close)
         tracing.shutdown()
     log.info("stopped with exit code %d", exit_code)
     return exit_code
 
 
-def tracker_state(warehouse: Warehouse) -> TrackerState:
+def open_journal(cfg: Config, warehouse: Warehouse) -> FeedJournal | None:
+    """Open the feed's journal and decide where its replay starts (blocking: a thread)."""
+    if not (cfg.journal.enabled and cfg.feeds.binance.enabled):
+        return None
+    # The journal can write a flush again, so a flush cut short by a crash is undone first.
+    warehouse.roll_back_incomplete_flush()
+    _, log_position = warehouse.latest_k2_state()
+    feed = "feed-binance"
+    committed = committed_position(log_position, f"journal:{feed}")
+    directory = cfg.journal.path(cfg.storage)
+    last = last_record(directory, feed)
+    jc = cfg.journal
+    journal = Journal(
+        directory,
+        feed,
+        JournalOptions(
+            segment_bytes=jc.segment_bytes,
+            buffer_bytes=jc.buffer_bytes,
+            fsync_interval=jc.fsync_interval,
+            max_frame_bytes=jc.max_frame_bytes,
+        ),
+    )
+    journal.open(committed=committed)
+    log.info("journal %s: replay after %s", journal.path, committed)
+    return FeedJournal(journal, committed, last[1] if last else None)
+
+
+def committed_position(log_position: dict[str, Any], key: str) -> JournalPosition | None:
+    """The journal position every tracker has committed: the least of the per-partition ones."""
+    found = [
+        JournalPosition.from_json(v)
+        for k, v in log_position.items()
+        if k.startswith(key + "@") and isinstance(v, dict)
+    ]
+    return min(found) if found else None
+
+
+async def _journal_retention(cfg: Config, warehouse: Warehouse, fj: FeedJournal) -> None:
+    jc = cfg.journal
+    while True:
+        await anyio.sleep(jc.retention_interval)
+        _, log_position = await anyio.to_thread.run_sync(warehouse.latest_k2_state)
+        keep_after = committed_position(log_position, f"journal:{fj.journal.feed}")
+        deleted = await anyio.to_thread.run_sync(
+            fj.journal.enforce_retention,
+            jc.retention_days * 86_400,
+            jc.max_total_bytes,
+            keep_after,
+        )
+        if deleted:
+            log.info("journal retention deleted %d segments", len(deleted))
+
+
+def tracker_state(warehouse: Warehouse, partitions: int = 1) -> TrackerState:
     """Committed watermarks plus the ledger's open gaps and outages, for the trackers."""
-    watermarks, _ = warehouse.latest_k2_state()
-    state = TrackerState(watermarks=watermarks)
+    watermarks, log_position = warehouse.latest_k2_state()
+    state = TrackerState(watermarks=watermarks, log_position=log_position)
     for row in warehouse.open_ledger_rows():
         key = f"{row['exchange']}:{row['symbol']}:{row['stream']}"
         detected = _us(row["detected_at"])
@@ -165,6 +231,7 @@ def tracker_state(warehouse: Warehouse) -> TrackerState:
                     row["last_missing"],
                     detected,
                     emitted=True,
+                    partition=partition_of(row["exchange"], row["symbol"], partitions),
                 )
             )
         elif row["kind"] == "outage":

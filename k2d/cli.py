@@ -1,4 +1,4 @@
-"""Command line: run, demo, simulate, check-config, version."""
+"""Command line: run, demo, simulate, journal inspect, check-config, version."""
 
 from __future__ import annotations
 
@@ -65,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="print the effective config or its errors")
     _add_config(check)
 
+    journal = sub.add_parser("journal", help="the capture journal")
+    jsub = journal.add_subparsers(dest="journal_verb", required=True)
+    inspect = jsub.add_parser("inspect", help="records, time range and damage of a segment")
+    inspect.add_argument("path", type=Path, help="a segment file (*.k2j)")
+
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -78,6 +83,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from k2d import simulator
 
         return simulator.run_from_args(args)
+    if args.verb == "journal":
+        from k2d.journal import format_report, inspect
+
+        if not args.path.is_file():
+            print(f"{args.path}: no such segment file", file=sys.stderr)
+            return EXIT_CONFIG
+        report = inspect(args.path)
+        print(format_report(report))
+        return 0 if report.ok else 1
     if args.verb == "check-config":
         try:
             cfg = load_config(_config_path(args.config))

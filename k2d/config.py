@@ -113,6 +113,16 @@ class ApiConfig(_Section, frozen=True):
     max_body_bytes: int = 65_536
     # On stop, in-flight requests get this many seconds before they are cancelled.
     shutdown_timeout: int = 5
+    # sha256 hex digests of the accepted API keys (sent in X-API-Key); empty: no key needed.
+    api_keys: tuple[str, ...] = ()
+    # Requests per second (and burst) per client on the /v1 query routes; the client is the
+    # API key, else the address. 0 turns the limit off.
+    rate_limit: float = 50.0
+    rate_burst: int = 100
+    # Peers (reverse proxies) whose X-Forwarded-For names the client; others' is ignored.
+    trusted_proxies: tuple[str, ...] = ()
+    # Origins allowed to call the query routes from a browser; empty: CORS off; "*": any.
+    cors_origins: tuple[str, ...] = ()
 
 
 class SupervisorConfig(_Section, frozen=True):
@@ -190,6 +200,9 @@ class BackfillConfig(_Section, frozen=True):
     max_pending: int = 10_000
     request_timeout: float = 10.0
     max_attempts: int = 5
+    # At end of input, the gaps the backfiller holds get this long to finish (seconds); what
+    # is left stays open and the tracker asks for it again after a restart.
+    drain_timeout: float = 5.0
 
 
 class QueryConfig(_Section, frozen=True):
@@ -203,6 +216,8 @@ class QueryConfig(_Section, frozen=True):
     timeout: float = 10.0
     per_key_concurrency: int = 4
     snapshot_cache_size: int = 32
+    # Symbols (and exchanges) one request may name.
+    max_symbols: int = 100
 
 
 class MaintenanceConfig(_Section, frozen=True):
@@ -217,6 +232,25 @@ class MaintenanceConfig(_Section, frozen=True):
     min_snapshots_to_keep: int = 10
     # Per-table data retention in days (0 = keep forever), e.g. {quotes = 365}.
     data_retention_days: dict[str, float] = msgspec.field(default_factory=dict)
+    # The first round starts this many seconds after the daemon (not at every restart).
+    first_round_after: float = 300.0
+    # Snapshots younger than this (seconds) are all kept; older ones, within the retention,
+    # are thinned to the newest per snapshot_thin_interval (0 = keep all): every commit adds
+    # a snapshot, and commit latency grows with their number.
+    snapshot_full_history: float = 3_600.0
+    snapshot_thin_interval: float = 3_600.0
+    # Files under a table that no snapshot references are deleted once this old (seconds;
+    # 0 = never): younger ones may belong to a commit in flight.
+    orphan_file_age: float = 86_400.0
+    # The current snapshot's data manifests are merged when there are more than this.
+    max_manifests: int = 16
+    # DuckDB sorts a partition being compacted within this memory, spilling beyond it.
+    sort_memory_mb: int = 256
+    sort_threads: int = 1
+    # Maintenance commits retry conflicts with the writer this often, with this backoff.
+    commit_retries: int = 20
+    commit_backoff_initial: float = 0.05
+    commit_backoff_max: float = 2.0
 
 
 class KafkaConfig(_Section, frozen=True):

@@ -81,6 +81,9 @@ class Watermark(msgspec.Struct, frozen=True, kw_only=True):
     last_sequence: int | None
     platform_sequence: int
     last_seen_us: int
+    # Gaps (first, last, detected_at) found but not yet in the ledger (inside gap_grace):
+    # committed with the rows above them, so a crash cannot forget them.
+    pending_gaps: tuple[tuple[int, int, int], ...] = ()
 
 
 class SequencedBatch(msgspec.Struct, kw_only=True):

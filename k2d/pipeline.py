@@ -190,6 +190,9 @@ def build_pipeline(
         ]
 
     def tracker(p: int) -> Callable[[], SequenceTracker]:
+        # Streams are made once, here: a restarted tracker keeps using the same ones.
+        requests = to_backfiller.clone() if backfill else None
+        results = backfill_results[p][1] if backfill else None
         return lambda: SequenceTracker(
             p,
             cfg.sequencer,
@@ -197,8 +200,8 @@ def build_pipeline(
             batch_ids,
             restore,
             tracer,
-            gap_requests=to_backfiller.clone() if backfill else None,
-            backfill_inbox=backfill_results[p][1] if backfill else None,
+            gap_requests=requests,
+            backfill_inbox=results,
         )
 
     for p, (_, inbox) in enumerate(tracker_inboxes):

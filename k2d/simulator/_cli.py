@@ -116,10 +116,20 @@ async def _run(options: SimulatorOptions, exit_after: float | None) -> None:
         loop.add_signal_handler(signum, stop.set)
     try:
         async with Simulator(options) as simulator:
+            # SIGUSR1 ends trading but keeps REST history up (see Simulator.close_market).
+            closing: set[asyncio.Task[None]] = set()
+
+            async def close_market() -> None:
+                await simulator.close_market()
+                print("simulator market closed", flush=True)
+
+            loop.add_signal_handler(
+                signal.SIGUSR1, lambda: closing.add(loop.create_task(close_market()))
+            )
             print(f"simulator listening on {simulator.ws_url}", flush=True)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(exit_after):
                     await stop.wait()
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             loop.remove_signal_handler(signum)

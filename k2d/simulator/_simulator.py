@@ -152,6 +152,7 @@ class Simulator:
         self._manifest_task: asyncio.Task[None] | None = None
         self._accepting = False
         self._stop_started = False
+        self._market_closed = False
         self._closing = asyncio.Event()
         self._stopped = asyncio.Event()
 
@@ -217,24 +218,35 @@ class Simulator:
             "disconnects": self._disconnects,
         }
 
+    async def close_market(self) -> None:
+        """Stop trading but keep answering REST, as a venue's history outlives a session:
+        final clean trade per symbol, serverShutdown and close 1001 on every connection,
+        new stream connections refused, manifest written. Safe to call twice."""
+        if self._market_closed:
+            return
+        self._market_closed = True
+        self._accepting = False
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            self._finish_streams()
+            await asyncio.gather(
+                *(self._close_planned(c, "simulator stopping") for c in list(self._clients))
+            )
+        await self._write_manifest()
+
     async def stop(self) -> None:
-        """Planned stop: final clean trade per symbol, serverShutdown and close 1001 on every
-        connection, then the last manifest. Safe to call twice."""
+        """Planned stop: close the market (see close_market), then the server and the last
+        manifest. Safe to call twice."""
         if self._stop_started:
             await self._stopped.wait()
             return
         self._stop_started = True
-        self._accepting = False
         self._closing.set()
         try:
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self.close_market()
             if self._server is not None:
-                self._finish_streams()
-                await asyncio.gather(
-                    *(self._close_planned(c, "simulator stopping") for c in list(self._clients))
-                )
                 self._server.close()
                 await self._server.wait_closed()
             if self._manifest_task is not None:

@@ -13,6 +13,7 @@ from k2d.runtime import ActorState, Registry
 __all__ = ["Metrics"]
 
 _COMMIT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_QUERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class _RuntimeCollector(Collector):
@@ -150,6 +151,107 @@ class Metrics:
         )
         self._journals = _JournalCollector()
         r.register(self._journals)
+        self.backfill_requests = Counter(
+            "k2d_backfill_requests_total",
+            "REST history requests to a venue, by HTTP status (error: no response)",
+            ["status"],
+            registry=r,
+        )
+        self.backfill_weight_used = Gauge(
+            "k2d_backfill_weight_used",
+            "Request weight the venue says we used this minute (X-MBX-USED-WEIGHT-1M)",
+            registry=r,
+        )
+        self.backfill_rows = Counter(
+            "k2d_backfill_rows_total", "Trades recovered from a venue's REST history", registry=r
+        )
+        self.backfill_gaps = Counter(
+            "k2d_backfill_gaps_total",
+            "Gap requests handled by the backfiller, by result",
+            ["result"],
+            registry=r,
+        )
+        self.table_data_files = Gauge(
+            "k2d_table_data_files",
+            "Data files in a table's current snapshot",
+            ["table"],
+            registry=r,
+        )
+        self.table_data_bytes = Gauge(
+            "k2d_table_data_bytes",
+            "Bytes of data files in a table's current snapshot",
+            ["table"],
+            registry=r,
+        )
+        self.table_manifests = Gauge(
+            "k2d_table_manifests", "Manifests in a table's current snapshot", ["table"], registry=r
+        )
+        self.table_snapshots = Gauge(
+            "k2d_table_snapshots", "Snapshots kept in a table's metadata", ["table"], registry=r
+        )
+        self.maintenance_last_run = Gauge(
+            "k2d_maintenance_last_run_timestamp_seconds",
+            "When a maintenance operation (compaction, expiry, ...) last finished on a table",
+            ["operation", "table"],
+            registry=r,
+        )
+        self.maintenance_last_duration = Gauge(
+            "k2d_maintenance_last_duration_seconds",
+            "How long a maintenance operation last took on a table",
+            ["operation", "table"],
+            registry=r,
+        )
+        self.maintenance_rows_rewritten = Counter(
+            "k2d_maintenance_rows_rewritten_total",
+            "Rows rewritten by compaction",
+            ["table"],
+            registry=r,
+        )
+        self.maintenance_files_compacted = Counter(
+            "k2d_maintenance_files_compacted_total",
+            "Small data files replaced by compaction",
+            ["table"],
+            registry=r,
+        )
+        self.maintenance_snapshots_expired = Counter(
+            "k2d_maintenance_snapshots_expired_total", "Snapshots expired", ["table"], registry=r
+        )
+        self.maintenance_files_deleted = Counter(
+            "k2d_maintenance_files_deleted_total",
+            "Files deleted by maintenance (data, manifest, manifest_list, orphan)",
+            ["table", "kind"],
+            registry=r,
+        )
+        self.maintenance_errors = Counter(
+            "k2d_maintenance_errors_total",
+            "Maintenance operations that failed or were aborted",
+            ["operation"],
+            registry=r,
+        )
+        self.query_seconds = Histogram(
+            "k2d_query_seconds",
+            "Query latency, admission to last byte",
+            ["endpoint"],
+            buckets=_QUERY_BUCKETS,
+            registry=r,
+        )
+        self.queries = Counter(
+            "k2d_queries_total",
+            "Queries by endpoint and outcome (ok, invalid, busy, too_many, timeout, error)",
+            ["endpoint", "outcome"],
+            registry=r,
+        )
+        self.query_in_flight = Gauge(
+            "k2d_query_in_flight", "Queries admitted and not yet finished", registry=r
+        )
+        self.query_index_files = Gauge(
+            "k2d_query_index_files", "Data files in the query file index", ["table"], registry=r
+        )
+        self.query_index_replans = Counter(
+            "k2d_query_index_replans_total",
+            "Full re-plans of the query file index (start, replace commits, missed commits)",
+            registry=r,
+        )
         if runtime is not None:
             r.register(_RuntimeCollector(runtime))
 

@@ -43,6 +43,15 @@ class SimProcess:
             self.proc.wait(timeout=30)
         return self.manifest()
 
+    def close_market(self) -> dict[str, Any]:
+        """Stop trading (final trades, serverShutdown) but keep REST history answering."""
+        assert self.proc.stdout is not None
+        self.proc.send_signal(signal.SIGUSR1)
+        while line := self.proc.stdout.readline():
+            if "market closed" in line:
+                break
+        return self.manifest()
+
     def manifest(self) -> dict[str, Any]:
         return json.loads(self.manifest_path.read_text())  # type: ignore[no-any-return]
 

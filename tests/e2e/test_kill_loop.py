@@ -83,7 +83,7 @@ rerequest_after = 3.0
         kills += 1
     proc = daemon(cfg)
     time.sleep(5)
-    manifest = sim.stop()  # final trades, serverShutdown; the daemon keeps backfilling
+    manifest = sim.close_market()  # final trades and serverShutdown; REST stays up
     deadline = time.monotonic() + 90
     quiet_since = None
     while time.monotonic() < deadline:

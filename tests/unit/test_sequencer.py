@@ -272,3 +272,18 @@ def test_outage_that_missed_no_trade_closes_at_once() -> None:
     events = tracker.process(RecordBatch(source="t", outages=[outage], trades=[trade(101)])).events
     (row,) = [e for e in latest(events).values() if e.kind == "outage"]
     assert row.status == "backfilled" and "no trades missed" in row.detail
+
+
+def test_gaps_inside_the_grace_period_survive_a_restart_through_the_watermark() -> None:
+    cfg = SequencerConfig(gap_grace=60.0)
+    book = StreamBook(("BINANCE", "BTCUSDT", "trade"), 0, cfg, contiguous=True)
+    events: list[SequenceEvent] = []
+    assert all(book.check(i, 1, "live", events) for i in (1, 2, 6))
+    wm = book.watermark()
+    assert wm.pending_gaps == ((3, 5, 1),) and events == []
+    # The process dies; a new book resumes from the committed watermark alone.
+    again = StreamBook(("BINANCE", "BTCUSDT", "trade"), 0, cfg, contiguous=True, watermark=wm)
+    assert again.check(4, 2, "backfill", events)
+    assert not again.check(2, 2, "replay", events)
+    again.emit_pending(3, events, force=True)
+    assert open_gap_ids(events) == {3, 5}

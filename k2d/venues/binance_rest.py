@@ -1,0 +1,288 @@
+"""Binance REST trade history (`/api/v3/historicalTrades`) inside the venue's weight budget.
+
+Binance counts request weight per IP per wall-clock minute, answers 429 with Retry-After
+past its limit, and bans (418) a client that calls again before Retry-After has passed.
+This client keeps its own count, corrected by the venue's X-MBX-USED-WEIGHT-1M header,
+waits for the next minute rather than go over `weight_per_minute`, and never calls while
+it has been told to wait.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import math
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+import anyio
+import httpx
+import msgspec
+
+from k2d.runtime import Backoff
+from k2d.venues.binance import HistoricalTrade, historical_trades_url
+
+if TYPE_CHECKING:
+    from k2d.telemetry.metrics import Metrics
+
+__all__ = [
+    "MAX_LIMIT",
+    "BinanceRest",
+    "BinanceRestError",
+    "RequestRejectedError",
+    "VenueUnavailableError",
+]
+
+log = logging.getLogger(__name__)
+
+MAX_LIMIT = 1000  # trades per historicalTrades page the venue allows
+_USED_WEIGHT = "X-MBX-USED-WEIGHT-1M"
+_WINDOW = 60.0  # the venue's weight window: one wall-clock minute
+_DEFAULT_RETRY_AFTER = _WINDOW  # a 429/418 without Retry-After: sit out a whole window
+_MAX_RETRY_AFTER = 3 * 86_400.0  # Binance's longest ban
+_DETAIL_CHARS = 200
+
+
+class BinanceRestError(Exception):
+    """A trade-history request that did not produce trades."""
+
+
+class RequestRejectedError(BinanceRestError):
+    """The venue refused the request itself (a 4xx other than rate limits): retrying cannot help."""
+
+    def __init__(self, status: int, code: int | None, detail: str) -> None:
+        super().__init__(f"venue refused the request with HTTP {status} (code {code}): {detail}")
+        self.status = status
+        self.code = code
+        self.detail = detail
+
+
+class VenueUnavailableError(BinanceRestError):
+    """Every attempt failed: server errors, timeouts, network errors or unreadable answers."""
+
+
+class _VenueError(msgspec.Struct):
+    code: int
+    msg: str
+
+
+class _WeightBudget:
+    """The venue's per-minute request weight, as far as this client can know it.
+
+    Requests overlap only while the weight they bring us to is one the venue has accepted
+    before, and the first request of each window goes alone to learn the venue's count. So a
+    429 always finds nothing else of ours in flight, and we never call during a Retry-After.
+    """
+
+    def __init__(self, limit: int, clock: Callable[[], float]) -> None:
+        self.limit = limit
+        self._clock = clock  # wall clock: where the venue's minute boundaries fall
+        self._safe = 0  # highest used weight the venue has accepted
+        self._used = 0
+        self._in_flight = 0
+        self._synced = False  # a response in this window told us the venue's count
+        self._window = 0
+        self._window_end: float | None = None  # on the event loop's clock
+        self._blocked_until = 0.0
+        self._changed = anyio.Event()
+
+    async def acquire(self, weight: int) -> int:
+        """Wait until a request of `weight` may go; return the window it is charged to."""
+        while True:
+            delay = self._delay(weight, anyio.current_time())
+            if delay <= 0:
+                self._used += weight
+                self._in_flight += 1
+                return self._window
+            with anyio.move_on_after(delay):
+                await self._changed.wait()
+
+    def release(
+        self, window: int, weight: int, status: int | None, used: int | None, retry: float | None
+    ) -> None:
+        """Account one request's outcome: the venue's count, a refusal, or no answer."""
+        self._in_flight -= 1
+        if used is not None and window == self._window:
+            self._used = max(self._used, used)
+            self._synced = self._synced or status == 200
+        if status == 200 and used is not None:
+            self._safe = max(self._safe, used)
+        if status in (429, 418):
+            wait = _DEFAULT_RETRY_AFTER if retry is None else retry
+            self._blocked_until = max(self._blocked_until, anyio.current_time() + wait)
+        if status == 429:
+            # The venue's window ends when it lets us back in, and its limit is below
+            # used + weight: stay under what it accepted from now on.
+            self._window_end = self._blocked_until
+            if used is not None and used < self.limit:
+                self.limit = max(used, weight)
+                log.warning("venue refused weight above %d per minute; staying under it", used)
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def _delay(self, weight: int, now: float) -> float:
+        if now < self._blocked_until:
+            return self._blocked_until - now
+        end = self._roll(now)
+        if self._used + weight > self.limit:
+            return end - now
+        if self._in_flight and (not self._synced or self._used + weight > self._safe):
+            return math.inf  # until a response arrives
+        return 0.0
+
+    def _roll(self, now: float) -> float:
+        if self._window_end is None:
+            self._window_end = now + _WINDOW - self._clock() % _WINDOW
+        if now >= self._window_end:
+            self._window_end += _WINDOW * (1 + (now - self._window_end) // _WINDOW)
+            self._window += 1
+            self._used = 0
+            self._synced = False
+        return self._window_end
+
+
+class BinanceRest:
+    """The venue's trade history over one shared HTTP client: `async with BinanceRest(...)`."""
+
+    def __init__(
+        self,
+        rest_url: str,
+        *,
+        weight_per_minute: int,
+        request_weight: int,
+        timeout: float,
+        max_attempts: int = 5,
+        metrics: Metrics | None = None,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not 1 <= request_weight <= weight_per_minute:
+            raise ValueError(
+                f"request_weight {request_weight} must be between 1 and "
+                f"weight_per_minute {weight_per_minute}"
+            )
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts {max_attempts} must be at least 1")
+        self.rest_url = rest_url.rstrip("/")
+        self._weight = request_weight
+        self._max_attempts = max_attempts
+        self._metrics = metrics
+        self._backoff = (backoff_initial, backoff_max)
+        self._budget = _WeightBudget(weight_per_minute, clock)
+        self._client = httpx.AsyncClient(timeout=timeout, headers={"Accept": "application/json"})
+        self._trades = msgspec.json.Decoder(list[HistoricalTrade])
+        self._error = msgspec.json.Decoder(_VenueError)
+
+    async def __aenter__(self) -> BinanceRest:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def historical_trades(
+        self, symbol: str, from_id: int, limit: int
+    ) -> list[HistoricalTrade]:
+        """Up to `limit` trades with id >= from_id, ascending. If from_id is older than the
+        venue's retained history, the page starts at its oldest trade."""
+        if not 1 <= limit <= MAX_LIMIT:
+            raise ValueError(f"limit {limit} must be between 1 and {MAX_LIMIT}")
+        url = historical_trades_url(self.rest_url, symbol, from_id, limit)
+        backoff = Backoff(*self._backoff)
+        failure = "no attempt made"
+        for attempt in range(1, self._max_attempts + 1):
+            window = await self._budget.acquire(self._weight)
+            try:
+                response = await self._client.get(url)
+            except httpx.RequestError as exc:
+                self._budget.release(window, self._weight, None, None, None)
+                self._count("error")
+                failure = f"{type(exc).__name__}: {exc}".rstrip(": ")
+            except BaseException:
+                self._budget.release(window, self._weight, None, None, None)
+                raise
+            else:
+                trades, failure = self._answer(window, response)
+                if trades is not None:
+                    return trades
+                if response.status_code in (429, 418):
+                    continue  # the budget holds every request back until Retry-After
+            log.warning(
+                "GET %s: attempt %d of %d failed: %s", url, attempt, self._max_attempts, failure
+            )
+            if attempt < self._max_attempts:
+                await anyio.sleep(backoff.next_delay())
+        raise VenueUnavailableError(
+            f"GET {url}: no trades after {self._max_attempts} attempts; last: {failure}"
+        )
+
+    def _answer(
+        self, window: int, response: httpx.Response
+    ) -> tuple[list[HistoricalTrade] | None, str]:
+        """Trades from a response, or None and why it failed; raises if retrying cannot help."""
+        status = response.status_code
+        used = _header_int(response, _USED_WEIGHT)
+        retry = _retry_after(response) if status in (429, 418) else None
+        self._budget.release(window, self._weight, status, used, retry)
+        self._count(str(status))
+        if used is not None and self._metrics is not None:
+            self._metrics.backfill_weight_used.set(used)
+        if status == 200:
+            try:
+                return self._trades.decode(response.content), ""
+            except msgspec.DecodeError as exc:
+                return None, f"HTTP 200 whose body is not a trade list: {exc}"
+        detail = response.text[:_DETAIL_CHARS]
+        wait = _DEFAULT_RETRY_AFTER if retry is None else retry
+        if status == 429:
+            log.warning("venue rate limit (HTTP 429, weight %s): waiting %.0fs", used, wait)
+            return None, f"HTTP 429: {detail}"
+        if status == 418:
+            log.error("venue banned this IP (HTTP 418): waiting %.0fs; %s", wait, detail)
+            return None, f"HTTP 418: {detail}"
+        if status >= 500:
+            return None, f"HTTP {status}: {detail}"
+        try:
+            err = self._error.decode(response.content)
+        except msgspec.DecodeError:
+            raise RequestRejectedError(status, None, detail) from None
+        raise RequestRejectedError(status, err.code, err.msg)
+
+    def _count(self, status: str) -> None:
+        if self._metrics is not None:
+            self._metrics.backfill_requests.labels(status).inc()
+
+
+def _header_int(response: httpx.Response, name: str) -> int | None:
+    raw = response.headers.get(name)
+    if raw is None or not raw.strip().isdigit():
+        return None
+    return int(raw)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Retry-After in seconds (delta-seconds or an HTTP date), or None when absent or garbled."""
+    raw = response.headers.get("Retry-After")
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(raw)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+    if not math.isfinite(seconds):
+        return None
+    return min(max(seconds, 0.0), _MAX_RETRY_AFTER)
