@@ -75,7 +75,7 @@ class RecordBatch(msgspec.Struct, kw_only=True):
     span_context: Any = None
 
 
-class Watermark(msgspec.Struct, frozen=True, kw_only=True):
+class Watermark(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Last accepted source sequence and platform sequence of one (exchange, symbol, stream)."""
 
     last_sequence: int | None
