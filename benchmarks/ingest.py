@@ -33,6 +33,7 @@ import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from k2d.config import Config, load_config
+from k2d.journal import Journal, JournalOptions
 from k2d.messages import RecordBatch
 from k2d.model import now_us
 from k2d.runtime import Actor, Outbox, Registry
@@ -99,20 +100,41 @@ def read_frames(path: Path) -> Iterator[bytes]:
 class FrameReplay(Actor[None, RecordBatch]):
     """Replays recorded frames through the Binance parser, as fast as the pipeline takes them."""
 
-    def __init__(self, path: Path, symbols: list[str], batch: int, seconds: float) -> None:
+    def __init__(
+        self,
+        path: Path,
+        symbols: list[str],
+        batch: int,
+        seconds: float,
+        journal: Journal | None = None,
+    ) -> None:
         self.name = "replay"
         self.path, self.batch, self.seconds = path, batch, seconds
+        self.journal = journal
         self.parser = BinanceParser(symbols, source="replay", max_clock_skew_s=10 * 86_400)
         self.frames = 0
 
     async def run(
         self, inbox: MemoryObjectReceiveStream[None] | None, outbox: Outbox[RecordBatch]
     ) -> None:
+        async with anyio.create_task_group() as tg:
+            if self.journal is not None:
+                tg.start_soon(self.journal.run_syncer)
+            await self._replay(outbox)
+            tg.cancel_scope.cancel()
+        if self.journal is not None:
+            self.journal.close()
+
+    async def _replay(self, outbox: Outbox[RecordBatch]) -> None:
         deadline = time.monotonic() + self.seconds
         parse = self.parser.parse
+        append = self.journal.append if self.journal is not None else None
+        position = None
         out = ParsedFrames()
         received = now_us()
         for frame in read_frames(self.path):
+            if append is not None:  # as the FeedHandler does: journal first, then parse
+                position = append(received, frame)
             parse(frame, received, out)
             self.frames += 1
             if len(out) >= self.batch:
@@ -124,6 +146,7 @@ class FrameReplay(Actor[None, RecordBatch]):
                         quotes=out.quotes,
                         dead_letters=out.dead_letters,
                         received_at=received,
+                        log_position={"journal:replay": position.to_json()} if position else None,
                     )
                 )
                 out = ParsedFrames()
@@ -175,7 +198,7 @@ def decode_ceiling(path: Path, limit: int) -> float:
 
 
 async def run_pipeline(
-    cfg: Config, frames: Path, symbols: list[str], seconds: float
+    cfg: Config, frames: Path, symbols: list[str], seconds: float, journal_dir: Path | None
 ) -> dict[str, Any]:
     from k2d.pipeline import build_pipeline
     from k2d.storage import Warehouse
@@ -186,7 +209,21 @@ async def run_pipeline(
     tracing = setup_tracing(cfg.telemetry)
     wh = Warehouse(cfg.storage, cfg.writer)
     await anyio.to_thread.run_sync(wh.ensure_tables)
-    replay = FrameReplay(frames, symbols, cfg.pipeline.batch_max_records, seconds)
+    journal = None
+    if journal_dir is not None:
+        jc = cfg.journal
+        journal = Journal(
+            journal_dir,
+            "replay",
+            JournalOptions(
+                segment_bytes=jc.segment_bytes,
+                buffer_bytes=jc.buffer_bytes,
+                fsync_interval=jc.fsync_interval,
+                max_frame_bytes=jc.max_frame_bytes,
+            ),
+        )
+        journal.open()
+    replay = FrameReplay(frames, symbols, cfg.pipeline.batch_max_records, seconds, journal)
     p = build_pipeline(
         cfg, wh, metrics, registry, tracing.tracer, sources=[("replay", lambda: replay)]
     )
@@ -232,9 +269,11 @@ def pipeline_benchmark(args: argparse.Namespace, work: Path) -> None:
             "writer": {"flush_rows": args.flush_rows},
         },
     )
-    res = anyio.run(run_pipeline, cfg, frames, symbols, args.seconds)
+    journal_dir = work / "journal" if args.journal else None
+    res = anyio.run(run_pipeline, cfg, frames, symbols, args.seconds, journal_dir)
     print(
-        f"pipeline: {res['trades_committed']:,} trades committed from {res['frames']:,} "
+        f"pipeline{' + journal' if args.journal else ''}: {res['trades_committed']:,} trades "
+        f"committed from {res['frames']:,} "
         f"frames in {res['seconds']:.1f}s = {res['trades_per_s']:,.0f} trades/s; "
         f"{res['commits']} commits; CPU {res['cpu_share']:.0%} of one core; "
         f"peak RSS {res['peak_rss_mb']:.0f} MB"
@@ -339,11 +378,31 @@ symbols = {symbols!r}
         )
 
 
+def _passthrough(args: argparse.Namespace) -> list[str]:
+    return [
+        "--seconds",
+        str(args.seconds),
+        "--frames-per-second",
+        str(args.frames_per_second),
+        "--symbols",
+        str(args.symbols),
+        "--live-rows",
+        str(args.live_rows),
+        "--flush-rows",
+        str(args.flush_rows),
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--only", choices=["pipeline", "wire"], default=None)
+    ap.add_argument(
+        "--journal",
+        action="store_true",
+        help="journal every frame before parsing it, as the daemon does",
+    )
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument(
         "--frames-per-second",
@@ -362,8 +421,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="k2d-bench-") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        if args.only in (None, "pipeline"):
+        if args.only == "pipeline":
             pipeline_benchmark(args, work)
+        elif args.only is None:
+            # Each in its own process, so that peak RSS is each run's own.
+            for extra in ([], ["--journal"]):
+                subprocess.run(
+                    [sys.executable, __file__, "--only", "pipeline", *extra, *_passthrough(args)],
+                    check=True,
+                )
         if args.only in (None, "wire"):
             wire_benchmark(args, work)
 
