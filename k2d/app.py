@@ -109,6 +109,8 @@ async def run_daemon(
             tracing=tracing,
             stats=lambda: _stats(daemon),
             expected_actors=set(pipeline.actor_names),
+            query_pool=pipeline.query_pool,
+            live_hub=pipeline.live_hub,
             config=cfg.api,
         ),
         stopping=anyio.Event(),

@@ -1,4 +1,4 @@
-"""Command line: run, demo, simulate, journal inspect, check-config, version."""
+"""Command line: run, demo, simulate, load, journal inspect, check-config, version."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _config_path(arg: Path | None) -> Path | None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from k2d import simulator
+    from k2d import batchload, simulator
 
     parser = argparse.ArgumentParser(prog="k2d", description="Market-data capture daemon.")
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="print the effective config or its errors")
     _add_config(check)
 
+    load = sub.add_parser("load", help="load historical files into the tables")
+    lsub = load.add_subparsers(dest="load_verb", required=True)
+    batchload.add_arguments(
+        lsub.add_parser("asx", help="ASX equities trades/quotes CSV files (vendor format)")
+    )
+
     journal = sub.add_parser("journal", help="the capture journal")
     jsub = journal.add_subparsers(dest="journal_verb", required=True)
     inspect = jsub.add_parser("inspect", help="records, time range and damage of a segment")
@@ -83,6 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from k2d import simulator
 
         return simulator.run_from_args(args)
+    if args.verb == "load":
+        from k2d import batchload
+
+        return batchload.run_from_args(args)
     if args.verb == "journal":
         from k2d.journal import format_report, inspect
 

@@ -234,10 +234,12 @@ class MaintenanceConfig(_Section, frozen=True):
     data_retention_days: dict[str, float] = msgspec.field(default_factory=dict)
     # The first round starts this many seconds after the daemon (not at every restart).
     first_round_after: float = 300.0
+    # Between rounds, snapshots are expired every this many seconds (cheap when few).
+    expiry_interval: float = 60.0
     # Snapshots younger than this (seconds) are all kept; older ones, within the retention,
     # are thinned to the newest per snapshot_thin_interval (0 = keep all): every commit adds
-    # a snapshot, and commit latency grows with their number.
-    snapshot_full_history: float = 3_600.0
+    # a snapshot, and pyiceberg's commit latency grows with their number.
+    snapshot_full_history: float = 300.0
     snapshot_thin_interval: float = 3_600.0
     # Files under a table that no snapshot references are deleted once this old (seconds;
     # 0 = never): younger ones may belong to a commit in flight.

@@ -26,6 +26,7 @@ from opentelemetry import trace
 from actors.backfill import Backfiller
 from actors.feed import FeedHandler
 from actors.live_hub import LiveHub
+from actors.query_pool import QueryPool
 from actors.sequencer import SequenceTracker, TrackerState
 from actors.writer import IcebergWriter
 from k2d.config import Config
@@ -148,6 +149,7 @@ class Pipeline:
     supervisor: Supervisor
     feeds_stop: anyio.Event
     live_hub: LiveHub
+    query_pool: QueryPool
     feed_names: list[str]
     actor_names: set[str] = field(default_factory=set)
 
@@ -173,6 +175,7 @@ def build_pipeline(
 
     to_writer, writer_inbox = bounded_stream(registry, "writer.inbox", size)
     to_hub, hub_inbox = bounded_stream(registry, "live_hub.inbox", size * 4)
+    to_pool, pool_inbox = bounded_stream(registry, "query_pool.inbox", size * 4)
     tracker_inboxes = [
         bounded_stream(registry, f"sequencer-{p}.inbox", size) for p in range(pc.partitions)
     ]
@@ -207,7 +210,9 @@ def build_pipeline(
     for p, (_, inbox) in enumerate(tracker_inboxes):
         out = Outbox[Any](f"sequencer-{p}.outbox", to_writer.clone(), to_hub.clone())
         ingest.append(ChildSpec.for_actor(f"sequencer-{p}", tracker(p), inbox, out, registry))
-    writer_out = Outbox[Any]("writer.outbox", to_hub.clone())
+    # The pool hears of a commit before the hub does: once the hub counts a batch as
+    # committed, a query already finds its rows in the pool's file index.
+    writer_out = Outbox[Any]("writer.outbox", to_pool.clone(), to_hub.clone())
     ingest.append(
         ChildSpec.for_actor(
             "writer",
@@ -260,6 +265,11 @@ def build_pipeline(
         s.close()
     to_writer.close()
     to_hub.close()
+    pool = QueryPool(warehouse, cfg.query, metrics, tracer)
+    query_spec = ChildSpec.for_actor(
+        "query_pool", lambda: pool, pool_inbox, Outbox("none"), registry
+    )
+    to_pool.close()
 
     sup = cfg.supervisor
     ingest_sup = Supervisor(
@@ -270,12 +280,14 @@ def build_pipeline(
     )
     root = Supervisor(
         "root",
-        [ingest_sup.as_child(), feeds_sup.as_child()],
+        # The query pool is outside the ingest chain: a query worker's crash never restarts
+        # ingest, and the pool drains last (its inbox ends when the writer's does).
+        [ingest_sup.as_child(), feeds_sup.as_child(), query_spec],
         registry,
         Strategy.ONE_FOR_ONE,
         sup.max_restarts,
         sup.period,
         backoff(),
     )
-    names = {s.name for s in ingest} | {s.name for s in feed_specs}
-    return Pipeline(root, feeds_stop, hub, feed_names, names)
+    names = {s.name for s in ingest} | {s.name for s in feed_specs} | {"query_pool"}
+    return Pipeline(root, feeds_stop, hub, pool, feed_names, names)

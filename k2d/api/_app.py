@@ -15,6 +15,7 @@ from k2d import __version__
 from k2d.api._errors import error_response, exception_handlers
 from k2d.api._middleware import RequestMiddleware
 from k2d.api._ops import OPS_HANDLERS
+from k2d.api._query_routes import query_router
 from k2d.api._state import ApiState
 
 __all__ = ["create_app"]
@@ -25,14 +26,15 @@ SCHEMA_PATH = "/schema"
 def create_app(
     state: ApiState, *, route_handlers: Sequence[ControllerRouterHandler] = ()
 ) -> Litestar:
-    """Build the app; `route_handlers` adds endpoints (query routes) that share its error
-    mapping, telemetry and limits. Handlers get the state as `api: NamedDependency[ApiState]`."""
+    """Build the app: ops routes, the /v1 query routes (served by `state.query_pool`), and
+    `route_handlers` (more endpoints sharing its error mapping, telemetry and limits).
+    Handlers get the state as `api: NamedDependency[ApiState]`."""
 
     def provide_api() -> ApiState:
         return state
 
     app = Litestar(
-        route_handlers=[*OPS_HANDLERS, *route_handlers],
+        route_handlers=[*OPS_HANDLERS, query_router(state), *route_handlers],
         dependencies={"api": Provide(provide_api, use_cache=True, sync_to_thread=False)},
         exception_handlers=exception_handlers(),
         openapi_config=_openapi_config(),

@@ -41,6 +41,9 @@ class ApiServer:
             lifespan="on",
             access_log=False,
             timeout_graceful_shutdown=cfg.shutdown_timeout,
+            # The client address is the peer's; X-Forwarded-For counts only from the
+            # trusted proxies in api.trusted_proxies (k2d/api/_access.py decides).
+            proxy_headers=False,
         )
         self._server = _Server(config)
         self._done = anyio.Event()

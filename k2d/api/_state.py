@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from k2d.config import ApiConfig
+from k2d.query import QueryService, RecentSource
 from k2d.runtime import ActorState, Registry
 from k2d.telemetry.metrics import Metrics
 from k2d.telemetry.tracing import Tracing
@@ -28,6 +29,9 @@ class ApiState:
     tracing: Tracing | None = None
     expected_actors: set[str] = field(default_factory=set)
     config: ApiConfig = field(default_factory=ApiConfig)
+    # The query side: the QueryPool (historical queries) and the LiveHub (uncommitted rows).
+    query_pool: QueryService | None = None
+    live_hub: RecentSource | None = None
     _ready: bool = field(default=False, init=False, repr=False)
     _draining: bool = field(default=False, init=False, repr=False)
 

@@ -2,6 +2,8 @@
 
 Field names follow schemas/trade_v2.avsc and quote_v2.avsc plus `provenance`. Each table's
 Arrow schema is derived here once, so the builders and the Iceberg schema cannot drift apart.
+Reference tables (`instruments`, written by batch loads) are in REFERENCE_TABLES, apart from
+the four the pipeline writes and recovers from.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pyiceberg.table.sorting import NullOrder, SortDirection, SortField, SortOrd
 from pyiceberg.transforms import DayTransform, IdentityTransform
 from pyiceberg.types import (
     BinaryType,
+    DateType,
     DecimalType,
     IcebergType,
     IntegerType,
@@ -27,7 +30,9 @@ from pyiceberg.types import (
 
 __all__ = [
     "DEAD_LETTERS",
+    "INSTRUMENTS",
     "QUOTES",
+    "REFERENCE_TABLES",
     "SEQUENCE_EVENTS",
     "TABLES",
     "TABLE_NAMES",
@@ -40,6 +45,7 @@ TRADES = "trades"
 QUOTES = "quotes"
 SEQUENCE_EVENTS = "sequence_events"
 DEAD_LETTERS = "dead_letters"
+INSTRUMENTS = "instruments"
 TABLE_NAMES = (TRADES, QUOTES, SEQUENCE_EVENTS, DEAD_LETTERS)
 
 TABLE_PROPERTIES: dict[str, str] = {
@@ -48,6 +54,9 @@ TABLE_PROPERTIES: dict[str, str] = {
     "commit.manifest-merge.enabled": "true",
     "write.parquet.compression-codec": "zstd",
     "write.parquet.compression-level": "3",
+    # Row groups of 128k rows, as compaction writes them: DuckDB skips more of a file for a
+    # narrow time window (measured: 10-minute window p99 45 -> 28 ms against 1M-row groups).
+    "write.parquet.row-group-limit": "131072",
     # Every commit writes a new metadata.json; keep a bounded history of them on disk.
     "write.metadata.delete-after-commit.enabled": "true",
     "write.metadata.previous-versions-max": "50",
@@ -96,6 +105,7 @@ _ARROW_TYPES: dict[type[IcebergType], pa.DataType] = {
     TimestamptzType: pa.timestamp("us", tz="UTC"),
     DecimalType: pa.decimal128(18, 8),
     BinaryType: pa.binary(),
+    DateType: pa.date32(),
 }
 
 
@@ -244,5 +254,38 @@ TABLES: dict[str, TableDef] = {
         ),
         time_column="received_at",
         by_exchange=False,
+    ),
+}
+
+# Small and rewritten whole by each upsert: unpartitioned, one row per listing period.
+_INSTRUMENTS_SCHEMA = _schema(
+    ("company_id", StringType(), True),
+    ("symbol", StringType(), True),
+    ("name", StringType(), True),
+    ("isin", StringType(), False),
+    ("valid_from", DateType(), False),
+    ("valid_to", DateType(), False),
+    ("exchange", StringType(), True),
+)
+
+REFERENCE_TABLES: dict[str, TableDef] = {
+    INSTRUMENTS: TableDef(
+        name=INSTRUMENTS,
+        schema=_INSTRUMENTS_SCHEMA,
+        spec=PartitionSpec(),
+        sort_order=SortOrder(
+            *(
+                SortField(
+                    source_id=_INSTRUMENTS_SCHEMA.find_field(col).field_id,
+                    transform=IdentityTransform(),
+                    direction=SortDirection.ASC,
+                    null_order=NullOrder.NULLS_FIRST,
+                )
+                for col in ("exchange", "company_id", "valid_from")
+            )
+        ),
+        sort_columns=("exchange", "company_id", "valid_from"),
+        time_column="valid_from",
+        arrow_schema=_arrow_schema(_INSTRUMENTS_SCHEMA),
     ),
 }

@@ -26,9 +26,9 @@ from pyiceberg.exceptions import (
 # Private pyiceberg API, used so that a commit retried after a conflict reuses the data
 # files already written instead of writing the Parquet again (and leaving orphans).
 from pyiceberg.io.pyarrow import _check_pyarrow_schema_compatible, _dataframe_to_data_files
-from pyiceberg.manifest import DataFile
+from pyiceberg.manifest import DataFile, ManifestEntryStatus
 from pyiceberg.table import Table
-from pyiceberg.table.snapshots import ancestors_of
+from pyiceberg.table.snapshots import Snapshot, ancestors_of
 from pyiceberg.types import TimestamptzType
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
@@ -38,7 +38,10 @@ from k2d.config import StorageConfig, WriterConfig
 from k2d.messages import DataFileInfo, Watermark
 from k2d.runtime import Backoff
 from k2d.storage._schemas import TABLE_NAMES, TABLE_PROPERTIES, TABLES
-from k2d.storage._state import K2State, merge_states, table_state
+from k2d.storage._state import K2State, TableState, merge_states, table_state
+
+# On a snapshot that undid a flush cut short by a crash: the number of that flush.
+UNDONE_FLUSH = "k2.undone_flush"
 
 __all__ = ["CommitResult", "Warehouse"]
 
@@ -223,14 +226,24 @@ class Warehouse:
         """
         states = []
         for name in TABLE_NAMES:
-            table = self.load_table(name)
-            for snapshot in ancestors_of(table.current_snapshot(), table.metadata):
-                props = snapshot.summary.additional_properties if snapshot.summary else {}
-                state = table_state(name, props, snapshot.timestamp_ms)
-                if state is not None:
-                    states.append(state)
-                    break
+            found = self._latest_state(self.load_table(name), name)
+            if found is not None:
+                states.append(found[0])
         return merge_states(states, TABLE_NAMES)
+
+    @staticmethod
+    def _latest_state(table: Table, name: str) -> tuple[TableState, Snapshot] | None:
+        """The newest snapshot with k2 properties, passing over flushes undone since."""
+        undone: set[int] = set()
+        for snapshot in ancestors_of(table.current_snapshot(), table.metadata):
+            props = snapshot.summary.additional_properties if snapshot.summary else {}
+            if UNDONE_FLUSH in props:
+                undone.add(int(props[UNDONE_FLUSH]))
+                continue
+            state = table_state(name, props, snapshot.timestamp_ms)
+            if state is not None and state.flush not in undone:
+                return state, snapshot
+        return None
 
     def roll_back_incomplete_flush(self) -> list[str]:
         """Undo the commits of a flush that a crash cut short; return the tables rolled back.
@@ -244,13 +257,9 @@ class Warehouse:
         for _ in range(len(TABLE_NAMES)):
             latest = {}
             for name in TABLE_NAMES:
-                table = self.load_table(name)
-                for snap in ancestors_of(table.current_snapshot(), table.metadata):
-                    props = snap.summary.additional_properties if snap.summary else {}
-                    state = table_state(name, props, snap.timestamp_ms)
-                    if state is not None:
-                        latest[name] = (state, snap)
-                        break
+                found = self._latest_state(self.load_table(name), name)
+                if found is not None:
+                    latest[name] = found
             if not latest:
                 return rolled
             newest = max(st.flush for st, _ in latest.values())
@@ -260,14 +269,27 @@ class Warehouse:
             for name, (state, snap) in latest.items():
                 if state.flush != newest:
                     continue
-                table = self.load_table(name)
-                if snap.parent_snapshot_id is None:
-                    table.delete()  # the flush was this table's first commit
-                else:
-                    table.manage_snapshots().rollback_to_snapshot(snap.parent_snapshot_id).commit()
-                log.warning("rolled back %s: flush %d was cut short by a crash", name, newest)
+                self._undo(self.load_table(name), snap, newest)
+                log.warning("undid %s's commit of flush %d, cut short by a crash", name, newest)
                 rolled.append(name)
         return rolled
+
+    def _undo(self, table: Table, snap: Snapshot, flush: int) -> None:
+        """Remove exactly the files `snap` added, in a new snapshot that says so: commits
+        made since (batch loads, compaction) stay."""
+        added = [
+            entry.data_file
+            for manifest in snap.manifests(table.io)
+            for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True)
+            if entry.status == ManifestEntryStatus.ADDED and entry.snapshot_id == snap.snapshot_id
+        ]
+        with (
+            table.transaction() as tx,
+            tx.update_snapshot(snapshot_properties={UNDONE_FLUSH: str(flush)}).overwrite() as ow,
+        ):
+            for f in added:
+                ow.delete_data_file(f)
+        self._tables.pop(table.name()[-1], None)
 
     def latest_k2_state(self) -> tuple[dict[str, Watermark], dict[str, Any]]:
         """(watermarks by "EXCHANGE:SYMBOL:stream", log position) to resume after."""

@@ -1,0 +1,418 @@
+"""QueryPool: N DuckDB cursors behind a bounded request queue, and the Parquet file index.
+
+Requests are admitted (per-key concurrency limit, then a bounded queue: full means 503 busy)
+and served by N worker tasks, each owning one DuckDB cursor and running all blocking work in
+a worker thread. A request's deadline (QueryConfig.timeout from admission) covers queueing,
+planning, the query and streaming the answer: when it passes, the cursor is interrupted
+(`interrupt()`), the client gets 504, and the worker takes the next request.
+
+The inbox is the stream of Committed messages (writer appends, maintenance replaces): each
+is folded into the file index in a thread on a cursor of its own, so index updates never
+wait behind queries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+import duckdb
+from opentelemetry import trace
+
+from k2d.messages import Committed
+from k2d.query import (
+    INDEXED_TABLES,
+    FileIndex,
+    Format,
+    Head,
+    Opened,
+    Plan,
+    PlanContext,
+    QueryError,
+    ResultStream,
+    open_database,
+    open_result,
+)
+from k2d.query._files import local_path
+from k2d.runtime import Actor, Outbox
+
+if TYPE_CHECKING:
+    from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+    from k2d.config import QueryConfig
+    from k2d.storage import Warehouse
+    from k2d.telemetry.metrics import Metrics
+
+__all__ = ["QueryPool"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Extra time the admitting handler waits for the head beyond the deadline: the worker
+# answers 504 itself at the deadline, this only guards against a worker that vanished.
+_HEAD_GRACE = 2.0
+# A stream's last message (its end, or the error that ended it) may arrive this late.
+_END_GRACE = 1.0
+_RETRY_AFTER = {"Retry-After": "1"}
+_OUTCOMES = {400: "invalid", 429: "too_many", 504: "timeout"}
+
+_Msg = Head | bytes | QueryError | None
+
+
+@dataclass(eq=False)
+class _Job:
+    key: str
+    plan: Plan
+    fmt: Format
+    deadline: float
+    send: MemoryObjectSendStream[_Msg]
+    admitted: float = field(default_factory=time.perf_counter)
+    outcome: str = "ok"
+    released: bool = False
+
+
+@dataclass(eq=False)
+class _Worker:
+    cursor: duckdb.DuckDBPyConnection
+
+
+class QueryPool(Actor[Committed, None]):
+    """Owns the DuckDB database, its cursors and the file index; serves `execute`."""
+
+    name = "query_pool"
+
+    def __init__(
+        self,
+        warehouse: Warehouse,
+        cfg: QueryConfig,
+        metrics: Metrics,
+        tracer: trace.Tracer | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self._wh = warehouse
+        self._metrics = metrics
+        self._tracer = tracer or trace.get_tracer("k2d.query")
+        self.index = FileIndex(warehouse, cfg.snapshot_cache_size)
+        self._db: duckdb.DuckDBPyConnection | None = None
+        self._maintenance: duckdb.DuckDBPyConnection | None = None
+        self._workers: list[_Worker] = []
+        self._requests: MemoryObjectSendStream[_Job] | None = None
+        self._per_key: dict[str, int] = {}
+        self._inbox: MemoryObjectReceiveStream[Committed] | None = None
+        self._applying = False
+        self._applied: anyio.Event | None = None
+        self._limiter: anyio.CapacityLimiter | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def on_start(self) -> None:
+        """Open the database and plan the current snapshot of every queried table."""
+        await anyio.to_thread.run_sync(self._open)
+
+    def _open(self) -> None:
+        self._close()
+        warehouse_dir = local_path(self._wh.cfg.warehouse_url())
+        db, cursors = open_database(self.cfg, [warehouse_dir], self.cfg.workers + 1)
+        self._db, self._maintenance = db, cursors[0]
+        self._workers = [_Worker(c) for c in cursors[1:]]
+        self.index = FileIndex(self._wh, self.cfg.snapshot_cache_size)
+        started = time.perf_counter()
+        self.index.bootstrap(cursors[0])
+        self._count_index()
+        log.info(
+            "query index loaded in %.2fs: %s",
+            time.perf_counter() - started,
+            ", ".join(f"{t} {len(self.index.current(t).entries)} files" for t in INDEXED_TABLES),
+        )
+
+    def _close(self) -> None:
+        for w in self._workers:
+            w.cursor.close()
+        if self._maintenance is not None:
+            self._maintenance.close()
+        if self._db is not None:
+            self._db.close()
+        self._workers, self._maintenance, self._db = [], None, None
+
+    async def run(
+        self, inbox: MemoryObjectReceiveStream[Committed] | None, outbox: Outbox[None]
+    ) -> None:
+        if self._db is None:
+            await self.on_start()
+        send, recv = anyio.create_memory_object_stream[_Job](self.cfg.queue_size)
+        self._limiter = anyio.CapacityLimiter(len(self._workers) + 1)
+        self._applied = anyio.Event()
+        self._inbox = inbox
+        try:
+            async with anyio.create_task_group() as tg:
+                for w in self._workers:
+                    tg.start_soon(self._work, w, recv.clone())
+                recv.close()
+                self._requests = send
+                try:
+                    if inbox is None:
+                        await anyio.sleep_forever()
+                    else:
+                        async for msg in inbox:
+                            await self.apply(msg)
+                finally:
+                    # No new requests; the workers finish the queued ones, then end.
+                    self._requests = None
+                    send.close()
+        finally:
+            self._inbox = None
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._close)
+
+    # -- the file index -------------------------------------------------------------------
+
+    async def apply(self, msg: Committed) -> None:
+        """Fold one Committed into the file index (in a thread, on the maintenance cursor)."""
+        self._applying = True
+        try:
+            await anyio.to_thread.run_sync(self._apply, msg, limiter=self._limiter)
+        finally:
+            self._applying = False
+            if self._applied is not None:
+                self._applied.set()
+                self._applied = anyio.Event()
+
+    def _apply(self, msg: Committed) -> None:
+        assert self._maintenance is not None, "the query pool is not started"
+        replans = self.index.replans
+        if self.index.apply(msg, self._maintenance):
+            self._count_index()
+            if self.index.replans != replans:
+                self._metrics.query_index_replans.inc(self.index.replans - replans)
+
+    def _count_index(self) -> None:
+        for t in INDEXED_TABLES:
+            self._metrics.query_index_files.labels(t).set(len(self.index.current(t).entries))
+
+    async def catch_up(self) -> None:
+        """Return once every Committed already sent to the inbox is in the index."""
+        while not self._caught_up():
+            applied = self._applied
+            if self._applying and applied is not None:
+                await applied.wait()
+            else:
+                # A message handed to the waiting loop: let it run and start applying.
+                await anyio.lowlevel.checkpoint()
+
+    def _caught_up(self) -> bool:
+        if self._applying:
+            return False
+        inbox = self._inbox
+        if inbox is None:
+            return True
+        stats = inbox.statistics()
+        if stats.current_buffer_used or stats.tasks_waiting_send:
+            return False
+        # A message handed straight to the waiting loop is in neither count until the loop
+        # runs: only a loop parked in receive() (or an inbox with no senders left) is idle.
+        return stats.tasks_waiting_receive > 0 or stats.open_send_streams == 0
+
+    # -- requests -------------------------------------------------------------------------
+
+    async def execute(self, key: str, plan: Plan, fmt: Format) -> ResultStream:
+        """Admit, queue and start `plan`; return once its head is known (see QueryService)."""
+        endpoint = plan.endpoint
+        requests = self._requests
+        if requests is None:
+            self._metrics.queries.labels(endpoint, "busy").inc()
+            raise QueryError(503, "not_ready", "the query pool is not running", _RETRY_AFTER)
+        running = self._per_key.get(key, 0)
+        if running >= self.cfg.per_key_concurrency:
+            self._metrics.queries.labels(endpoint, "too_many").inc()
+            raise QueryError(
+                429,
+                "too_many_concurrent_queries",
+                f"at most {self.cfg.per_key_concurrency} queries at once per client",
+                _RETRY_AFTER,
+            )
+        send, recv = anyio.create_memory_object_stream[_Msg](2)
+        job = _Job(key, plan, fmt, time.monotonic() + self.cfg.timeout, send)
+        try:
+            requests.send_nowait(job)
+        except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            send.close()
+            recv.close()
+            self._metrics.queries.labels(endpoint, "busy").inc()
+            raise QueryError(
+                503, "busy", "the query queue is full; retry shortly", _RETRY_AFTER
+            ) from None
+        self._per_key[key] = running + 1
+        self._metrics.query_in_flight.inc()
+        try:
+            with anyio.fail_after(max(0.0, job.deadline - time.monotonic()) + _HEAD_GRACE):
+                first = await recv.receive()
+        except (TimeoutError, anyio.EndOfStream):
+            recv.close()
+            raise QueryError(504, "query_timeout", "the query ran past its time limit") from None
+        except BaseException:
+            recv.close()
+            raise
+        if isinstance(first, QueryError):
+            recv.close()
+            raise first
+        assert isinstance(first, Head)
+        return ResultStream(first, recv)  # type: ignore[arg-type]
+
+    async def _work(self, worker: _Worker, jobs: MemoryObjectReceiveStream[_Job]) -> None:
+        async with jobs:
+            async for job in jobs:
+                try:
+                    with self._tracer.start_as_current_span(
+                        "query.execute",
+                        attributes={"endpoint": job.plan.endpoint, "format": job.fmt.value},
+                    ) as span:
+                        await self._serve(worker, job)
+                        span.set_attribute("outcome", job.outcome)
+                finally:
+                    self._release(job)
+
+    def _release_key(self, job: _Job) -> None:
+        if job.released:
+            return
+        job.released = True
+        left = self._per_key.get(job.key, 1) - 1
+        if left > 0:
+            self._per_key[job.key] = left
+        else:
+            self._per_key.pop(job.key, None)
+
+    def _release(self, job: _Job) -> None:
+        self._release_key(job)
+        endpoint = job.plan.endpoint
+        self._metrics.query_in_flight.dec()
+        self._metrics.queries.labels(endpoint, job.outcome).inc()
+        self._metrics.query_seconds.labels(endpoint).observe(time.perf_counter() - job.admitted)
+
+    async def _serve(self, worker: _Worker, job: _Job) -> None:
+        with job.send:
+            if job.send.statistics().open_receive_streams == 0:
+                job.outcome = "gone"  # the client left while the request was queued
+                return
+            if time.monotonic() >= job.deadline:
+                self._fail(
+                    job, QueryError(504, "query_timeout", "the query waited past its time limit")
+                )
+                return
+            ctx = PlanContext(self.index, worker.cursor, self.cfg, job.deadline)
+            try:
+                opened = await self._call(worker, job.deadline, open_result, ctx, job.plan, job.fmt)
+            except QueryError as exc:
+                self._fail(job, exc)
+                return
+            try:
+                if not await self._deliver(job, opened.head):
+                    return
+                await self._stream(worker, job, opened)
+            finally:
+                await self._call(worker, None, opened.close)
+
+    async def _stream(self, worker: _Worker, job: _Job, opened: Opened) -> None:
+        while True:
+            try:
+                chunk = await self._call(worker, job.deadline, opened.next_chunk)
+            except QueryError as exc:
+                job.outcome = _OUTCOMES.get(exc.status, "error")
+                tail = opened.abort(exc.code, exc.detail)
+                if tail:
+                    # JSON closes its document with the error in it and ends cleanly.
+                    if await self._deliver(job, tail, _END_GRACE):
+                        await self._deliver(job, None, _END_GRACE)
+                else:
+                    # Other formats cannot say it in-band: the connection is cut.
+                    await self._deliver(job, exc, _END_GRACE)
+                return
+            if chunk is None:
+                # The client may ask again as soon as it has the last byte: free its slot first.
+                self._release_key(job)
+                await self._deliver(job, None, _END_GRACE)
+                return
+            if not await self._deliver(job, chunk):
+                return
+
+    def _fail(self, job: _Job, exc: QueryError) -> None:
+        job.outcome = _OUTCOMES.get(exc.status, "error")
+        self._release_key(job)
+        # The stream is empty before the head: this never blocks.
+        with contextlib.suppress(
+            anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError
+        ):
+            job.send.send_nowait(exc)
+
+    async def _deliver(self, job: _Job, msg: _Msg, grace: float = 0.0) -> bool:
+        """Hand a message to the client's handler; False once it is gone or too slow."""
+        with anyio.move_on_at(job.deadline + grace):
+            try:
+                await job.send.send(msg)
+                return True
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                job.outcome = "gone"
+                return False
+        job.outcome = "timeout"
+        return False
+
+    async def _call(
+        self, worker: _Worker, deadline: float | None, fn: Callable[..., T], *args: Any
+    ) -> T:
+        """Run `fn(*args)` in a thread; past `deadline`, interrupt the worker's cursor."""
+        timed_out = False
+        result: Any = None
+        error: Exception | None = None
+
+        async def watchdog(at: float) -> None:
+            nonlocal timed_out
+            await anyio.sleep(max(0.0, at - time.monotonic()))
+            timed_out = True
+            worker.cursor.interrupt()
+
+        async with anyio.create_task_group() as tg:
+            if deadline is not None:
+                tg.start_soon(watchdog, deadline)
+            try:
+                result = await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+            except Exception as exc:
+                error = exc
+            tg.cancel_scope.cancel()
+        if error is not None:
+            raise _query_error(error, timed_out) from error
+        return result  # type: ignore[no-any-return]
+
+
+def _query_error(exc: Exception, timed_out: bool) -> QueryError:
+    if isinstance(exc, QueryError):
+        return exc
+    # Read through Arrow's C stream, DuckDB's errors arrive as OSError with DuckDB's message.
+    message = str(exc)
+    if isinstance(exc, duckdb.InterruptException) or (
+        isinstance(exc, OSError) and message.startswith("INTERRUPT Error")
+    ):
+        if timed_out:
+            return QueryError(504, "query_timeout", "the query ran past its time limit")
+        return QueryError(503, "interrupted", "the query was interrupted", _RETRY_AFTER)
+    if isinstance(exc, duckdb.OutOfMemoryException) or (
+        isinstance(exc, OSError) and message.startswith("Out of Memory Error")
+    ):
+        return QueryError(
+            503, "insufficient_memory", "the query needs more memory than the pool may use"
+        )
+    if isinstance(exc, duckdb.IOException):
+        log.warning("query could not read a data file: %s", exc)
+        return QueryError(
+            503,
+            "storage_unavailable",
+            "a data file could not be read (an old snapshot may have expired)",
+            _RETRY_AFTER,
+        )
+    log.error("query failed", exc_info=exc)
+    return QueryError(500, "internal_error", "the query failed")

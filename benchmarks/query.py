@@ -1,0 +1,465 @@
+"""Query latency through HTTP, next to the same SQL run by DuckDB directly (the floor).
+
+Builds a trades table of --days days x --symbols symbols (10M+ rows by default) through
+Warehouse.append, one big batch per day, then serves it with the QueryPool and the API in a
+subprocess (so the HTTP client does not share a GIL with the server) and measures, each over
+--runs runs with a random symbol and window:
+
+  trades 10m   one symbol, a 10-minute window, JSON          (target p99 < 50 ms, <= 2x floor)
+  ohlcv 1m     one symbol, one day of 1-minute bars with VWAP (target p99 < 150 ms)
+  mixed x16    16 concurrent clients alternating both         (target: no errors, p99 < 4x
+               the single-client p99)
+
+The floor runs the SQL the plan builds (same files, same parameters) on a DuckDB cursor with
+the pool's settings, fetching all rows as Arrow. Prints figures; never fails on a timing.
+
+    python benchmarks/query.py
+    python benchmarks/query.py --data-dir /tmp/k2d-bench --keep   # reuse the table next time
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from k2d.config import ApiConfig, QueryConfig, StorageConfig
+from k2d.query import (
+    INTERVALS,
+    Format,
+    OhlcvPlan,
+    PlanContext,
+    RowsPlan,
+    Window,
+    open_database,
+)
+from k2d.query._execute import _outer
+from k2d.query._files import local_path
+from k2d.query._index import FileIndex
+from k2d.query._plans import TABLE_COLUMNS
+from k2d.storage import TABLES, TRADES, Warehouse, flush_properties
+
+DAY_US = 86_400_000_000
+KEYS = [f"bench-client-{n}" for n in range(64)]
+T0 = 1_704_067_200_000_000  # 2024-01-01T00:00:00Z
+_E8 = pa.scalar(Decimal("0.00000001"), pa.decimal128(9, 8))
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def machine() -> str:
+    import duckdb
+
+    return (
+        f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, "
+        f"python {platform.python_version()}, duckdb {duckdb.__version__}"
+    )
+
+
+# -- the table ----------------------------------------------------------------------------
+
+
+def _mix(i: pa.Array, mul: int, mask: int) -> pa.Array:
+    return pc.bit_wise_and(pc.multiply(i, mul), mask)
+
+
+def _decimal(units: pa.Array) -> pa.Array:
+    """int64 counts of 1e-8 as decimal128(18, 8), exactly."""
+    return pc.multiply(pc.cast(units, pa.decimal128(28, 0)), _E8).cast(pa.decimal128(18, 8))
+
+
+def symbol_day(symbol: str, day: int, n: int, first_id: int) -> pa.Table:
+    """One symbol's trades of one day: contiguous ids, spread over the day, a random walk."""
+    schema = TABLES[TRADES].arrow_schema
+    i = pa.array(range(first_id, first_id + n), pa.int64())
+    step = DAY_US // n
+    ts = pc.add(
+        pc.add(pc.multiply(pc.subtract(i, first_id), step), T0 + day * DAY_US),
+        _mix(i, 40_503, 1_023),
+    )
+    price = pc.add(pc.cumulative_sum(pc.subtract(_mix(i, 2_654_435_761, 2_047), 1_023)), 10**11)
+    qty = pc.add(_mix(i, 2_246_822_519, (1 << 30) - 1), 1)
+    ids = pc.cast(i, pa.string())
+
+    def const(v: str) -> pa.Array:
+        return pa.array([v] * n, pa.string())
+
+    return pa.table(
+        {
+            "message_id": pc.binary_join_element_wise(f"BINANCE:{symbol}:trade:", ids, ""),
+            "trade_id": ids,
+            "symbol": const(symbol),
+            "exchange": const("BINANCE"),
+            "asset_class": const("crypto"),
+            "timestamp": pc.cast(ts, pa.timestamp("us", tz="UTC")),
+            "price": _decimal(price),
+            "quantity": _decimal(qty),
+            "currency": const("USDT"),
+            "side": pc.if_else(pc.equal(_mix(i, 7_919, 1), 1), "BUY", "SELL"),
+            "trade_conditions": pa.nulls(n, schema.field("trade_conditions").type),
+            "source_sequence": i,
+            "ingestion_timestamp": pc.cast(pc.add(ts, 1_000), pa.timestamp("us", tz="UTC")),
+            "platform_sequence": i,
+            "vendor_data": pa.nulls(n, pa.string()),
+            "provenance": const("live"),
+        },
+        schema=schema,
+    )
+
+
+def symbols_of(n: int) -> list[str]:
+    return [f"SYM{s:02d}USDT" for s in range(n)]
+
+
+def build(storage: StorageConfig, days: int, symbols: int, rows: int, row_group: int) -> None:
+    per_symbol_day = rows // (days * symbols) + 1
+    with Warehouse(storage) as wh:
+        wh.ensure_tables()
+        if row_group:
+            table = wh.load_table(TRADES)
+            with table.transaction() as tx:
+                tx.set_properties({"write.parquet.row-group-limit": str(row_group)})
+        total = 0
+        for day in range(days):
+            started = time.perf_counter()
+            batch = pa.concat_tables(
+                symbol_day(s, day, per_symbol_day, 1 + day * per_symbol_day)
+                for s in symbols_of(symbols)
+            )
+            props = flush_properties(
+                flush=day + 1, tables=[TRADES], watermarks={}, log_position={}, batch_ids=[day]
+            )
+            wh.append(TRADES, batch, props)
+            total += batch.num_rows
+            print(
+                f"  day {day + 1}/{days}: {batch.num_rows:,} trades committed in "
+                f"{time.perf_counter() - started:.1f}s",
+                flush=True,
+            )
+    groups = f"{row_group:,}-row" if row_group else "pyiceberg default (1M-row)"
+    print(f"  table: {total:,} trades, {symbols} symbols, {days} days, {groups} row groups")
+
+
+# -- the server (a subprocess) ------------------------------------------------------------
+
+
+def serve(data_dir: str, query: QueryConfig) -> None:
+    """Run the QueryPool and the API until stdin closes; print the port."""
+    from actors.query_pool import QueryPool
+    from k2d.api import ApiState, create_app
+    from k2d.api import serve as serve_api
+    from k2d.runtime import Registry
+    from k2d.telemetry.metrics import Metrics
+
+    async def main() -> None:
+        storage = StorageConfig(data_dir=data_dir)
+        wh = Warehouse(storage)
+        registry = Registry()
+        metrics = Metrics(registry)
+        pool = QueryPool(wh, query, metrics)
+        await pool.on_start()
+        # One API key per benchmark client, so each is its own client for the limits.
+        api_cfg = ApiConfig(port=0, rate_limit=0, api_keys=tuple(_digest(k) for k in KEYS))
+
+        async def stats() -> dict[str, Any]:
+            return {}
+
+        state = ApiState(
+            registry=registry, metrics=metrics, stats=stats, config=api_cfg, query_pool=pool
+        )
+        server = serve_api(create_app(state), api_cfg)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.run, None, None)
+            await tg.start(server.run)
+            print(server.port, flush=True)
+            await anyio.to_thread.run_sync(sys.stdin.read)
+            await server.stop()
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)
+
+
+# -- measuring ----------------------------------------------------------------------------
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def line(name: str, ms: Sequence[float], extra: str = "") -> tuple[float, float]:
+    med, p99 = statistics.median(ms), pct(ms, 0.99)
+    print(f"  {name:<30} median {med:7.1f} ms   p99 {p99:7.1f} ms   n={len(ms)} {extra}")
+    return med, p99
+
+
+class Workload:
+    """Random requests, the same for HTTP and for the floor."""
+
+    def __init__(self, days: int, symbols: int, seed: int = 7) -> None:
+        self.days = days
+        self.symbols = symbols_of(symbols)
+        self.rng = random.Random(seed)
+
+    def trades(self) -> tuple[str, int, int]:
+        start = T0 + self.rng.randrange(0, self.days * DAY_US - 600_000_000)
+        return self.rng.choice(self.symbols), start, start + 600_000_000
+
+    def ohlcv(self) -> tuple[str, int, int]:
+        start = T0 + self.rng.randrange(self.days) * DAY_US
+        return self.rng.choice(self.symbols), start, start + DAY_US
+
+
+def trades_url(symbol: str, start: int, end: int) -> str:
+    return f"/v1/trades?symbol={symbol}&exchange=BINANCE&start={start}&end={end}&limit=1000"
+
+
+def ohlcv_url(symbol: str, start: int, end: int) -> str:
+    return f"/v1/ohlcv/1m?symbol={symbol}&exchange=BINANCE&start={start}&end={end}&limit=1440"
+
+
+def trades_plan(symbol: str, start: int, end: int) -> RowsPlan:
+    return RowsPlan(
+        endpoint="trades",
+        table=TRADES,
+        symbols=(symbol,),
+        exchanges=("BINANCE",),
+        window=Window(start, end),
+        limit=1000,
+        desc=False,
+        columns=tuple(TABLE_COLUMNS[TRADES]),
+    )
+
+
+def ohlcv_plan(symbol: str, start: int, end: int) -> OhlcvPlan:
+    return OhlcvPlan(
+        endpoint="ohlcv",
+        interval=INTERVALS["1m"],
+        symbols=(symbol,),
+        exchanges=("BINANCE",),
+        window=Window(start, end),
+        tz="UTC",
+        limit=1440,
+    )
+
+
+def floor(
+    storage: StorageConfig,
+    query: QueryConfig,
+    make: Callable[[], Any],
+    runs: int,
+    warmup: int,
+) -> list[float]:
+    """The plan's SQL, run by DuckDB directly on the same files (all rows, as Arrow)."""
+    wh = Warehouse(storage)
+    db, (maint, cursor) = open_database(query, [local_path(storage.warehouse_url())], 2)
+    try:
+        index = FileIndex(wh, 4)
+        index.bootstrap(maint)
+        out = []
+        for i in range(warmup + runs):
+            plan = make()
+            ctx = PlanContext(index, cursor, query, time.monotonic() + 60)
+            prepared = plan.prepare(ctx)
+            sql = _outer(prepared, Format.JSON)
+            params = [*prepared.params, prepared.limit + 1]
+            started = time.perf_counter()
+            cursor.sql(sql, params=params).to_arrow_table()
+            if i >= warmup:
+                out.append((time.perf_counter() - started) * 1_000)
+        return out
+    finally:
+        cursor.close()
+        maint.close()
+        db.close()
+        wh.close()
+
+
+async def http_runs(
+    base: str, urls: Callable[[], str], runs: int, warmup: int
+) -> tuple[list[float], int, int]:
+    """Latency of `runs` sequential requests: (ms, errors, bytes of the last answer)."""
+    out: list[float] = []
+    errors = size = 0
+    headers = {"X-API-Key": KEYS[0]}
+    async with httpx.AsyncClient(base_url=base, timeout=30.0, headers=headers) as client:
+        for i in range(warmup + runs):
+            url = urls()
+            started = time.perf_counter()
+            r = await client.get(url)
+            body = r.content
+            took = (time.perf_counter() - started) * 1_000
+            if r.status_code != 200:
+                errors += 1
+                print(f"    {r.status_code} {url}: {r.text[:200]}")
+            size = len(body)
+            if i >= warmup:
+                out.append(took)
+    return out, errors, size
+
+
+async def mixed(
+    base: str, work: Workload, clients: int, per_client: int
+) -> tuple[list[float], list[float], int, float]:
+    trades_ms: list[float] = []
+    ohlcv_ms: list[float] = []
+    errors = 0
+
+    async def client(n: int) -> None:
+        nonlocal errors
+        headers = {"X-API-Key": KEYS[n % len(KEYS)]}
+        async with httpx.AsyncClient(base_url=base, timeout=60.0, headers=headers) as c:
+            for i in range(per_client):
+                is_trades = (i + n) % 2 == 0
+                url = trades_url(*work.trades()) if is_trades else ohlcv_url(*work.ohlcv())
+                started = time.perf_counter()
+                r = await c.get(url)
+                _ = r.content
+                took = (time.perf_counter() - started) * 1_000
+                if r.status_code != 200:
+                    errors += 1
+                    print(f"    {r.status_code}: {r.text[:200]}")
+                (trades_ms if is_trades else ohlcv_ms).append(took)
+
+    started = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for n in range(clients):
+            tg.start_soon(client, n)
+    return trades_ms, ohlcv_ms, errors, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data-dir", help="where the table lives (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep (and reuse) --data-dir")
+    parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument("--days", type=int, default=7)
+    parser.add_argument("--symbols", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--per-client", type=int, default=50)
+    parser.add_argument("--workers", type=int, default=QueryConfig().workers)
+    parser.add_argument(
+        "--row-group-rows",
+        type=int,
+        default=131_072,
+        help="write.parquet.row-group-limit of the table (0: pyiceberg's default, 1M rows); "
+        "the default is what compaction writes",
+    )
+    parser.add_argument("--serve", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    query = QueryConfig(workers=args.workers)
+    if args.serve:
+        serve(args.serve, query)
+        return
+
+    if args.clients > len(KEYS):
+        parser.error(f"at most {len(KEYS)} clients")
+    print(f"query benchmark on {machine()}")
+    data_dir = args.data_dir or tempfile.mkdtemp(prefix="k2d-query-bench-")
+    storage = StorageConfig(data_dir=data_dir)
+    if not (Path(data_dir) / "catalog.db").exists():
+        print(f"building the table in {data_dir}")
+        build(storage, args.days, args.symbols, args.rows, args.row_group_rows)
+    else:
+        print(f"reusing the table in {data_dir}")
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "--serve",
+            data_dir,
+            "--workers",
+            str(args.workers),
+            "--clients",
+            str(args.clients),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        base = f"http://127.0.0.1:{port}"
+        print(
+            f"server: QueryPool with {query.workers} workers x {query.threads_per_worker} "
+            f"thread(s), pid {server.pid}"
+        )
+
+        work = Workload(args.days, args.symbols)
+        print("\nsingle client, sequential (HTTP; then the same SQL in DuckDB directly)")
+        t_http, t_err, t_size = anyio.run(
+            http_runs, base, lambda: trades_url(*work.trades()), args.runs, args.warmup
+        )
+        _, t_p99 = line(
+            "trades 10m JSON  (HTTP)", t_http, f"errors={t_err}, ~{t_size / 1024:.0f} KiB"
+        )
+        work = Workload(args.days, args.symbols)
+        t_floor = floor(storage, query, lambda: trades_plan(*work.trades()), args.runs, args.warmup)
+        _, tf_p99 = line("trades 10m JSON  (DuckDB floor)", t_floor)
+        print(
+            f"  {'':<30} p99 ratio HTTP/floor {t_p99 / tf_p99:.2f}x "
+            "(target <= 2x; p99 target < 50 ms)"
+        )
+
+        work = Workload(args.days, args.symbols, seed=11)
+        o_http, o_err, o_size = anyio.run(
+            http_runs, base, lambda: ohlcv_url(*work.ohlcv()), args.runs, args.warmup
+        )
+        _, o_p99 = line(
+            "ohlcv 1m 1 day   (HTTP)", o_http, f"errors={o_err}, ~{o_size / 1024:.0f} KiB"
+        )
+        work = Workload(args.days, args.symbols, seed=11)
+        o_floor = floor(storage, query, lambda: ohlcv_plan(*work.ohlcv()), args.runs, args.warmup)
+        _, of_p99 = line("ohlcv 1m 1 day   (DuckDB floor)", o_floor)
+        print(f"  {'':<30} p99 ratio HTTP/floor {o_p99 / of_p99:.2f}x (p99 target < 150 ms)")
+
+        print(f"\n{args.clients} concurrent clients, alternating trades 10m and ohlcv 1m")
+        work = Workload(args.days, args.symbols, seed=13)
+        mt, mo, m_err, took = anyio.run(mixed, base, work, args.clients, args.per_client)
+        _, mt_p99 = line("trades 10m JSON", mt)
+        _, mo_p99 = line("ohlcv 1m 1 day", mo)
+        total = len(mt) + len(mo)
+        print(f"  {total} requests in {took:.1f}s ({total / took:.0f}/s), errors={m_err}")
+        print(
+            f"  p99 vs single client: trades {mt_p99 / t_p99:.1f}x, ohlcv {mo_p99 / o_p99:.1f}x "
+            "(target < 4x)"
+        )
+    finally:
+        if server.stdin is not None:
+            with contextlib.suppress(BrokenPipeError):
+                server.stdin.close()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        if not args.keep and not args.data_dir:
+            shutil.rmtree(data_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

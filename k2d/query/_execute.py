@@ -1,0 +1,333 @@
+"""Running a prepared query on one DuckDB cursor and turning it into bytes, batch by batch.
+
+A plan (one per endpoint) prepares a core SELECT over the files of the snapshot it reads; the
+executor wraps it as `WITH q AS (core) SELECT <rendered columns> FROM q ORDER BY <key>
+LIMIT n`, streams Arrow record batches out of DuckDB and renders each into the response
+format, so memory stays bounded by a batch whatever the page size. Pages are keyset pages:
+the key of the last row returned is the next cursor.
+
+JSON asks for one row more than the page and writes its meta (truncated, next_cursor) after
+the rows; the other formats put the meta in headers, so they first peek at the row after the
+page. Everything here blocks: the QueryPool runs it in its worker threads.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from k2d.query._cursor import decode_cursor, encode_cursor
+from k2d.query._errors import QueryError
+from k2d.query._params import MEDIA_TYPES, Format, SnapshotSel
+from k2d.query._render import JSON_ROW, Column, Kind, column_expr, ident, json_row_expr, new_writer
+
+if TYPE_CHECKING:
+    import duckdb
+
+    from k2d.config import QueryConfig
+    from k2d.query._files import TableFiles
+    from k2d.query._index import FileIndex
+    from k2d.query._ledger import Ledger
+
+__all__ = [
+    "Head",
+    "Key",
+    "Opened",
+    "Plan",
+    "PlanContext",
+    "Prepared",
+    "keyset",
+    "open_result",
+]
+
+_BATCH_ROWS = 8_192
+_DEDUPE = "__dedupe"
+SNAPSHOT_HEADER = "X-K2D-Snapshot-Id"
+TRUNCATED_HEADER = "X-K2D-Truncated"
+CURSOR_HEADER = "X-K2D-Next-Cursor"
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """One column of a page key. Timestamps travel in cursors as epoch microseconds."""
+
+    name: str
+    kind: Kind
+
+    @property
+    def py_type(self) -> type:
+        return str if self.kind is Kind.STRING else int
+
+    def select(self) -> str:
+        ref = ident(self.name)
+        return f"epoch_us({ref})" if self.kind is Kind.TIMESTAMP else ref
+
+    def param(self) -> str:
+        return "make_timestamptz(?)" if self.kind is Kind.TIMESTAMP else "?"
+
+
+def keyset(
+    exprs: Sequence[str], keys: Sequence[Key], values: Sequence[int | str], desc: bool
+) -> tuple[str, list[Any]]:
+    """`(a, b, ...) > (?, ?, ...)` (or `<` descending): rows strictly after a cursor."""
+    lhs = ", ".join(exprs)
+    rhs = ", ".join(k.param() for k in keys)
+    return f"({lhs}) {'<' if desc else '>'} ({rhs})", list(values)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A plan's core query and how to page and render it."""
+
+    sql: str
+    params: Sequence[Any]
+    columns: tuple[Column, ...]
+    keys: tuple[Key, ...]
+    limit: int
+    desc: bool = False
+    relations: Mapping[str, pa.Table] = field(default_factory=dict)
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    # Cursors: the query's fingerprint (None: no cursors) and the snapshots they pin.
+    fingerprint: str | None = None
+    snapshots: Mapping[str, int] = field(default_factory=dict)
+    # A column (of q) whose repeats in adjacent rows are duplicates to drop (message_id).
+    dedupe: str | None = None
+    filename: str = "result"
+
+
+class PlanContext:
+    """What a plan may use while it prepares, inside a worker thread before the deadline."""
+
+    def __init__(
+        self,
+        index: FileIndex,
+        cursor: duckdb.DuckDBPyConnection,
+        cfg: QueryConfig,
+        deadline: float,
+    ) -> None:
+        self.index = index
+        self.cursor = cursor
+        self.cfg = cfg
+        self.deadline = deadline
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.index.ledger
+
+    def check_deadline(self) -> None:
+        if time.monotonic() >= self.deadline:
+            raise QueryError(504, "query_timeout", "the query ran past its time limit")
+
+    def files(
+        self, table: str, sel: SnapshotSel, pinned: Mapping[str, int] | None = None
+    ) -> TableFiles:
+        """The files of the snapshot to read: the one a cursor pinned, else the selected."""
+        self.check_deadline()
+        if pinned and table in pinned:
+            sel = SnapshotSel(snapshot_id=pinned[table])
+        return self.index.files(table, sel, self.cursor)
+
+    def decode_cursor(
+        self, text: str | None, fp: str, keys: Sequence[Key]
+    ) -> tuple[dict[str, int], list[int | str] | None]:
+        """(pinned snapshots, key values) of a cursor; empty for the first page."""
+        if text is None:
+            return {}, None
+        data = decode_cursor(text, fp, [k.py_type for k in keys])
+        return data.snapshots, data.key
+
+
+class Plan(Protocol):
+    """One endpoint's request, validated; prepare() runs in a worker thread."""
+
+    @property
+    def endpoint(self) -> str: ...
+
+    def prepare(self, ctx: PlanContext) -> Prepared: ...
+
+
+@dataclass(frozen=True)
+class Head:
+    """What is known before the first byte: the media type and headers."""
+
+    media_type: str
+    headers: dict[str, str]
+
+
+class Opened:
+    """A running query: `next_chunk()` until None, then `close()` (always)."""
+
+    def __init__(
+        self,
+        cursor: duckdb.DuckDBPyConnection,
+        prepared: Prepared,
+        fmt: Format,
+        reader: pa.RecordBatchReader,
+        head: Head,
+        peeked: tuple[bool, str | None],
+    ) -> None:
+        self._cursor = cursor
+        self._p = prepared
+        self._fmt = fmt
+        self._reader = reader
+        self.head = head
+        self._writer = new_writer(fmt)
+        visible = [f for f in reader.schema if not f.name.startswith("__") or f.name == JSON_ROW]
+        self._visible = [f.name for f in visible]
+        self._pending: bytes | None = self._writer.begin(pa.schema(visible))
+        # The first batch is read now, in open_result: sorting and aggregating happen before
+        # it exists, so their failures (a timeout) still get a proper status code.
+        self._first: pa.RecordBatch | None = self._read()
+        self._remaining = prepared.limit
+        self._rows = 0
+        self._truncated, self._next_cursor = peeked
+        self._last_key: list[int | str] | None = None
+        self._last_dedupe: Any = None
+        self._done = False
+
+    def next_chunk(self) -> bytes | None:
+        if self._pending is not None:
+            chunk, self._pending = self._pending, None
+            return chunk
+        while not self._done:
+            batch, self._first = self._first, None
+            if batch is None:
+                batch = self._read()
+            if batch is None:
+                self._done = True
+                return self._writer.end(self._meta())
+            chunk = self._consume(batch)
+            if chunk:
+                return chunk
+        return None
+
+    def _read(self) -> pa.RecordBatch | None:
+        try:
+            return self._reader.read_next_batch()
+        except StopIteration:
+            return None
+
+    def abort(self, code: str, detail: str) -> bytes:
+        """The closing bytes after a failure mid-stream (JSON only; other formats just stop)."""
+        self._done = True
+        if self._fmt is not Format.JSON:
+            return b""
+        return self._writer.end(self._meta(), {"code": code, "detail": detail})
+
+    def close(self) -> None:
+        self._done = True
+        try:
+            self._reader.close()
+        finally:
+            for name in self._p.relations:
+                self._cursor.unregister(name)
+
+    def _consume(self, batch: pa.RecordBatch) -> bytes:
+        n = batch.num_rows
+        take = min(n, self._remaining)
+        if take < n:
+            self._truncated = True
+        if take == 0:
+            return b""
+        self._remaining -= take
+        batch = batch.slice(0, take)
+        if self._fmt is Format.JSON and self._p.keys:
+            self._last_key = [
+                batch.column(f"__k{i}")[take - 1].as_py() for i in range(len(self._p.keys))
+            ]
+        if self._p.dedupe is not None:
+            batch = self._dedupe(batch)
+        self._rows += batch.num_rows
+        return self._writer.batch(batch.select(self._visible))
+
+    def _dedupe(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        col = batch.column(_DEDUPE)
+        prev = pa.concat_arrays(
+            [pa.array([self._last_dedupe], col.type), col.slice(0, len(col) - 1)]
+        )
+        keep = pc.fill_null(pc.not_equal(col, prev), True)
+        self._last_dedupe = col[len(col) - 1].as_py()
+        return batch.filter(keep)
+
+    def _meta(self) -> dict[str, Any]:
+        if self._fmt is Format.JSON and self._truncated and self._last_key is not None:
+            self._next_cursor = self._cursor_for(self._last_key)
+        meta = dict(self._p.meta)
+        meta["rows"] = self._rows
+        meta["truncated"] = self._truncated
+        meta["next_cursor"] = self._next_cursor
+        return meta
+
+    def _cursor_for(self, key: Sequence[int | str]) -> str | None:
+        if self._p.fingerprint is None:
+            return None
+        return encode_cursor(self._p.fingerprint, self._p.snapshots, key)
+
+
+def _outer(p: Prepared, fmt: Format) -> str:
+    order = ", ".join(f"{ident(k.name)} {'DESC' if p.desc else 'ASC'}" for k in p.keys)
+    if fmt is Format.JSON:
+        cols = [f"{json_row_expr(p.columns)} AS {ident(JSON_ROW)}"]
+    else:
+        cols = [f"{column_expr(c, fmt)} AS {ident(c.name)}" for c in p.columns]
+    cols += [f"{k.select()} AS {ident(f'__k{i}')}" for i, k in enumerate(p.keys)]
+    if p.dedupe is not None:
+        cols.append(f"{ident(p.dedupe)} AS {ident(_DEDUPE)}")
+    sql = f"WITH q AS ({p.sql}) SELECT {', '.join(cols)} FROM q"
+    if order:
+        sql += f" ORDER BY {order}"
+    return sql + " LIMIT ?"
+
+
+def _peek(cursor: duckdb.DuckDBPyConnection, p: Prepared) -> tuple[bool, str | None]:
+    """For formats whose meta travels in headers: is there a row after the page?"""
+    if not p.keys:
+        return False, None
+    order = ", ".join(f"{ident(k.name)} {'DESC' if p.desc else 'ASC'}" for k in p.keys)
+    keys = ", ".join(k.select() for k in p.keys)
+    sql = f"WITH q AS ({p.sql}) SELECT {keys} FROM q ORDER BY {order} LIMIT 2 OFFSET ?"
+    rows = cursor.execute(sql, [*p.params, p.limit - 1]).fetchall()
+    if len(rows) < 2:
+        return False, None
+    if p.fingerprint is None:
+        return True, None
+    return True, encode_cursor(p.fingerprint, p.snapshots, list(rows[0]))
+
+
+def open_result(ctx: PlanContext, plan: Plan, fmt: Format) -> Opened:
+    """Prepare `plan`, run its query up to the first batch, and return the stream of bytes."""
+    prepared = plan.prepare(ctx)
+    cursor = ctx.cursor
+    headers: dict[str, str] = {}
+    snapshot = prepared.meta.get("snapshot_id")
+    if snapshot is not None:
+        headers[SNAPSHOT_HEADER] = str(snapshot)
+    for name, table in prepared.relations.items():
+        cursor.register(name, table)
+    reader: pa.RecordBatchReader | None = None
+    try:
+        ctx.check_deadline()
+        peeked = (False, None) if fmt is Format.JSON else _peek(cursor, prepared)
+        if fmt is not Format.JSON:
+            truncated, next_cursor = peeked
+            headers[TRUNCATED_HEADER] = "true" if truncated else "false"
+            if next_cursor is not None:
+                headers[CURSOR_HEADER] = next_cursor
+            ext = {Format.CSV: "csv", Format.PARQUET: "parquet", Format.ARROW: "arrows"}[fmt]
+            headers["Content-Disposition"] = f'attachment; filename="{prepared.filename}.{ext}"'
+        ctx.check_deadline()
+        limit = prepared.limit + 1 if fmt is Format.JSON else prepared.limit
+        relation = cursor.sql(_outer(prepared, fmt), params=[*prepared.params, limit])
+        reader = relation.to_arrow_reader(_BATCH_ROWS)
+        return Opened(cursor, prepared, fmt, reader, Head(MEDIA_TYPES[fmt], headers), peeked)
+    except BaseException:
+        if reader is not None:
+            reader.close()
+        for name in prepared.relations:
+            cursor.unregister(name)
+        raise
