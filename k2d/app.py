@@ -11,7 +11,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 import anyio
@@ -111,6 +111,7 @@ async def run_daemon(
             expected_actors=set(pipeline.actor_names),
             query_pool=pipeline.query_pool,
             live_hub=pipeline.live_hub,
+            run_maintenance=_maintenance_runner(pipeline),
             config=cfg.api,
         ),
         stopping=anyio.Event(),
@@ -216,6 +217,20 @@ async def _journal_retention(cfg: Config, warehouse: Warehouse, fj: FeedJournal)
         )
         if deleted:
             log.info("journal retention deleted %d segments", len(deleted))
+
+
+def _maintenance_runner(
+    pipeline: Pipeline,
+) -> Callable[[str | None, date | None], Awaitable[dict[str, Any]]] | None:
+    maintainer = pipeline.maintainer
+    if maintainer is None:
+        return None
+
+    async def run(table: str | None, before: date | None) -> dict[str, Any]:
+        report = await maintainer.run_now(table=table, before=before)
+        return report.as_dict()
+
+    return run
 
 
 def tracker_state(warehouse: Warehouse, partitions: int = 1) -> TrackerState:

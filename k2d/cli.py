@@ -1,4 +1,4 @@
-"""Command line: run, demo, simulate, load, journal inspect, check-config, version."""
+"""Command line: run, demo, simulate, load, compact, journal inspect, check-config, version."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ def _config_path(arg: Path | None) -> Path | None:
 
 def _parser() -> argparse.ArgumentParser:
     from k2d import batchload, simulator
+    from k2d import compact as compact_cli
 
     parser = argparse.ArgumentParser(prog="k2d", description="Market-data capture daemon.")
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -71,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
         lsub.add_parser("asx", help="ASX equities trades/quotes CSV files (vendor format)")
     )
 
+    compact_cli.add_arguments(
+        sub.add_parser("compact", help="compact small files, expire snapshots, apply retention")
+    )
+
     journal = sub.add_parser("journal", help="the capture journal")
     jsub = journal.add_subparsers(dest="journal_verb", required=True)
     inspect = jsub.add_parser("inspect", help="records, time range and damage of a segment")
@@ -89,6 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from k2d import simulator
 
         return simulator.run_from_args(args)
+    if args.verb == "compact":
+        from k2d import compact
+
+        return compact.run_from_args(args)
     if args.verb == "load":
         from k2d import batchload
 

@@ -26,6 +26,7 @@ from opentelemetry import trace
 from actors.backfill import Backfiller
 from actors.feed import FeedHandler
 from actors.live_hub import LiveHub
+from actors.maintenance import Maintainer
 from actors.query_pool import QueryPool
 from actors.sequencer import SequenceTracker, TrackerState
 from actors.writer import IcebergWriter
@@ -152,6 +153,7 @@ class Pipeline:
     query_pool: QueryPool
     feed_names: list[str]
     actor_names: set[str] = field(default_factory=set)
+    maintainer: Maintainer | None = None
 
 
 def build_pipeline(
@@ -269,6 +271,15 @@ def build_pipeline(
     query_spec = ChildSpec.for_actor(
         "query_pool", lambda: pool, pool_inbox, Outbox("none"), registry
     )
+    maintainer = Maintainer(warehouse, cfg.maintenance, metrics, stop=feeds_stop)
+    maintainer_spec = ChildSpec.for_actor(
+        "maintainer",
+        lambda: maintainer,
+        None,
+        Outbox("maintainer.outbox", to_pool.clone()),  # replace commits re-plan the index
+        registry,
+        restart=Restart.TRANSIENT,
+    )
     to_pool.close()
 
     sup = cfg.supervisor
@@ -282,7 +293,8 @@ def build_pipeline(
         "root",
         # The query pool is outside the ingest chain: a query worker's crash never restarts
         # ingest, and the pool drains last (its inbox ends when the writer's does).
-        [ingest_sup.as_child(), feeds_sup.as_child(), query_spec],
+        [ingest_sup.as_child(), feeds_sup.as_child(), query_spec]
+        + ([maintainer_spec] if cfg.maintenance.enabled else []),
         registry,
         Strategy.ONE_FOR_ONE,
         sup.max_restarts,
@@ -290,4 +302,14 @@ def build_pipeline(
         backoff(),
     )
     names = {s.name for s in ingest} | {s.name for s in feed_specs} | {"query_pool"}
-    return Pipeline(root, feeds_stop, hub, pool, feed_names, names)
+    if cfg.maintenance.enabled:
+        names.add("maintainer")
+    return Pipeline(
+        root,
+        feeds_stop,
+        hub,
+        pool,
+        feed_names,
+        names,
+        maintainer if cfg.maintenance.enabled else None,
+    )

@@ -12,6 +12,7 @@ from litestar.types import ControllerRouterHandler
 from opentelemetry import trace
 
 from k2d import __version__
+from k2d.api._admin import admin_router
 from k2d.api._errors import error_response, exception_handlers
 from k2d.api._middleware import RequestMiddleware
 from k2d.api._ops import OPS_HANDLERS
@@ -34,7 +35,7 @@ def create_app(
         return state
 
     app = Litestar(
-        route_handlers=[*OPS_HANDLERS, query_router(state), *route_handlers],
+        route_handlers=[*OPS_HANDLERS, query_router(state), admin_router(state), *route_handlers],
         dependencies={"api": Provide(provide_api, use_cache=True, sync_to_thread=False)},
         exception_handlers=exception_handlers(),
         openapi_config=_openapi_config(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import date
 from typing import Any, Literal
 
 from k2d.config import ApiConfig
@@ -32,6 +33,8 @@ class ApiState:
     # The query side: the QueryPool (historical queries) and the LiveHub (uncommitted rows).
     query_pool: QueryService | None = None
     live_hub: RecentSource | None = None
+    # Runs a maintenance round now: (table or None, before or None) -> report.
+    run_maintenance: Callable[[str | None, date | None], Awaitable[dict[str, Any]]] | None = None
     _ready: bool = field(default=False, init=False, repr=False)
     _draining: bool = field(default=False, init=False, repr=False)
 

@@ -14,6 +14,7 @@ them expire, so a query planned on an older snapshot still reads its files.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import threading
@@ -67,7 +68,7 @@ from k2d.model import now_us
 from k2d.runtime import Backoff
 from k2d.storage._schemas import DEAD_LETTERS, SEQUENCE_EVENTS, TABLE_NAMES, TABLES
 from k2d.storage._state import FLUSH, LOG_POSITION, WATERMARKS
-from k2d.storage._warehouse import UNDONE_FLUSH, Warehouse, _file_info
+from k2d.storage._warehouse import MAINTENANCE_PROPERTY, UNDONE_FLUSH, Warehouse, _file_info
 
 __all__ = [
     "MAINTENANCE",
@@ -84,7 +85,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Snapshot property naming the maintenance operation that wrote a snapshot.
-MAINTENANCE = "k2.maintenance"
+MAINTENANCE = MAINTENANCE_PROPERTY
 _DAY_US = 86_400_000_000
 _DAY_MS = 86_400_000
 # A file at least this share of target_file_bytes is not small: compaction leaves it alone.
@@ -178,6 +179,21 @@ class MaintenanceReport:
     # (operation, table) -> seconds the operation took in this round.
     durations: dict[tuple[str, str], float] = field(default_factory=dict)
     aborted: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-able, for an admin endpoint."""
+        return {
+            "compactions": [dataclasses.asdict(c) for c in self.compactions],
+            "expiries": [dataclasses.asdict(e) for e in self.expiries],
+            "retentions": [dataclasses.asdict(r) for r in self.retentions],
+            "manifest_rewrites": {t: list(v) for t, v in self.manifest_rewrites.items()},
+            "stats": [dataclasses.asdict(s) for s in self.stats],
+            "errors": [{"operation": o, "table": t, "detail": d} for o, t, d in self.errors],
+            "durations": [
+                {"operation": o, "table": t, "seconds": v} for (o, t), v in self.durations.items()
+            ],
+            "aborted": self.aborted,
+        }
 
     def lines(self) -> list[str]:
         """A human account, one line per thing done."""

@@ -42,6 +42,8 @@ from k2d.storage._state import K2State, TableState, merge_states, table_state
 
 # On a snapshot that undid a flush cut short by a crash: the number of that flush.
 UNDONE_FLUSH = "k2.undone_flush"
+# On a maintenance commit (compaction, expiry, retention), which copies the k2 state forward.
+MAINTENANCE_PROPERTY = "k2.maintenance"
 
 __all__ = ["CommitResult", "Warehouse"]
 
@@ -239,6 +241,9 @@ class Warehouse:
             props = snapshot.summary.additional_properties if snapshot.summary else {}
             if UNDONE_FLUSH in props:
                 undone.add(int(props[UNDONE_FLUSH]))
+                continue
+            if MAINTENANCE_PROPERTY in props:
+                # A copy of the state: the writer's own snapshot is the one to read and undo.
                 continue
             state = table_state(name, props, snapshot.timestamp_ms)
             if state is not None and state.flush not in undone:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import shutil
 import signal
 import time
 from collections import Counter
@@ -109,7 +108,8 @@ backoff_max = 0.1
     time.sleep(4)
     assert proc.poll() is None
     # The warehouse disappears under the running daemon: every commit now fails.
-    shutil.rmtree(data / "warehouse")
+    # (Renamed, not deleted: the daemon keeps writing files while rmtree would walk.)
+    (data / "warehouse").rename(tmp_path / "gone")
     (data / "warehouse").write_text("not a directory")
     out, _ = proc.communicate(timeout=90)
     assert proc.returncode == 70, out[-3000:]
