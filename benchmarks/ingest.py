@@ -267,6 +267,8 @@ def pipeline_benchmark(args: argparse.Namespace, work: Path) -> None:
             # (100k rows/symbol) would dominate memory, so it is set to ~1 s of data.
             "live": {"max_rows_per_symbol": args.live_rows},
             "writer": {"flush_rows": args.flush_rows},
+            # The Maintainer runs until the feeds stop; here the source ends by itself.
+            "maintenance": {"enabled": False},
         },
     )
     journal_dir = work / "journal" if args.journal else None
