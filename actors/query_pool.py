@@ -109,6 +109,8 @@ class QueryPool(Actor[Committed, None]):
         self._applying = False
         self._applied: anyio.Event | None = None
         self._limiter: anyio.CapacityLimiter | None = None
+        # The index is updated by one thread at a time: a Committed, or a refresh.
+        self._index_lock = anyio.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -156,6 +158,9 @@ class QueryPool(Actor[Committed, None]):
                     tg.start_soon(self._work, w, recv.clone())
                 recv.close()
                 self._requests = send
+                refreshing = anyio.CancelScope()
+                if self.cfg.refresh_interval > 0:
+                    tg.start_soon(self._refresh_loop, refreshing)
                 try:
                     if inbox is None:
                         await anyio.sleep_forever()
@@ -166,6 +171,7 @@ class QueryPool(Actor[Committed, None]):
                     # No new requests; the workers finish the queued ones, then end.
                     self._requests = None
                     send.close()
+                    refreshing.cancel()
         finally:
             self._inbox = None
             with anyio.CancelScope(shield=True):
@@ -177,7 +183,8 @@ class QueryPool(Actor[Committed, None]):
         """Fold one Committed into the file index (in a thread, on the maintenance cursor)."""
         self._applying = True
         try:
-            await anyio.to_thread.run_sync(self._apply, msg, limiter=self._limiter)
+            async with self._index_lock:
+                await anyio.to_thread.run_sync(self._apply, msg, limiter=self._limiter)
         finally:
             self._applying = False
             if self._applied is not None:
@@ -191,6 +198,25 @@ class QueryPool(Actor[Committed, None]):
             self._count_index()
             if self.index.replans != replans:
                 self._metrics.query_index_replans.inc(self.index.replans - replans)
+
+    async def _refresh_loop(self, scope: anyio.CancelScope) -> None:
+        """Every refresh_interval, pick up commits made by other processes."""
+        with scope:
+            while True:
+                await anyio.sleep(self.cfg.refresh_interval)
+                try:
+                    async with self._index_lock:
+                        await anyio.to_thread.run_sync(self._refresh, limiter=self._limiter)
+                except Exception:
+                    # The catalog may be busy (another process committing): next round.
+                    log.exception("query index refresh failed; trying again later")
+
+    def _refresh(self) -> None:
+        assert self._maintenance is not None, "the query pool is not started"
+        replanned = self.index.refresh(self._maintenance)
+        if replanned:
+            self._metrics.query_index_replans.inc(len(replanned))
+            self._count_index()
 
     def _count_index(self) -> None:
         for t in INDEXED_TABLES:

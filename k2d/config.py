@@ -216,6 +216,9 @@ class QueryConfig(_Section, frozen=True):
     timeout: float = 10.0
     per_key_concurrency: int = 4
     snapshot_cache_size: int = 32
+    # Seconds between checks for commits made by other processes (`k2d load`, `k2d
+    # compact`), which the query index then picks up; 0 = never.
+    refresh_interval: float = 5.0
     # Symbols (and exchanges) one request may name.
     max_symbols: int = 100
 

@@ -36,6 +36,7 @@ from k2d.messages import RecordBatch
 from k2d.model import partition_of
 from k2d.runtime import (
     Actor,
+    ActorState,
     Backoff,
     ChildSpec,
     Outbox,
@@ -105,6 +106,25 @@ class PartitionedOutbox(Outbox[RecordBatch]):
                 or part.resolutions
             ):
                 await out.send(part)
+
+
+def _held_open(
+    name: str,
+    streams: list[MemoryObjectSendStream[RecordBatch]],
+    stop: anyio.Event,
+    registry: Registry,
+) -> ChildSpec:
+    """A child that sends nothing and ends at `stop`, keeping `streams` open until then."""
+
+    async def wait() -> None:
+        registry.set_state(name, ActorState.RUNNING)
+        await stop.wait()
+
+    def close() -> None:
+        for s in streams:
+            s.close()
+
+    return ChildSpec(name, wait, Restart.TRANSIENT, on_exit=close)
 
 
 @dataclass
@@ -262,6 +282,12 @@ def build_pipeline(
         feed_names.append(name)
         sout = PartitionedOutbox(f"{name}.outbox", [s.clone() for s, _ in tracker_inboxes])
         feed_specs.append(ChildSpec.for_actor(name, factory, None, sout, registry))
+    if not feed_specs:
+        # No feed (a box that only serves queries over loaded data): the ingest chain is
+        # held open until stop, so the writer, hub and query pool stay up meanwhile.
+        feed_specs.append(
+            _held_open("no-feed", [s.clone() for s, _ in tracker_inboxes], feeds_stop, registry)
+        )
     # Producers hold clones; closing the originals lets end-of-input flow once they finish.
     for s, _ in tracker_inboxes:
         s.close()
@@ -271,15 +297,19 @@ def build_pipeline(
     query_spec = ChildSpec.for_actor(
         "query_pool", lambda: pool, pool_inbox, Outbox("none"), registry
     )
-    maintainer = Maintainer(warehouse, cfg.maintenance, metrics, stop=feeds_stop)
-    maintainer_spec = ChildSpec.for_actor(
-        "maintainer",
-        lambda: maintainer,
-        None,
-        Outbox("maintainer.outbox", to_pool.clone()),  # replace commits re-plan the index
-        registry,
-        restart=Restart.TRANSIENT,
-    )
+    maintainer = None
+    if cfg.maintenance.enabled:
+        maintainer = Maintainer(warehouse, cfg.maintenance, metrics, stop=feeds_stop)
+        maintenance_spec = ChildSpec.for_actor(
+            "maintainer",
+            lambda: maintainer,
+            None,
+            # Replace commits re-plan the index. The clone is made only for a Maintainer
+            # that runs: an unclosed one would keep the pool's inbox (and the drain) open.
+            Outbox("maintainer.outbox", to_pool.clone()),
+            registry,
+            restart=Restart.TRANSIENT,
+        )
     to_pool.close()
 
     sup = cfg.supervisor
@@ -294,7 +324,7 @@ def build_pipeline(
         # The query pool is outside the ingest chain: a query worker's crash never restarts
         # ingest, and the pool drains last (its inbox ends when the writer's does).
         [ingest_sup.as_child(), feeds_sup.as_child(), query_spec]
-        + ([maintainer_spec] if cfg.maintenance.enabled else []),
+        + ([maintenance_spec] if maintainer is not None else []),
         registry,
         Strategy.ONE_FOR_ONE,
         sup.max_restarts,
@@ -302,14 +332,6 @@ def build_pipeline(
         backoff(),
     )
     names = {s.name for s in ingest} | {s.name for s in feed_specs} | {"query_pool"}
-    if cfg.maintenance.enabled:
+    if maintainer is not None:
         names.add("maintainer")
-    return Pipeline(
-        root,
-        feeds_stop,
-        hub,
-        pool,
-        feed_names,
-        names,
-        maintainer if cfg.maintenance.enabled else None,
-    )
+    return Pipeline(root, feeds_stop, hub, pool, feed_names, names, maintainer)

@@ -56,6 +56,8 @@ class FileIndex:
         self._lock = threading.Lock()
         self.ledger = Ledger(max_events=max_ledger_events)
         self.replans = 0
+        # Per table, a snapshot seen ahead of the index at the last refresh (see `refresh`).
+        self._ahead: dict[str, int] = {}
 
     # -- maintenance (one thread at a time) ------------------------------------------------
 
@@ -96,6 +98,36 @@ class FileIndex:
             )
             self._replan(msg.table, metadata, cursor)
         return True
+
+    def refresh(self, cursor: duckdb.DuckDBPyConnection) -> list[str]:
+        """Re-plan the tables whose catalog moved on without a Committed saying so: commits
+        by other processes (`k2d load`, `k2d compact`). A snapshot ahead of the index is
+        given one refresh interval to arrive as a Committed (the writer's commit in flight)
+        before its table is re-planned. Returns the tables re-planned."""
+        replanned = []
+        for name in INDEXED_TABLES:
+            indexed = self._current.get(name)
+            if indexed is None:
+                continue
+            metadata = self._wh.load_table(name)
+            snapshot = metadata.current_snapshot()
+            if snapshot is None or _includes(indexed, snapshot):
+                self._ahead.pop(name, None)
+                continue
+            seen = self._ahead.get(name)
+            earlier = metadata.metadata.snapshot_by_id(seen) if seen is not None else None
+            if earlier is not None and not _includes(indexed, earlier):
+                log.info(
+                    "%s: snapshot %d was committed elsewhere; re-planning",
+                    name,
+                    snapshot.snapshot_id,
+                )
+                self._replan(name, metadata, cursor)
+                self._ahead.pop(name, None)
+                replanned.append(name)
+            else:
+                self._ahead[name] = snapshot.snapshot_id
+        return replanned
 
     def _append(
         self,
@@ -225,6 +257,17 @@ class FileIndex:
             time.perf_counter() - started,
         )
         return TableFiles(name, snapshot.snapshot_id, snapshot.sequence_number, entries, metadata)
+
+
+def _includes(indexed: TableFiles, snapshot: Snapshot) -> bool:
+    """Whether the indexed state already contains `snapshot` (it, or a later one)."""
+    if snapshot.snapshot_id == indexed.snapshot_id:
+        return True
+    return (
+        indexed.sequence_number is not None
+        and snapshot.sequence_number is not None
+        and snapshot.sequence_number <= indexed.sequence_number
+    )
 
 
 def _operation(snapshot: Snapshot) -> Operation | None:
