@@ -1,14 +1,15 @@
 """Maintainer: compaction of closed partitions, snapshot expiry, manifest merging, retention.
 
 Runs a round every `maintenance.interval` seconds (the first `first_round_after` seconds
-after start) and on demand (`run_now`, for an admin endpoint). A round runs in a worker
-thread, one table and one operation at a time; a failing operation is logged, counted and
-reported, never a crash of the daemon. Each replace or delete commit is announced on the
-outbox as a Committed with no batch ids (its snapshot's operation is "replace" or
-"delete", not "append"), so a file index re-plans the table; the replaced files stay on
-disk until the snapshots listing them expire, so queries planned earlier still read.
-Stopping (the `stop` event, or cancellation) interrupts a round at its next safe point,
-before any commit.
+after start) and on demand (`run_now`, for an admin endpoint); between rounds, snapshot
+expiry and the size-tiered compaction of today's partitions every `expiry_interval`.
+A round runs in a worker thread, one table and one operation at a time; a failing
+operation is logged, counted and reported, never a crash of the daemon. Each replace or
+delete commit is announced on the outbox as a Committed with no batch ids (its
+snapshot's operation is "replace" or "delete", not "append"), so a file index re-plans
+the table; the replaced files stay on disk until the snapshots listing them expire, so
+queries planned earlier still read. Stopping (the `stop` event, or cancellation)
+interrupts a round at its next safe point, before any commit.
 """
 
 from __future__ import annotations
@@ -71,8 +72,9 @@ class Maintainer(Actor[None, Committed]):
         self, inbox: MemoryObjectReceiveStream[None] | None, outbox: Outbox[Committed]
     ) -> None:
         """Rounds on the schedule until `stop` is set (forever without one): a full round
-        every `interval`, and between them expiry alone every `expiry_interval` (each
-        commit adds a snapshot, and commit latency grows with their number)."""
+        every `interval`, and between them, every `expiry_interval`, expiry (each commit
+        adds a snapshot, and commit latency grows with their number) and the tiered
+        compaction of today's partitions (each flush adds a file to them)."""
         self._outbox = outbox
         cfg = self._cfg
         await self._refresh_stats()
@@ -115,6 +117,7 @@ class Maintainer(Actor[None, Committed]):
                     before=before,
                     on_replace=self._announce,
                     compact=full,
+                    compact_open=self._cfg.compact_open_partitions,
                     sweep_orphans=full,
                 ),
                 abort,

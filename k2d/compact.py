@@ -84,7 +84,11 @@ def run_from_args(args: argparse.Namespace) -> int:
             compact = False
         maintenance = TableMaintenance(wh, cfg.maintenance)
         report = maintenance.run(
-            present, before=args.before, compact=compact, expire=not args.no_expire
+            present,
+            before=args.before,
+            compact=compact,
+            compact_open=compact and cfg.maintenance.compact_open_partitions,
+            expire=not args.no_expire,
         )
     print(f"k2d compact: {cfg.storage.data_path()}, tables {', '.join(present) or 'none'}")
     for line in report.lines():

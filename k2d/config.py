@@ -231,6 +231,15 @@ class MaintenanceConfig(_Section, frozen=True):
     closed_partition_age: float = 3_600.0
     target_file_bytes: int = 128 * 1024 * 1024
     min_files_to_compact: int = 4
+    # The partitions still being written (today's) are compacted in size tiers at every
+    # expiry_interval: files committed at least open_file_age seconds ago are grouped by
+    # size (tiers open_tier_fanout times apart, from open_tier_base_bytes) and a tier with
+    # open_tier_fanout files is merged into one, so today's queries read tens of files,
+    # not one per flush.
+    compact_open_partitions: bool = True
+    open_file_age: float = 60.0
+    open_tier_fanout: int = 4
+    open_tier_base_bytes: int = 1024 * 1024
     snapshot_retention_days: float = 7.0
     min_snapshots_to_keep: int = 10
     # Per-table data retention in days (0 = keep forever), e.g. {quotes = 365}.
@@ -315,6 +324,7 @@ _POSITIVE = {
     "journal.retention_interval",
     "feeds.binance.connection_lifetime",
     "feeds.binance.max_frame_bytes",
+    "maintenance.open_tier_base_bytes",
 }
 _SYMBOL = re.compile(r"^[A-Z0-9]{2,20}$")
 
@@ -368,6 +378,9 @@ def _semantic_problems(cfg: Config) -> list[str]:
             node = getattr(node, part)
         if node <= 0:
             problems.append(f"{key}: must be greater than 0, got {node}")
+    fanout = cfg.maintenance.open_tier_fanout
+    if fanout < 2:
+        problems.append(f"maintenance.open_tier_fanout: must be at least 2, got {fanout}")
     if not 0 <= cfg.api.port < 65536:
         problems.append(
             f"api.port: must be between 0 (any free port) and 65535, got {cfg.api.port}"

@@ -375,10 +375,12 @@ class TableMaintenance:
         before: date | None = None,
         on_replace: Callable[[FilesReplaced], None] | None = None,
         compact: bool = True,
+        compact_open: bool = False,
         expire: bool = True,
         sweep_orphans: bool = True,
     ) -> MaintenanceReport:
         """One round over `tables`: retention, compaction, manifest rewrite, expiry, stats.
+        `compact` covers closed partitions, `compact_open` the size tiers of open ones.
 
         A failing operation is logged and reported; the round goes on with the next one.
         """
@@ -387,8 +389,14 @@ class TableMaintenance:
             steps: list[tuple[str, Callable[[str, MaintenanceReport], None]]] = []
             if compact:
                 steps.append(("retention", lambda n, r: self._retention_step(n, r, on_replace)))
+            if compact or compact_open:
                 steps.append(
-                    ("compaction", lambda n, r: self._compaction_step(n, r, before, on_replace))
+                    (
+                        "compaction",
+                        lambda n, r: self._compaction_step(
+                            n, r, before, on_replace, closed=compact, open_partitions=compact_open
+                        ),
+                    )
                 )
                 steps.append(("manifests", self._manifest_step))
             if expire:
@@ -437,8 +445,14 @@ class TableMaintenance:
         report: MaintenanceReport,
         before: date | None,
         on_replace: Callable[[FilesReplaced], None] | None,
+        *,
+        closed: bool = True,
+        open_partitions: bool = False,
     ) -> None:
-        for part in self.plan_compaction(name, before=before):
+        plans = self.plan_compaction(
+            name, before=before, closed=closed, open_partitions=open_partitions
+        )
+        for part in plans:
             if self._abort.is_set():
                 report.aborted = True
                 return
@@ -525,9 +539,18 @@ class TableMaintenance:
 
     # Compaction
 
-    def plan_compaction(self, name: str, *, before: date | None = None) -> list[_PartitionFiles]:
+    def plan_compaction(
+        self,
+        name: str,
+        *,
+        before: date | None = None,
+        closed: bool = True,
+        open_partitions: bool = False,
+    ) -> list[_PartitionFiles]:
         """Partitions of `name` worth rewriting: closed (or before `before`, today included
-        when `before` is later), with at least min_files_to_compact small files."""
+        when `before` is later), with at least min_files_to_compact small files. With
+        `open_partitions`, also the size tiers of the partitions still being written that
+        are full (see `_open_tiers`)."""
         table = self._wh.load_table(name)
         snapshot = table.current_snapshot()
         if snapshot is None:
@@ -545,22 +568,53 @@ class TableMaintenance:
             # committers never write delete files; whoever did, compaction stays away.
             log.warning("%s: has delete files; not compacted", name)
             return []
-        groups: dict[tuple[int, Record], list[DataFile]] = {}
+        groups: dict[tuple[int, Record], list[tuple[DataFile, int | None]]] = {}
         for manifest in manifests:
             for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True):
                 f = entry.data_file
                 if f.content == DataFileContent.DATA and f.file_size_in_bytes < small_below:
-                    groups.setdefault((f.spec_id, f.partition), []).append(f)
+                    groups.setdefault((f.spec_id, f.partition), []).append((f, entry.snapshot_id))
         plans = []
-        for (spec_id, partition), files in groups.items():
+        for (spec_id, partition), entries in groups.items():
             index = _day_index(table, spec_id)
             if index is None or partition[index] is None:
                 continue
             day = int(partition[index])
-            if day < limit_day and len(files) >= self._cfg.min_files_to_compact:
-                plans.append(_PartitionFiles(spec_id, partition, day, tuple(files)))
+            if day < limit_day:
+                if closed and len(entries) >= self._cfg.min_files_to_compact:
+                    files = tuple(f for f, _ in entries)
+                    plans.append(_PartitionFiles(spec_id, partition, day, files))
+            elif open_partitions and before is None:
+                for files in self._open_tiers(table, entries):
+                    plans.append(_PartitionFiles(spec_id, partition, day, files))
         plans.sort(key=lambda p: p.day)
         return plans
+
+    def _open_tiers(
+        self, table: Table, entries: list[tuple[DataFile, int | None]]
+    ) -> list[tuple[DataFile, ...]]:
+        """Size-tiered compaction of a partition still being written (today's), so that its
+        file count stays small all day instead of growing by a file per flush. Files
+        committed at least open_file_age ago are put in tiers by size (each tier
+        open_tier_fanout times the one below, from open_tier_base_bytes); a tier holding
+        open_tier_fanout files is merged into one file, which lands in a higher tier. A
+        day's rows are thus rewritten about log(files) times, and the partition holds at
+        most fanout - 1 files per tier plus the files of the last open_file_age. The
+        writer's own files are never touched while it may still be committing them."""
+        cfg = self._cfg
+        fanout = cfg.open_tier_fanout
+        settled_before_ms = int((self._clock() - cfg.open_file_age) * 1000)
+        tiers: dict[int, list[DataFile]] = {}
+        for f, snapshot_id in entries:
+            added = table.metadata.snapshot_by_id(snapshot_id) if snapshot_id else None
+            # A file whose snapshot has expired is older than any age that matters here.
+            if added is not None and added.timestamp_ms > settled_before_ms:
+                continue
+            tier, bound = 0, cfg.open_tier_base_bytes
+            while f.file_size_in_bytes >= bound:
+                tier, bound = tier + 1, bound * fanout
+            tiers.setdefault(tier, []).append(f)
+        return [tuple(files) for _, files in sorted(tiers.items()) if len(files) >= fanout]
 
     def compact_partition(
         self,

@@ -596,3 +596,81 @@ def test_k2d_compact_before_admits_todays_partition(wh: Warehouse, tmp_path: Pat
 
     assert proc.returncode == 0, proc.stderr
     assert "1 partitions compacted" in proc.stdout
+
+
+def partition_files(wh: Warehouse, days_ago: int) -> list[str]:
+    day = (datetime.now(UTC).date() - timedelta(days=days_ago)).isoformat()
+    return [p for part, paths in live_files(wh).items() if day in part for p in paths]
+
+
+def test_todays_partition_is_compacted_in_size_tiers_and_keeps_every_row(wh: Warehouse) -> None:
+    feeder = Feeder(wh)
+    feeder.fill(commits=6, rows=200, days=(2,))  # a closed day: not an open-partition job
+    closed_before = sorted(partition_files(wh, 2))
+    feeder.append(0, 200)
+    flush_file = Path(partition_files(wh, 0)[0]).stat().st_size
+    # Tier 0 holds files below twice a flush file; each tier above is 4 times wider.
+    cfg = maintenance_cfg(
+        open_file_age=0.0, open_tier_fanout=4, open_tier_base_bytes=2 * flush_file
+    )
+    maintenance = TableMaintenance(wh, cfg)
+    counts = []
+    for _ in range(12):
+        for _ in range(5):
+            feeder.append(0, 200)
+        report = maintenance.run(["trades"], compact=False, compact_open=True, expire=False)
+        assert report.errors == []
+        counts.append(len(partition_files(wh, 0)))
+
+    assert len(message_ids(wh)) == len(set(message_ids(wh))) == (6 + 1 + 60) * 200
+    assert sorted(partition_files(wh, 2)) == closed_before
+    # 61 flushes into today's partition, yet after a round no tier (of the four that 61
+    # flush files span) holds more than fanout files: fanout - 1 left, plus a merge's output.
+    assert max(counts) <= 4 * 4, counts
+    for path in partition_files(wh, 0):
+        rows = pq.read_table(path, columns=["symbol", "timestamp", "source_sequence"])
+        keys = list(zip(*(rows.column(i).to_pylist() for i in range(3)), strict=True))
+        assert keys == sorted(keys)
+
+
+def test_files_younger_than_open_file_age_are_left_to_the_writer(wh: Warehouse) -> None:
+    Feeder(wh).fill(commits=8, rows=100, days=(0,))
+    before = sorted(partition_files(wh, 0))
+    cfg = maintenance_cfg(open_file_age=600.0)
+
+    report = TableMaintenance(wh, cfg).run(["trades"], compact=False, compact_open=True)
+    assert report.compactions == []
+    assert sorted(partition_files(wh, 0)) == before
+
+    later = TableMaintenance(wh, cfg, clock=lambda: time.time() + 601.0)
+    report = later.run(["trades"], compact=False, compact_open=True, expire=False)
+    assert [(c.files_before, c.files_after, c.rows) for c in report.compactions] == [(8, 1, 800)]
+    assert len(message_ids(wh)) == 800
+
+
+async def test_between_rounds_the_maintainer_compacts_todays_partition(wh: Warehouse) -> None:
+    stop = anyio.Event()
+    maintainer = Maintainer(
+        wh,
+        maintenance_cfg(
+            first_round_after=0.0, interval=3_600.0, expiry_interval=0.1, open_file_age=0.0
+        ),
+        Metrics(),
+        stop=stop,
+    )
+    send, receive = anyio.create_memory_object_stream[Committed](16)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(maintainer.run, None, Outbox("maintainer.outbox", send))
+        with anyio.fail_after(30):
+            while (
+                maintainer.last_report is None
+            ):  # the full round is done; the next is an hour away
+                await anyio.sleep(0.01)
+            await anyio.to_thread.run_sync(lambda: Feeder(wh).fill(commits=8, rows=100, days=(0,)))
+            got = await receive.receive()
+            while len(partition_files(wh, 0)) >= 4:
+                await anyio.sleep(0.05)
+        stop.set()
+
+    assert (got.table, got.batch_ids) == ("trades", ())
+    assert len(message_ids(wh)) == len(set(message_ids(wh))) == 800
