@@ -1,18 +1,23 @@
 """A day of streaming into market.trades, with and without the Maintainer: files, manifests,
-snapshots, commit latency and query latency over time.
+snapshots, commit latency and query latency over time, next to the same queries on a
+freshly compacted copy of the same rows (the reference the Maintainer is held to).
 
 The stream covers 30 hours of event time (day D-1 00:00 to day D 06:00) in --commits
 commits of --rows trades each, like the writer's flushes (each carries k2 state for every
-symbol). With --maintain the Maintainer's round (retention off, compaction of closed
-partitions, manifest merge, expiry with thinning, orphan sweep off) runs every simulated
-hour; day D-1 is closed at D 01:00 and compacted then. Snapshot ages are wall-clock, so the
-snapshot settings are scaled: "full history" is the wall time of the last simulated hour and
-the thinning interval the wall time of one simulated hour.
+symbol). With the Maintainer, as in the daemon: a full round (compaction of closed
+partitions, manifest merge, expiry with thinning; retention and orphan sweep off) every
+simulated hour, and between rounds, every --open-minutes of simulated time, expiry and the
+size-tiered compaction of the partitions still open; day D-1 closes at D 01:00. Snapshot
+ages are wall-clock, so the snapshot settings are scaled: "full history" is the wall time of
+the last simulated hour and the thinning interval the wall time of one simulated hour; and
+open_file_age is 0 (every committed file has settled).
 
 Queries, each planned through pyiceberg (table loaded once per checkpoint, as a file index
 would) then run by DuckDB over the planned Parquet files:
   (a) window: one symbol, a random 10-minute window of the data so far;
   (b) ohlcv:  one symbol, 1-minute OHLCV over the whole of day D-1 (the part streamed so far).
+At each checkpoint the same queries run on the reference: the rows so far, sorted as
+compaction sorts them, committed at once into a fresh table (one file per partition).
 
     python benchmarks/maintenance.py --commits 1500 --rows 2000
 """
@@ -20,9 +25,11 @@ would) then run by DuckDB over the planned Parquet files:
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -34,6 +41,7 @@ from typing import Any
 import duckdb
 import msgspec
 import pyarrow as pa
+from pyiceberg.table import Table
 
 from k2d.config import MaintenanceConfig, StorageConfig
 from k2d.messages import Watermark
@@ -120,6 +128,15 @@ class Stream:
 
 
 @dataclass
+class Latency:
+    window_p50: float
+    window_p99: float
+    ohlcv_p50: float
+    ohlcv_p99: float
+    ohlcv_files: int
+
+
+@dataclass
 class Checkpoint:
     sim_hour: float
     files: int
@@ -128,11 +145,8 @@ class Checkpoint:
     commit_p50: float
     commit_p99: float
     refresh: float
-    window_p50: float
-    window_p99: float
-    ohlcv_p50: float
-    ohlcv_p99: float
-    ohlcv_files: int
+    q: Latency
+    ref: Latency | None
 
 
 @dataclass
@@ -143,56 +157,106 @@ class Run:
     wall: float = 0.0
 
 
-def measure(
-    wh: Warehouse,
-    con: duckdb.DuckDBPyConnection,
-    rng: random.Random,
-    start_us: int,
-    now_us: int,
-    samples: tuple[int, int],
-) -> tuple[float, list[float], list[float], int]:
-    """(table load seconds, window query seconds, ohlcv query seconds, ohlcv files)."""
-    t0 = time.perf_counter()
-    table = wh.load_table(TRADES)
-    refresh = time.perf_counter() - t0
-    window: list[float] = []
+@dataclass(frozen=True)
+class Queries:
+    """The sampled queries of one checkpoint, run alike on the table and the reference."""
+
+    windows: list[tuple[str, int, int]]
+    ohlcv: list[tuple[str, int, int]]
+
+
+def draw(rng: random.Random, start_us: int, now_us: int, samples: tuple[int, int]) -> Queries:
+    windows = []
     for _ in range(samples[0]):
-        symbol = rng.choice(SYMBOLS)
         lo = rng.randrange(start_us, max(start_us + 1, now_us - 600_000_000))
-        hi = lo + 600_000_000
-        t0 = time.perf_counter()
-        flt = f"symbol = '{symbol}' AND timestamp >= '{iso(lo)}' AND timestamp < '{iso(hi)}'"
-        paths = [t.file.file_path.removeprefix("file://") for t in table.scan(flt).plan_files()]
-        if paths:
-            con.execute(
-                "SELECT count(*), sum(quantity), min(price), max(price) FROM read_parquet($1) "
-                "WHERE symbol = $2 AND timestamp >= make_timestamptz($3) "
-                "AND timestamp < make_timestamptz($4)",
-                [paths, symbol, lo, hi],
-            ).fetchall()
-        window.append(time.perf_counter() - t0)
-    ohlcv: list[float] = []
+        windows.append((rng.choice(SYMBOLS), lo, lo + 600_000_000))
     day_hi = min(now_us, start_us + DAY_US)
-    files = 0
-    for _ in range(samples[1]):
-        symbol = rng.choice(SYMBOLS)
-        t0 = time.perf_counter()
-        flt = (
-            f"symbol = '{symbol}' AND timestamp >= '{iso(start_us)}' "
-            f"AND timestamp < '{iso(day_hi)}'"
-        )
-        paths = [t.file.file_path.removeprefix("file://") for t in table.scan(flt).plan_files()]
-        files = len(paths)
+    ohlcv = [(rng.choice(SYMBOLS), start_us, day_hi) for _ in range(samples[1])]
+    return Queries(windows, ohlcv)
+
+
+def window_query(table: Table, con: duckdb.DuckDBPyConnection, q: tuple[str, int, int]) -> float:
+    symbol, lo, hi = q
+    t0 = time.perf_counter()
+    flt = f"symbol = '{symbol}' AND timestamp >= '{iso(lo)}' AND timestamp < '{iso(hi)}'"
+    paths = [t.file.file_path.removeprefix("file://") for t in table.scan(flt).plan_files()]
+    if paths:
         con.execute(
-            "SELECT time_bucket(INTERVAL 1 minute, timestamp) AS minute, "
-            "arg_min(price, timestamp), max(price), min(price), arg_max(price, timestamp), "
-            "sum(quantity) FROM read_parquet($1) "
+            "SELECT count(*), sum(quantity), min(price), max(price) FROM read_parquet($1) "
             "WHERE symbol = $2 AND timestamp >= make_timestamptz($3) "
-            "AND timestamp < make_timestamptz($4) GROUP BY minute ORDER BY minute",
-            [paths, symbol, start_us, day_hi],
+            "AND timestamp < make_timestamptz($4)",
+            [paths, symbol, lo, hi],
         ).fetchall()
-        ohlcv.append(time.perf_counter() - t0)
-    return refresh, window, ohlcv, files
+    return time.perf_counter() - t0
+
+
+def ohlcv_query(
+    table: Table, con: duckdb.DuckDBPyConnection, q: tuple[str, int, int]
+) -> tuple[float, int]:
+    symbol, lo, hi = q
+    t0 = time.perf_counter()
+    flt = f"symbol = '{symbol}' AND timestamp >= '{iso(lo)}' AND timestamp < '{iso(hi)}'"
+    paths = [t.file.file_path.removeprefix("file://") for t in table.scan(flt).plan_files()]
+    con.execute(
+        "SELECT time_bucket(INTERVAL 1 minute, timestamp) AS minute, "
+        "arg_min(price, timestamp), max(price), min(price), arg_max(price, timestamp), "
+        "sum(quantity) FROM read_parquet($1) "
+        "WHERE symbol = $2 AND timestamp >= make_timestamptz($3) "
+        "AND timestamp < make_timestamptz($4) GROUP BY minute ORDER BY minute",
+        [paths, symbol, lo, hi],
+    ).fetchall()
+    return time.perf_counter() - t0, len(paths)
+
+
+def measure(
+    warehouses: list[Warehouse], con: duckdb.DuckDBPyConnection, queries: Queries
+) -> tuple[float, list[Latency]]:
+    """(first table's load seconds, latencies per warehouse). Each query runs on every
+    table in turn, so that a hiccup of the machine does not favour one of them."""
+    t0 = time.perf_counter()
+    tables = [wh.load_table(TRADES) for wh in warehouses]
+    refresh = (time.perf_counter() - t0) / len(tables)
+    # The collector's full passes over this process's heap (the stream generator, pyiceberg
+    # metadata) pause it for 50-100 ms at random: they would decide every p99 here, for
+    # whichever table they hit. They are held off while timing, and run in between.
+    gc.collect()
+    gc.disable()
+    try:
+        return _measure(tables, con, queries, refresh)
+    finally:
+        gc.enable()
+
+
+def _measure(
+    tables: list[Table], con: duckdb.DuckDBPyConnection, queries: Queries, refresh: float
+) -> tuple[float, list[Latency]]:
+    window: list[list[float]] = [[] for _ in tables]
+    ohlcv: list[list[float]] = [[] for _ in tables]
+    files = [0 for _ in tables]
+    for table in tables:  # the first plan reads the manifests; a file index holds them
+        window_query(table, con, queries.windows[0])
+        ohlcv_query(table, con, queries.ohlcv[0])
+    for q in queries.windows:
+        for i, table in enumerate(tables):
+            window[i].append(window_query(table, con, q))
+    for q in queries.ohlcv:
+        for i, table in enumerate(tables):
+            seconds, files[i] = ohlcv_query(table, con, q)
+            ohlcv[i].append(seconds)
+    return refresh, [
+        Latency(p(w, 0.5), p(w, 0.99), p(o, 0.5), p(o, 0.99), n)
+        for w, o, n in zip(window, ohlcv, files, strict=True)
+    ]
+
+
+def reference(wh: Warehouse, workdir: Path, n: int) -> Warehouse:
+    """A fresh table holding the rows of `wh` sorted as compaction sorts them, in one commit."""
+    rows = wh.load_table(TRADES).scan().to_arrow()
+    rows = rows.sort_by([("symbol", "ascending"), ("timestamp", "ascending")])
+    ref = Warehouse(StorageConfig(data_dir=str(workdir / f"reference-{n}")))
+    ref.ensure_tables()
+    ref.append(TRADES, rows.cast(TABLES[TRADES].arrow_schema), {})
+    return ref
 
 
 def simulate(args: argparse.Namespace, workdir: Path, maintain: bool) -> Run:
@@ -207,6 +271,7 @@ def simulate(args: argparse.Namespace, workdir: Path, maintain: bool) -> Run:
     rng = random.Random(5)
     per_hour = args.commits / 30
     checkpoint_every = max(1, round(per_hour * args.checkpoint_hours))
+    open_every = max(1, round(per_hour * args.open_minutes / 60))
     hour_walls: list[float] = [time.perf_counter()]
     latencies: list[float] = []
     began = time.perf_counter()
@@ -227,11 +292,18 @@ def simulate(args: argparse.Namespace, workdir: Path, maintain: bool) -> Run:
         if hour >= len(hour_walls):
             hour_walls.append(time.perf_counter())
             if maintain:
-                run.rounds.append(maintenance_round(wh, hour_walls, start_us, sim_now, hour))
+                run.rounds.append(maintenance_round(wh, hour_walls, sim_now, hour, full=True))
+        elif maintain and (k + 1) % open_every == 0:
+            maintenance_round(wh, hour_walls, sim_now, hour, full=False)
         if (k + 1) % checkpoint_every == 0 or k + 1 == args.commits:
-            refresh, window, ohlcv, files = measure(
-                wh, con, rng, start_us, sim_now, (args.window_samples, args.ohlcv_samples)
-            )
+            queries = draw(rng, start_us, sim_now, (args.window_samples, args.ohlcv_samples))
+            ref = None
+            if maintain:
+                with reference(wh, workdir, k) as fresh:
+                    refresh, (q, ref) = measure([wh, fresh], con, queries)
+                shutil.rmtree(workdir / f"reference-{k}")
+            else:
+                refresh, (q,) = measure([wh], con, queries)
             stats = TableMaintenance(wh, MaintenanceConfig()).stats(TRADES)
             cp = Checkpoint(
                 sim_hour=(sim_now - start_us) / HOUR_US,
@@ -241,11 +313,8 @@ def simulate(args: argparse.Namespace, workdir: Path, maintain: bool) -> Run:
                 commit_p50=p(latencies, 0.5),
                 commit_p99=p(latencies, 0.99),
                 refresh=refresh,
-                window_p50=p(window, 0.5),
-                window_p99=p(window, 0.99),
-                ohlcv_p50=p(ohlcv, 0.5),
-                ohlcv_p99=p(ohlcv, 0.99),
-                ohlcv_files=files,
+                q=q,
+                ref=ref,
             )
             run.checkpoints.append(cp)
             latencies = []
@@ -256,15 +325,19 @@ def simulate(args: argparse.Namespace, workdir: Path, maintain: bool) -> Run:
 
 
 def maintenance_round(
-    wh: Warehouse, hour_walls: list[float], start_us: int, sim_now: int, hour: int
+    wh: Warehouse, hour_walls: list[float], sim_now: int, hour: int, *, full: bool
 ) -> tuple[float, float, int, int]:
-    """One Maintainer round at simulated hour `hour`: (hour, seconds, compacted, expired)."""
+    """A Maintainer round at simulated time `sim_now`: full (closed partitions, manifests,
+    expiry, and open partitions' tiers) or between rounds (open tiers and expiry).
+    Returns (hour, seconds, partitions compacted, snapshots expired)."""
     wall_hour = (hour_walls[-1] - hour_walls[0]) / max(1, len(hour_walls) - 1)
+    full_history = hour_walls[-1] - hour_walls[-2] if len(hour_walls) > 1 else wall_hour
     cfg = msgspec.convert(
         {
-            "snapshot_full_history": hour_walls[-1] - hour_walls[-2] if hour > 0 else wall_hour,
+            "snapshot_full_history": full_history,
             "snapshot_thin_interval": wall_hour,
             "orphan_file_age": 0.0,
+            "open_file_age": 0.0,
         },
         MaintenanceConfig,
     )
@@ -272,7 +345,9 @@ def maintenance_round(
     closed_until = (sim_now - HOUR_US) // DAY_US
     before = date(1970, 1, 1) + timedelta(days=closed_until)
     t0 = time.perf_counter()
-    report = TableMaintenance(wh, cfg).run([TRADES], before=before)
+    report = TableMaintenance(wh, cfg).run(
+        [TRADES], before=before, compact=full, compact_open=True, sweep_orphans=full
+    )
     seconds = time.perf_counter() - t0
     assert not report.errors, report.errors
     expired = sum(e.snapshots_expired for e in report.expiries)
@@ -281,14 +356,23 @@ def maintenance_round(
 
 def row(cp: Checkpoint) -> str:
     ms = 1000
-    return (
+    q = cp.q
+    text = (
         f"h{cp.sim_hour:5.1f} files {cp.files:5d} manifests {cp.manifests:4d} "
-        f"snapshots {cp.snapshots:5d} | commit p50 {cp.commit_p50 * ms:6.0f} "
-        f"p99 {cp.commit_p99 * ms:6.0f} ms | load {cp.refresh * ms:5.0f} ms | "
-        f"window p50 {cp.window_p50 * ms:5.0f} p99 {cp.window_p99 * ms:5.0f} ms | "
-        f"ohlcv p50 {cp.ohlcv_p50 * ms:5.0f} p99 {cp.ohlcv_p99 * ms:5.0f} ms "
-        f"({cp.ohlcv_files} files)"
+        f"snapshots {cp.snapshots:5d} | commit p50 {cp.commit_p50 * ms:5.0f} "
+        f"p99 {cp.commit_p99 * ms:5.0f} ms | load {cp.refresh * ms:4.0f} ms | "
+        f"window p50 {q.window_p50 * ms:4.0f} p99 {q.window_p99 * ms:4.0f} ms | "
+        f"ohlcv p50 {q.ohlcv_p50 * ms:4.0f} p99 {q.ohlcv_p99 * ms:4.0f} ms "
+        f"({q.ohlcv_files} files)"
     )
+    if cp.ref is not None:
+        r = cp.ref
+        text += (
+            f" | compacted: window p99 {r.window_p99 * ms:4.0f} ms "
+            f"(x{q.window_p99 / r.window_p99:.2f}), ohlcv p99 {r.ohlcv_p99 * ms:4.0f} ms "
+            f"(x{q.ohlcv_p99 / r.ohlcv_p99:.2f})"
+        )
+    return text
 
 
 def main() -> None:
@@ -296,8 +380,14 @@ def main() -> None:
     ap.add_argument("--commits", type=int, default=1_500, help="commits over the 30 h")
     ap.add_argument("--rows", type=int, default=2_000, help="trades per commit")
     ap.add_argument("--checkpoint-hours", type=float, default=3.0)
-    ap.add_argument("--window-samples", type=int, default=40)
-    ap.add_argument("--ohlcv-samples", type=int, default=10)
+    ap.add_argument(
+        "--open-minutes",
+        type=float,
+        default=10.0,
+        help="simulated minutes between the Maintainer's between-rounds work",
+    )
+    ap.add_argument("--window-samples", type=int, default=100)
+    ap.add_argument("--ohlcv-samples", type=int, default=30)
     ap.add_argument("--only", choices=["with", "without"], default=None)
     ap.add_argument("--dir", type=Path, default=None, help="work dir (default: a temp dir)")
     args = ap.parse_args()
@@ -320,9 +410,20 @@ def main() -> None:
         if run.rounds:
             secs = [r[1] for r in run.rounds]
             print(
-                f"  rounds: {len(run.rounds)}, {sum(r[2] for r in run.rounds)} partitions "
+                f"  full rounds: {len(run.rounds)}, {sum(r[2] for r in run.rounds)} partitions "
                 f"compacted, {sum(r[3] for r in run.rounds)} snapshots expired; round "
                 f"p50 {statistics.median(secs):.2f} s, max {max(secs):.2f} s"
+            )
+        worst = [
+            (cp.q.window_p99 / cp.ref.window_p99, cp.q.ohlcv_p99 / cp.ref.ohlcv_p99)
+            for cp in run.checkpoints
+            if cp.ref is not None
+        ]
+        if worst:
+            window, ohlcv = max(w for w, _ in worst), max(o for _, o in worst)
+            print(
+                f"  worst p99 vs the freshly compacted table: window x{window:.2f}, "
+                f"ohlcv x{ohlcv:.2f} (target: at most x1.5 throughout)"
             )
 
 

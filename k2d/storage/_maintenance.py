@@ -549,8 +549,8 @@ class TableMaintenance:
     ) -> list[_PartitionFiles]:
         """Partitions of `name` worth rewriting: closed (or before `before`, today included
         when `before` is later), with at least min_files_to_compact small files. With
-        `open_partitions`, also the size tiers of the partitions still being written that
-        are full (see `_open_tiers`)."""
+        `open_partitions`, also the full size tiers of the partitions not closed (those
+        still being written; see `_open_tiers`)."""
         table = self._wh.load_table(name)
         snapshot = table.current_snapshot()
         if snapshot is None:
@@ -584,7 +584,7 @@ class TableMaintenance:
                 if closed and len(entries) >= self._cfg.min_files_to_compact:
                     files = tuple(f for f, _ in entries)
                     plans.append(_PartitionFiles(spec_id, partition, day, files))
-            elif open_partitions and before is None:
+            elif open_partitions:
                 for files in self._open_tiers(table, entries):
                     plans.append(_PartitionFiles(spec_id, partition, day, files))
         plans.sort(key=lambda p: p.day)
