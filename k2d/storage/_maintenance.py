@@ -597,10 +597,11 @@ class TableMaintenance:
         file count stays small all day instead of growing by a file per flush. Files
         committed at least open_file_age ago are put in tiers by size (each tier
         open_tier_fanout times the one below, from open_tier_base_bytes); a tier holding
-        open_tier_fanout files is merged into one file, which lands in a higher tier. A
-        day's rows are thus rewritten about log(files) times, and the partition holds at
-        most fanout - 1 files per tier plus the files of the last open_file_age. The
-        writer's own files are never touched while it may still be committing them."""
+        at least open_tier_fanout files is merged into one file, which lands in a higher
+        tier. A day's rows are thus rewritten about log(files) times, and the partition
+        holds about fanout - 1 files per tier plus the files of the last open_file_age.
+        The newest flushes are left alone: they are what a restart after a crash may still
+        roll back, and rewriting seconds-old files every pass would be churn."""
         cfg = self._cfg
         fanout = cfg.open_tier_fanout
         settled_before_ms = int((self._clock() - cfg.open_file_age) * 1000)
