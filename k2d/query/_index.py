@@ -76,12 +76,7 @@ class FileIndex:
             return True
         metadata = self._wh.load_table(msg.table)
         snapshot = metadata.metadata.snapshot_by_id(msg.snapshot_id)
-        if (
-            snapshot is not None
-            and current.sequence_number is not None
-            and snapshot.sequence_number is not None
-            and snapshot.sequence_number <= current.sequence_number
-        ):
+        if snapshot is not None and _includes(current, snapshot):
             return False
         if (
             snapshot is not None

@@ -90,6 +90,7 @@ def _open_catalog(cfg: StorageConfig) -> SqlCatalog:
                 raise
             time.sleep(0.1)
     if db is not None:
+        # PRAGMA takes no bound parameters; the value is the config's integer, never text.
         busy_ms = int(cfg.sqlite_busy_timeout_ms)
 
         def on_connect(dbapi_conn: Any, _record: Any) -> None:
