@@ -57,14 +57,17 @@ class Maintainer(Actor[None, Committed]):
         tables: Sequence[str] = TABLE_NAMES,
         stop: anyio.Event | None = None,
         clock: Callable[[], float] = time.time,
+        lock: anyio.Lock | None = None,
     ) -> None:
+        """`lock` is held for each round; the capture chain's recovery holds it too, so a
+        round never rewrites the files of a flush that recovery is about to undo."""
         self._wh = warehouse
         self._cfg = cfg
         self._metrics = metrics
         self._tables = tuple(tables)
         self._stop = stop
         self._clock = clock
-        self._lock = anyio.Lock()
+        self._lock = lock or anyio.Lock()
         self._outbox: Outbox[Committed] | None = None
         self.last_report: MaintenanceReport | None = None
 

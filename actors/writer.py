@@ -4,10 +4,18 @@ A flush is due when the buffer holds `flush_rows` rows or about `flush_bytes` by
 when its oldest row is `flush_interval` seconds old, and at end of input. The commit runs
 in a worker thread while the next buffer fills; at most one flush is in flight, so a full
 second buffer waits for it (and the inbox, then the sequencer, wait in turn).
+
+A commit that fails for a reason from outside (a conflict with another committer, disk
+full, an I/O error, a locked catalog) is retried with backoff until it lands, holding the
+flush meanwhile; past `commit_deadline` the writer reports DEGRADED. Any other failure
+ends the actor, and the capture chain goes back through recovery (see k2d/pipeline.py).
+The ledger (sequence_events) is always committed last, so a row saying a gap was
+backfilled never lands before the rows that filled it.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,10 +24,11 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import pyarrow as pa
 from opentelemetry import trace
+from pyiceberg.exceptions import CommitFailedException
 
 from k2d.messages import Committed, SequencedBatch, Watermark
 from k2d.model import now_us
-from k2d.runtime import Actor, Outbox
+from k2d.runtime import Actor, Backoff, Outbox, outside_fault
 from k2d.storage import (
     DEAD_LETTERS,
     QUOTES,
@@ -41,12 +50,16 @@ if TYPE_CHECKING:
     from k2d.config import WriterConfig
     from k2d.telemetry.metrics import Metrics
 
-__all__ = ["IcebergWriter"]
+__all__ = ["CommitLog", "IcebergWriter"]
+
+log = logging.getLogger(__name__)
 
 # A commit span links to at most this many batch spans (OTel's default link limit).
 _MAX_LINKS = 128
-# Ties in commit order: rarely written tables first (see _commit_order).
-_TIE_ORDER = (DEAD_LETTERS, SEQUENCE_EVENTS, QUOTES, TRADES)
+# Ties in commit order: rarely written tables first (see _commit_order). The ledger is not
+# among them: it always commits last.
+_TIE_ORDER = (DEAD_LETTERS, QUOTES, TRADES)
+_TABLES = (*_TIE_ORDER, SEQUENCE_EVENTS)
 
 _BUILDERS: dict[str, Callable[[Any], pa.Table]] = {
     TRADES: trades_to_arrow,
@@ -62,9 +75,7 @@ class _Buffer:
 
     # Rows are turned into Arrow as they arrive: ~5x less memory than the records, and the
     # flush only concatenates.
-    rows: dict[str, list[pa.Table]] = field(
-        default_factory=lambda: {name: [] for name in _TIE_ORDER}
-    )
+    rows: dict[str, list[pa.Table]] = field(default_factory=lambda: {name: [] for name in _TABLES})
     batch_ids: list[int] = field(default_factory=list)
     links: list[trace.Link] = field(default_factory=list)
     row_count: int = 0
@@ -94,6 +105,25 @@ class _Buffer:
         self.row_count += added
 
 
+@dataclass
+class CommitLog:
+    """What the writer's commits say, kept across restarts of the writer: per table the
+    latest snapshot (id, rows, data files, snapshots), and the watermarks and log position
+    of the last whole flush. /v1/stats reads this instead of loading the catalog."""
+
+    tables: dict[str, dict[str, int | None]] = field(default_factory=dict)
+    watermarks: dict[str, Watermark] = field(default_factory=dict)
+    log_position: dict[str, Any] = field(default_factory=dict)
+
+    def note(self, table: str, result: CommitResult) -> None:
+        self.tables[table] = {
+            "rows": result.total_rows,
+            "data_files": result.total_files,
+            "snapshot_id": result.snapshot_id,
+            "snapshots": result.snapshots,
+        }
+
+
 @dataclass(frozen=True)
 class _Flush:
     """One flush: its number, its rows per table, and the state after its batches."""
@@ -117,11 +147,17 @@ class IcebergWriter(Actor[SequencedBatch, Committed]):
         cfg: WriterConfig,
         metrics: Metrics,
         tracer: trace.Tracer | None = None,
+        *,
+        limiter: anyio.CapacityLimiter | None = None,
+        log: CommitLog | None = None,
     ) -> None:
+        """`limiter`: the worker threads commits run on (kept apart from the HTTP side's)."""
         self._wh = warehouse
         self._cfg = cfg
         self._metrics = metrics
         self._tracer = tracer or trace.get_tracer("k2d.writer")
+        self._limiter = limiter
+        self.log = log if log is not None else CommitLog()
         self._buf = _Buffer()
         # Merged over every batch ever received (latest wins per key), seeded from storage.
         self._watermarks: dict[str, Watermark] = {}
@@ -132,12 +168,16 @@ class IcebergWriter(Actor[SequencedBatch, Committed]):
 
     async def on_start(self) -> None:
         """Resume the flush numbering and the merged state where the tables left them."""
-        await anyio.to_thread.run_sync(self._wh.ensure_tables)
-        state = await anyio.to_thread.run_sync(self._wh.k2_state)
+        await anyio.to_thread.run_sync(self._wh.ensure_tables, limiter=self._limiter)
+        state = await anyio.to_thread.run_sync(self._wh.k2_state, limiter=self._limiter)
         self._watermarks = dict(state.watermarks)
         self._log_position = dict(state.log_position)
         self._flush_number = state.flush
         self._table_flushes = dict(state.table_flushes)
+        if not self.log.tables:
+            self.log.tables = await anyio.to_thread.run_sync(self._wh.stats, limiter=self._limiter)
+        self.log.watermarks = dict(state.watermarks)
+        self.log.log_position = dict(state.log_position)
 
     async def run(
         self,
@@ -206,10 +246,13 @@ class IcebergWriter(Actor[SequencedBatch, Committed]):
         tg.start_soon(self._flush, flush, outbox, done)
 
     def _commit_order(self, tables: Sequence[str]) -> list[str]:
-        """Least recently committed table first. Should a crash land between the commits of
-        a flush, the tables left behind are then the ones with the freshest state, which
-        keeps the replay short (see k2d.storage._state)."""
-        return sorted(tables, key=lambda t: (self._table_flushes.get(t, -1), _TIE_ORDER.index(t)))
+        """Least recently committed table first, so that should a crash land between the
+        commits of a flush, the tables left behind are the ones with the freshest state,
+        which keeps the replay short (see k2d.storage._state). The ledger goes last: a
+        row that closes a gap lands only after the rows that fill it."""
+        data = [t for t in tables if t != SEQUENCE_EVENTS]
+        order = sorted(data, key=lambda t: (self._table_flushes.get(t, -1), _TIE_ORDER.index(t)))
+        return order + [SEQUENCE_EVENTS] * (SEQUENCE_EVENTS in tables)
 
     async def _flush(self, flush: _Flush, outbox: Outbox[Committed], done: anyio.Event) -> None:
         props = flush_properties(
@@ -230,11 +273,11 @@ class IcebergWriter(Actor[SequencedBatch, Committed]):
                     "flush": flush.number,
                 },
             ) as span:
-                # Not abandoned on cancel: a started commit always finishes or fails.
-                result, seconds = await anyio.to_thread.run_sync(self._commit, table, rows, props)
+                result, seconds = await self._commit_until_landed(table, rows, props, flush.number)
                 span.set_attribute("snapshot_id", result.snapshot_id)
                 span.set_attribute("retries", result.retries)
             self._table_flushes[table] = flush.number
+            self.log.note(table, result)
             self._metrics.commit_seconds.labels(table).observe(seconds)
             self._metrics.commits.labels(table).inc()
             self._metrics.rows_committed.labels(table).inc(result.rows)
@@ -250,15 +293,69 @@ class IcebergWriter(Actor[SequencedBatch, Committed]):
                     committed_at=now_us(),
                 )
             )
+        self.log.watermarks = flush.watermarks
+        self.log.log_position = flush.log_position
         # Set only on success: after a failed commit no later flush may start, since its
         # state would claim the failed rows as stored. The failure cancels `run`.
         done.set()
 
+    async def _commit_until_landed(
+        self, table: str, rows: list[pa.Table], props: dict[str, str], flush: int
+    ) -> tuple[CommitResult, float]:
+        """Commit, retrying outside faults with backoff until the commit lands."""
+        backoff = Backoff(self._cfg.commit_backoff_initial, self._cfg.commit_backoff_max)
+        first_failure: float | None = None
+        while True:
+            try:
+                # Not abandoned on cancel: a started commit always finishes or fails.
+                result = await anyio.to_thread.run_sync(
+                    self._commit, table, rows, props, limiter=self._limiter
+                )
+            except Exception as exc:
+                kind = outside_fault(exc)
+                if kind is None:
+                    raise
+                landed = await self._landed(table, flush)
+                if landed is not None:
+                    result = (landed, 0.0)
+                else:
+                    first_failure = first_failure or time.monotonic()
+                    self._metrics.commit_failures.labels(table, kind).inc()
+                    delay = backoff.next_delay()
+                    self.set_degraded(f"{table} commit failing ({kind}): {exc}")
+                    log.debug("%s: commit failed (%s), retrying in %.1fs", table, exc, delay)
+                    await anyio.sleep(delay)
+                    continue
+            if first_failure is not None or backoff.attempt:
+                self.set_degraded(None)
+            return result
+
+    async def _landed(self, table: str, flush: int) -> CommitResult | None:
+        """Whether a commit that raised landed all the same (its outcome is unknown)."""
+        try:
+            return await anyio.to_thread.run_sync(
+                self._wh.find_flush, table, flush, limiter=self._limiter
+            )
+        except Exception as exc:
+            if outside_fault(exc) is None:
+                raise
+            return None
+
     def _commit(
         self, table: str, rows: list[pa.Table], props: dict[str, str]
     ) -> tuple[CommitResult, float]:
-        """Worker thread: join the Arrow pieces and commit them; returns the commit's seconds."""
+        """Worker thread: join the Arrow pieces and commit them; returns the commit's seconds.
+        A conflict is retried until it lands, DEGRADED once it has taken `commit_deadline`."""
         data = pa.concat_tables(rows) if len(rows) > 1 else rows[0]
         start = time.perf_counter()
-        result = self._wh.append(table, data, props)
+        deadline = time.monotonic() + self._cfg.commit_deadline
+
+        def on_conflict(attempt: int, exc: CommitFailedException) -> None:
+            self._metrics.commit_failures.labels(table, "conflict").inc()
+            if time.monotonic() >= deadline:
+                self.set_degraded(f"{table} commit conflicting for {attempt} retries: {exc}")
+
+        result = self._wh.append(table, data, props, retries=None, on_conflict=on_conflict)
+        if time.monotonic() >= deadline:
+            self.set_degraded(None)
         return result, time.perf_counter() - start

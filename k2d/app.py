@@ -11,18 +11,16 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date
 from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
 
-from actors.sequencer import OpenGap, OpenOutage, TrackerState
 from k2d.api import ApiState, create_app, serve
 from k2d.config import Config
-from k2d.journal import Journal, JournalOptions, JournalPosition, last_record
-from k2d.model import partition_of
-from k2d.pipeline import FeedJournal, Pipeline, build_pipeline
+from k2d.pipeline import Pipeline, build_pipeline
+from k2d.preflight import StartupError, check_directories, open_warehouse
 from k2d.runtime import EscalationError, Registry
 from k2d.storage import Warehouse
 from k2d.telemetry.logs import setup_logging
@@ -55,15 +53,15 @@ class Daemon:
 
 
 async def _stats(d: Daemon) -> dict[str, Any]:
-    tables = await anyio.to_thread.run_sync(d.warehouse.stats)
-    watermarks, log_position = await anyio.to_thread.run_sync(d.warehouse.latest_k2_state)
+    """From the writer's own record of its commits: no catalog load per request."""
+    commits = d.pipeline.commits
     return {
-        "tables": tables,
+        "tables": dict(sorted(commits.tables.items())),
         "watermarks": {
             k: {"last_sequence": w.last_sequence, "platform_sequence": w.platform_sequence}
-            for k, w in sorted(watermarks.items())
+            for k, w in sorted(commits.watermarks.items())
         },
-        "log_position": log_position,
+        "log_position": commits.log_position,
         "live_rows": d.pipeline.live_hub.row_count(),
     }
 
@@ -77,25 +75,20 @@ async def run_daemon(
     configure_logging: bool = True,
     task_status: TaskStatus[Daemon] = anyio.TASK_STATUS_IGNORED,
 ) -> int:
-    """Run until a signal, `exit_after` seconds, or Daemon.request_stop(); return the exit code."""
+    """Run until a signal, `exit_after` seconds, or Daemon.request_stop(); return the exit code.
+    A start the machine refuses (see k2d/preflight.py) returns 73 or 78 after one log line."""
     if configure_logging:
         setup_logging(cfg.telemetry.log_level)
+    try:
+        await anyio.to_thread.run_sync(check_directories, cfg)
+        warehouse = await anyio.to_thread.run_sync(open_warehouse, cfg)
+    except StartupError as refused:
+        log.critical("cannot start: %s", refused)
+        return refused.code
     registry = Registry()
     metrics = Metrics(registry)
     tracing = setup_tracing(cfg.telemetry)
-    cfg.storage.data_path().mkdir(parents=True, exist_ok=True)
-    warehouse = Warehouse(cfg.storage, cfg.writer)
-    await anyio.to_thread.run_sync(warehouse.ensure_tables)
-
-    async def restore() -> TrackerState:
-        return await anyio.to_thread.run_sync(tracker_state, warehouse, cfg.pipeline.partitions)
-
-    feed_journal = await anyio.to_thread.run_sync(open_journal, cfg, warehouse)
-    if feed_journal is not None:
-        metrics.watch_journal(feed_journal.journal.feed, feed_journal.journal)
-    pipeline = build_pipeline(
-        cfg, warehouse, metrics, registry, tracing.tracer, restore, journal=feed_journal
-    )
+    pipeline = build_pipeline(cfg, warehouse, metrics, registry, tracing.tracer)
     daemon = Daemon(
         cfg,
         registry,
@@ -111,7 +104,7 @@ async def run_daemon(
             expected_actors=set(pipeline.actor_names),
             query_pool=pipeline.query_pool,
             live_hub=pipeline.live_hub,
-            run_maintenance=_maintenance_runner(pipeline),
+            run_maintenance=_maintenance_runner(pipeline) if cfg.maintenance.enabled else None,
             config=cfg.api,
         ),
         stopping=anyio.Event(),
@@ -131,9 +124,6 @@ async def run_daemon(
             if exit_after is not None:
                 tg.start_soon(_stop_after, daemon.stopping, exit_after)
             pipeline_done = anyio.Event()
-            if feed_journal is not None:
-                tg.start_soon(feed_journal.journal.run_syncer)
-                tg.start_soon(_journal_retention, cfg, warehouse, feed_journal)
             tg.start_soon(_run_pipeline, pipeline, pipeline_done)
             daemon.api.mark_ready()
             task_status.started(daemon)
@@ -158,122 +148,22 @@ async def run_daemon(
             log.critical("escalation: %s", e)
         exit_code = EXIT_ESCALATED
     finally:
-        if feed_journal is not None:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(feed_journal.journal.close)
         tracing.shutdown()
     log.info("stopped with exit code %d", exit_code)
     return exit_code
 
 
-def open_journal(cfg: Config, warehouse: Warehouse) -> FeedJournal | None:
-    """Open the feed's journal and decide where its replay starts (blocking: a thread)."""
-    if not (cfg.journal.enabled and cfg.feeds.binance.enabled):
-        return None
-    # The journal can write a flush again, so a flush cut short by a crash is undone first.
-    warehouse.roll_back_incomplete_flush()
-    _, log_position = warehouse.latest_k2_state()
-    feed = "feed-binance"
-    committed = committed_position(log_position, f"journal:{feed}")
-    directory = cfg.journal.path(cfg.storage)
-    last = last_record(directory, feed)
-    jc = cfg.journal
-    journal = Journal(
-        directory,
-        feed,
-        JournalOptions(
-            segment_bytes=jc.segment_bytes,
-            buffer_bytes=jc.buffer_bytes,
-            fsync_interval=jc.fsync_interval,
-            max_frame_bytes=jc.max_frame_bytes,
-        ),
-    )
-    journal.open(committed=committed)
-    log.info("journal %s: replay after %s", journal.path, committed)
-    return FeedJournal(journal, committed, last[1] if last else None)
-
-
-def committed_position(log_position: dict[str, Any], key: str) -> JournalPosition | None:
-    """The journal position every tracker has committed: the least of the per-partition ones."""
-    found = [
-        JournalPosition.from_json(v)
-        for k, v in log_position.items()
-        if k.startswith(key + "@") and isinstance(v, dict)
-    ]
-    return min(found) if found else None
-
-
-async def _journal_retention(cfg: Config, warehouse: Warehouse, fj: FeedJournal) -> None:
-    jc = cfg.journal
-    while True:
-        await anyio.sleep(jc.retention_interval)
-        _, log_position = await anyio.to_thread.run_sync(warehouse.latest_k2_state)
-        keep_after = committed_position(log_position, f"journal:{fj.journal.feed}")
-        deleted = await anyio.to_thread.run_sync(
-            fj.journal.enforce_retention,
-            jc.retention_days * 86_400,
-            jc.max_total_bytes,
-            keep_after,
-        )
-        if deleted:
-            log.info("journal retention deleted %d segments", len(deleted))
-
-
 def _maintenance_runner(
     pipeline: Pipeline,
-) -> Callable[[str | None, date | None], Awaitable[dict[str, Any]]] | None:
-    maintainer = pipeline.maintainer
-    if maintainer is None:
-        return None
-
+) -> Callable[[str | None, date | None], Awaitable[dict[str, Any]]]:
     async def run(table: str | None, before: date | None) -> dict[str, Any]:
+        maintainer = pipeline.maintainer()
+        if maintainer is None:
+            raise RuntimeError("the maintainer is not running")
         report = await maintainer.run_now(table=table, before=before)
         return report.as_dict()
 
     return run
-
-
-def tracker_state(warehouse: Warehouse, partitions: int = 1) -> TrackerState:
-    """Committed watermarks plus the ledger's open gaps and outages, for the trackers."""
-    watermarks, log_position = warehouse.latest_k2_state()
-    state = TrackerState(watermarks=watermarks, log_position=log_position)
-    for row in warehouse.open_ledger_rows():
-        key = f"{row['exchange']}:{row['symbol']}:{row['stream']}"
-        detected = _us(row["detected_at"])
-        if row["kind"] == "gap" and row["first_missing"] is not None:
-            state.open_gaps.setdefault(key, []).append(
-                OpenGap(
-                    row["event_id"],
-                    row["first_missing"],
-                    row["last_missing"],
-                    detected,
-                    emitted=True,
-                    partition=partition_of(row["exchange"], row["symbol"], partitions),
-                )
-            )
-        elif row["kind"] == "outage":
-            first, last = row["first_missing"], row["last_missing"]
-            state.open_outages.setdefault(key, []).append(
-                OpenOutage(
-                    row["event_id"],
-                    _us(row["window_start"]),
-                    _us(row["window_end"]),
-                    detected,
-                    row["detail"],
-                    after=None if first is None else first - 1,
-                    first=first,
-                    last=last,
-                )
-            )
-    return state
-
-
-def _us(value: Any) -> int:
-    if value is None:
-        return 0
-    if isinstance(value, datetime):
-        return int(value.timestamp() * 1_000_000)
-    return int(value)
 
 
 async def exit_code_of(main: Awaitable[None]) -> int:

@@ -71,9 +71,12 @@ class WriterConfig(_Section, frozen=True):
     flush_rows: int = 250_000
     flush_bytes: int = 128 * 1024 * 1024
     flush_interval: float = 2.0
+    # Conflict retries of a one-off committer (`k2d load`); the daemon's writer retries a
+    # commit until it lands, and reports DEGRADED once one has failed for commit_deadline s.
     commit_retries: int = 8
     commit_backoff_initial: float = 0.1
     commit_backoff_max: float = 5.0
+    commit_deadline: float = 30.0
 
 
 class PipelineConfig(_Section, frozen=True):
@@ -92,6 +95,9 @@ class SequencerConfig(_Section, frozen=True):
     # An id this far below the high-water mark after this much silence is a session reset.
     reset_quiet_period: float = 300.0
     reset_min_drop: int = 1_000
+    # An id more than this above the last is a new session (an info row that names the ids
+    # passed over), not a gap to backfill: one stray id must not open a gap of 10^12 ids.
+    max_jump: int = 10_000_000
     # At the start of capture, ids at most this far below the first one are late, not lost.
     max_reorder: int = 1_000
     # Limit on tracked open gaps per stream; beyond it the oldest are written and forgotten.

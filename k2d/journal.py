@@ -791,8 +791,9 @@ class Journal:
         job = self._begin_sync()
         self._end_sync(job, self._fsync(job))
 
-    async def run_syncer(self) -> None:
-        """Group fsync: every `fsync_interval`, flush here and fsync in a worker thread.
+    async def run_syncer(self, limiter: anyio.CapacityLimiter | None = None) -> None:
+        """Group fsync: every `fsync_interval`, flush here and fsync in a worker thread
+        (one of `limiter`'s, when given).
 
         Runs until cancelled or the journal is closed. Cancelling waits for a running fsync.
         """
@@ -802,7 +803,7 @@ class Journal:
             if self._fd < 0:
                 return
             job = self._begin_sync()
-            seconds = await anyio.to_thread.run_sync(self._fsync, job)
+            seconds = await anyio.to_thread.run_sync(self._fsync, job, limiter=limiter)
             self._end_sync(job, seconds)
 
     def enforce_retention(

@@ -84,6 +84,9 @@ class Watermark(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     # Gaps (first, last, detected_at) found but not yet in the ledger (inside gap_grace):
     # committed with the rows above them, so a crash cannot forget them.
     pending_gaps: tuple[tuple[int, int, int], ...] = ()
+    # detected_at of the oldest gap or outage still open in the ledger (0: none); None when
+    # written by a k2d that did not record it. A restart reads the ledger from there on.
+    open_since: int | None = None
 
 
 class SequencedBatch(msgspec.Struct, kw_only=True):

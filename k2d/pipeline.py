@@ -3,18 +3,39 @@
     FeedHandler --(partition by symbol)--> SequenceTracker[p] --+--> IcebergWriter --Committed--+
                                                                 '--> LiveHub <------------------'
 
-Start order: the ingest group (trackers, writer, hub) starts before the feeds, so the
-first frame always has somewhere to go. Stop order is the same chain from the top: the
-app sets `feeds_stop`; each feed flushes and closes its outbox; a tracker sees end of
-input once every feed has closed and closes its own; the writer commits its last batch
-(with its log position) when every tracker has closed, then closes Committed; the hub
-ends last. Nothing is cancelled on the way, so no batch is lost in a send.
+The supervisor tree:
+
+    root (one-for-one)
+      capture (one-for-all, rebuilt every round): recovery, then the feeds, the journal's
+              syncer and retention, the trackers, the backfiller, the writer, the live hub
+      query_pool
+      maintainer
+
+One fault model (DESIGN section 6): whatever fails inside the capture chain, the whole
+chain, feeds included, goes back through the recovery a process start runs (k2d/recovery.py:
+undo a cut-short flush, restore the trackers from the snapshot and the ledger, reopen the
+journal and replay it from the committed position), with fresh actors and fresh streams.
+So nothing a commit has not acknowledged survives a failure in memory, exactly as after
+`kill -9`. The query pool and the HTTP API stay up meanwhile. A fault from outside
+(disk full, read-only, I/O error, locked catalog) leaves the chain DEGRADED and retried
+with backoff for as long as it lasts; a bug that keeps failing escalates (exit 70).
+
+Start order, inside a round: recovery first, then every actor at once; a feed's first
+frame always has somewhere to go since every stream exists before any child starts. Stop
+order is the same chain from the top: the app sets `feeds_stop`; each feed flushes and
+closes its outbox (and the journal's syncer and retention end with the last feed); a
+tracker sees end of input once every feed has closed and closes its own; the writer commits
+its last batch (with its log position) when every tracker has closed, then closes
+Committed; the hub ends last. Nothing is cancelled on the way, so no batch is lost in a
+send. The query pool drains after the capture chain has ended for good.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Awaitable, Callable, Sequence
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,12 +49,14 @@ from actors.feed import FeedHandler
 from actors.live_hub import LiveHub
 from actors.maintenance import Maintainer
 from actors.query_pool import QueryPool
-from actors.sequencer import SequenceTracker, TrackerState
-from actors.writer import IcebergWriter
+from actors.sequencer import SequenceTracker
+from actors.writer import CommitLog, IcebergWriter
 from k2d.config import Config
-from k2d.journal import Journal, JournalPosition
-from k2d.messages import RecordBatch
-from k2d.model import partition_of
+from k2d.journal import Journal
+from k2d.messages import Committed, RecordBatch
+from k2d.model import Quote, Trade, now_us, partition_of
+from k2d.query import Format, Plan, ResultStream
+from k2d.recovery import FEED, Recovered, committed_position, recover
 from k2d.runtime import (
     Actor,
     ActorState,
@@ -49,7 +72,13 @@ from k2d.runtime import (
 from k2d.storage import Warehouse
 from k2d.telemetry.metrics import Metrics
 
-__all__ = ["PartitionedOutbox", "Pipeline", "build_pipeline"]
+__all__ = ["CurrentHub", "CurrentPool", "PartitionedOutbox", "Pipeline", "build_pipeline"]
+
+log = logging.getLogger(__name__)
+
+# Worker threads for commits, recovery and journal fsync: kept apart from anyio's default
+# pool, which the HTTP side shares, so no burst of requests can hold up a commit.
+_INGEST_THREADS = 4
 
 
 class PartitionedOutbox(Outbox[RecordBatch]):
@@ -108,6 +137,53 @@ class PartitionedOutbox(Outbox[RecordBatch]):
                 await out.send(part)
 
 
+class CurrentHub:
+    """The LiveHub of the running capture round, for the API: a round that fails takes its
+    hub (and the uncommitted rows in it) along, as a killed process would."""
+
+    hub: LiveHub | None = None
+
+    def recent_trades(
+        self, exchange: str, symbol: str, since_us: int = 0, *, uncommitted_only: bool = False
+    ) -> list[Trade]:
+        if self.hub is None:
+            return []
+        return self.hub.recent_trades(exchange, symbol, since_us, uncommitted_only=uncommitted_only)
+
+    def recent_quotes(
+        self, exchange: str, symbol: str, since_us: int = 0, *, uncommitted_only: bool = False
+    ) -> list[Quote]:
+        if self.hub is None:
+            return []
+        return self.hub.recent_quotes(exchange, symbol, since_us, uncommitted_only=uncommitted_only)
+
+    def symbols(self) -> list[tuple[str, str]]:
+        return self.hub.symbols() if self.hub is not None else []
+
+    def row_count(self) -> int:
+        return self.hub.row_count() if self.hub is not None else 0
+
+
+class CurrentPool:
+    """The running QueryPool, for the API (a restarted pool is a new instance)."""
+
+    def __init__(self, pool: QueryPool) -> None:
+        self.pool = pool
+        self.cfg = pool.cfg
+
+    async def execute(self, key: str, plan: Plan, fmt: Format) -> ResultStream:
+        return await self.pool.execute(key, plan, fmt)
+
+    async def catch_up(self) -> None:
+        await self.pool.catch_up()
+
+
+def _made(actor: Actor[Any, Any]) -> Callable[[], Actor[Any, Any]]:
+    """The factory of a capture round's child: the round made the instance, with its state
+    from recovery; the next round makes another."""
+    return lambda: actor
+
+
 def _held_open(
     name: str,
     streams: list[MemoryObjectSendStream[RecordBatch]],
@@ -127,53 +203,29 @@ def _held_open(
     return ChildSpec(name, wait, Restart.TRANSIENT, on_exit=close)
 
 
-@dataclass
-class FeedJournal:
-    """A feed's capture journal, where to replay it from, and when it last captured."""
+def _until(name: str, work: Callable[[], Any], done: anyio.Event, registry: Registry) -> ChildSpec:
+    """A child that runs `work` (a loop) until `done` is set, then ends cleanly."""
 
-    journal: Journal
-    replay_after: JournalPosition | None
-    last_capture_us: int | None
+    async def run() -> None:
+        registry.set_state(name, ActorState.RUNNING)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(work)
+            await done.wait()
+            tg.cancel_scope.cancel()
 
-
-def feed_factory(
-    name: str,
-    cfg: Config,
-    metrics: Metrics,
-    stop: anyio.Event,
-    tracer: trace.Tracer,
-    journal: FeedJournal | None,
-) -> Callable[[], FeedHandler]:
-    """The first instance replays the journal; one restarted after a crash does not."""
-    first = [True]
-
-    def make() -> FeedHandler:
-        replay, first[0] = first[0], False
-        return FeedHandler(
-            name,
-            cfg.feeds.binance,
-            cfg.pipeline,
-            metrics,
-            stop,
-            tracer,
-            journal=journal.journal if journal else None,
-            replay_after=journal.replay_after if journal else None,
-            replay=replay,
-            last_capture_us=journal.last_capture_us if journal and replay else None,
-        )
-
-    return make
+    return ChildSpec(name, run, Restart.TRANSIENT)
 
 
 @dataclass
 class Pipeline:
     supervisor: Supervisor
     feeds_stop: anyio.Event
-    live_hub: LiveHub
-    query_pool: QueryPool
+    live_hub: CurrentHub
+    query_pool: CurrentPool
     feed_names: list[str]
+    commits: CommitLog
     actor_names: set[str] = field(default_factory=set)
-    maintainer: Maintainer | None = None
+    maintainer: Callable[[], Maintainer | None] = lambda: None
 
 
 def build_pipeline(
@@ -182,8 +234,6 @@ def build_pipeline(
     metrics: Metrics,
     registry: Registry,
     tracer: trace.Tracer,
-    restore: Callable[[], Awaitable[TrackerState]] | None = None,
-    journal: FeedJournal | None = None,
     sources: Sequence[tuple[str, Callable[[], Actor[None, RecordBatch]]]] = (),
 ) -> Pipeline:
     """Wire the actors. `sources` are extra producers of RecordBatches (a benchmark's
@@ -191,147 +241,275 @@ def build_pipeline(
     pc = cfg.pipeline
     size = pc.stream_size
     batch_ids = itertools.count(1)
+    feeds_stop = anyio.Event()
+    limiter = anyio.CapacityLimiter(_INGEST_THREADS)
+    hub_view = CurrentHub()
+    commits = CommitLog()
+    # Serialises table maintenance with the capture chain's recovery: a round never
+    # rewrites the files of a cut-short flush before recovery has undone it.
+    table_lock = anyio.Lock()
+    # Committed messages reach the pool through clones of this stream: one per capture
+    # round (closed when the round ends) and one for the Maintainer.
+    to_pool, pool_inbox = bounded_stream(registry, "query_pool.inbox", size * 4)
+    backfill = cfg.backfill.enabled and cfg.feeds.binance.enabled
+    with_feed = cfg.feeds.binance.enabled
+    feed_names = (["feed-binance"] if with_feed else []) + [name for name, _ in sources]
 
     def backoff() -> Backoff:
         return Backoff(cfg.supervisor.backoff_initial, cfg.supervisor.backoff_max)
 
-    to_writer, writer_inbox = bounded_stream(registry, "writer.inbox", size)
-    to_hub, hub_inbox = bounded_stream(registry, "live_hub.inbox", size * 4)
-    to_pool, pool_inbox = bounded_stream(registry, "query_pool.inbox", size * 4)
-    tracker_inboxes = [
-        bounded_stream(registry, f"sequencer-{p}.inbox", size) for p in range(pc.partitions)
-    ]
-
-    ingest: list[ChildSpec] = []
-    # The backfiller answers on streams of its own, so a tracker can finish its live input
-    # (and stop asking) while backfill results still come in: see SequenceTracker.run.
-    backfill = cfg.backfill.enabled and cfg.feeds.binance.enabled
-    if backfill:
-        to_backfiller, backfill_inbox = bounded_stream(
-            registry, "backfiller.inbox", cfg.backfill.max_pending
-        )
-        backfill_results = [
-            bounded_stream(registry, f"sequencer-{p}.backfill", size) for p in range(pc.partitions)
+    def capture_children(rec: Recovered, pool_out: MemoryObjectSendStream[Any]) -> list[ChildSpec]:
+        """Fresh streams and actors for one round, resuming from `rec`."""
+        to_writer, writer_inbox = bounded_stream(registry, "writer.inbox", size)
+        to_hub, hub_inbox = bounded_stream(registry, "live_hub.inbox", size * 4)
+        tracker_inboxes = [
+            bounded_stream(registry, f"sequencer-{p}.inbox", size) for p in range(pc.partitions)
         ]
-
-    def tracker(p: int) -> Callable[[], SequenceTracker]:
-        # Streams are made once, here: a restarted tracker keeps using the same ones.
-        requests = to_backfiller.clone() if backfill else None
-        results = backfill_results[p][1] if backfill else None
-        return lambda: SequenceTracker(
-            p,
-            cfg.sequencer,
-            metrics,
-            batch_ids,
-            restore,
-            tracer,
-            gap_requests=requests,
-            backfill_inbox=results,
-        )
-
-    for p, (_, inbox) in enumerate(tracker_inboxes):
-        out = Outbox[Any](f"sequencer-{p}.outbox", to_writer.clone(), to_hub.clone())
-        ingest.append(ChildSpec.for_actor(f"sequencer-{p}", tracker(p), inbox, out, registry))
-    # The pool hears of a commit before the hub does: once the hub counts a batch as
-    # committed, a query already finds its rows in the pool's file index.
-    writer_out = Outbox[Any]("writer.outbox", to_pool.clone(), to_hub.clone())
-    ingest.append(
-        ChildSpec.for_actor(
-            "writer",
-            lambda: IcebergWriter(warehouse, cfg.writer, metrics, tracer),
-            writer_inbox,
-            writer_out,
-            registry,
-        )
-    )
-    if backfill:
-        bout = PartitionedOutbox("backfiller.outbox", [s.clone() for s, _ in backfill_results])
-        ingest.append(
-            ChildSpec.for_actor(
-                "backfiller",
-                lambda: Backfiller(cfg.backfill, cfg.feeds.binance.rest_url, metrics, tracer),
-                backfill_inbox,
-                bout,
-                registry,
+        children: list[ChildSpec] = []
+        # The backfiller answers on streams of its own, so a tracker can finish its live
+        # input (and stop asking) while backfill results still come in: see
+        # SequenceTracker.run.
+        if backfill:
+            to_backfiller, backfill_inbox = bounded_stream(
+                registry, "backfiller.inbox", cfg.backfill.max_pending
             )
+            backfill_results = [
+                bounded_stream(registry, f"sequencer-{p}.backfill", size)
+                for p in range(pc.partitions)
+            ]
+
+        async def restored() -> Any:
+            return rec.trackers
+
+        for p, (_, inbox) in enumerate(tracker_inboxes):
+            out = Outbox[Any](f"sequencer-{p}.outbox", to_writer.clone(), to_hub.clone())
+            tracker = SequenceTracker(
+                p,
+                cfg.sequencer,
+                metrics,
+                batch_ids,
+                restored,
+                tracer,
+                gap_requests=to_backfiller.clone() if backfill else None,
+                backfill_inbox=backfill_results[p][1] if backfill else None,
+            )
+            children.append(
+                ChildSpec.for_actor(f"sequencer-{p}", _made(tracker), inbox, out, registry)
+            )
+        # The pool hears of a commit before the hub does: once the hub counts a batch as
+        # committed, a query already finds its rows in the pool's file index.
+        writer_out = Outbox[Any]("writer.outbox", pool_out, to_hub.clone())
+        writer = IcebergWriter(warehouse, cfg.writer, metrics, tracer, limiter=limiter, log=commits)
+        children.append(
+            ChildSpec.for_actor("writer", _made(writer), writer_inbox, writer_out, registry)
         )
-        for s, _ in backfill_results:
+        if backfill:
+            bout = PartitionedOutbox("backfiller.outbox", [s.clone() for s, _ in backfill_results])
+            backfiller = Backfiller(
+                cfg.backfill,
+                cfg.feeds.binance.rest_url,
+                metrics,
+                tracer,
+                ban_file=cfg.storage.data_path() / "state" / "binance-rest.json",
+            )
+            children.append(
+                ChildSpec.for_actor("backfiller", _made(backfiller), backfill_inbox, bout, registry)
+            )
+            for s, _ in backfill_results:
+                s.close()
+            to_backfiller.close()
+        hub = LiveHub(cfg.live, metrics)
+        hub_view.hub = hub
+        children.append(
+            ChildSpec.for_actor("live_hub", _made(hub), hub_inbox, Outbox("none"), registry)
+        )
+
+        feeds_done = anyio.Event()
+        producers = len(feed_names)
+
+        def feed_ended(outbox: Outbox[Any]) -> Callable[[], None]:
+            def close() -> None:
+                nonlocal producers
+                outbox.close()
+                producers -= 1
+                if producers == 0:
+                    feeds_done.set()
+
+            return close
+
+        def feed_spec(name: str, actor: Actor[None, RecordBatch]) -> ChildSpec:
+            out = PartitionedOutbox(f"{name}.outbox", [s.clone() for s, _ in tracker_inboxes])
+            spec = ChildSpec.for_actor(name, _made(actor), None, out, registry)
+            return ChildSpec(name, spec.start, Restart.TRANSIENT, on_exit=feed_ended(out))
+
+        if with_feed:
+            feed = FeedHandler(
+                "feed-binance",
+                cfg.feeds.binance,
+                cfg.pipeline,
+                metrics,
+                feeds_stop,
+                tracer,
+                journal=rec.journal,
+                replay_after=rec.replay_after,
+                last_capture_us=rec.last_capture_us,
+            )
+            children.append(feed_spec("feed-binance", feed))
+        for name, factory in sources:
+            children.append(feed_spec(name, factory()))
+        if not feed_names:
+            # No feed (a box that only serves queries over loaded data): the chain is held
+            # open until stop, so the writer, hub and query pool stay up meanwhile.
+            children.append(
+                _held_open("no-feed", [s.clone() for s, _ in tracker_inboxes], feeds_stop, registry)
+            )
+        journal = rec.journal
+        if journal is not None:
+            metrics.watch_journal(journal.feed, journal)
+            children.append(
+                _until("journal", lambda: journal.run_syncer(limiter), feeds_done, registry)
+            )
+            children.append(
+                _until(
+                    "journal-retention",
+                    lambda: _journal_retention(cfg, warehouse, journal, limiter),
+                    feeds_done,
+                    registry,
+                )
+            )
+        # Producers hold clones; closing the originals lets end-of-input flow once they finish.
+        for s, _ in tracker_inboxes:
             s.close()
-        to_backfiller.close()
-    hub = LiveHub(cfg.live, metrics)
-    ingest.append(ChildSpec.for_actor("live_hub", lambda: hub, hub_inbox, Outbox("none"), registry))
+        to_writer.close()
+        to_hub.close()
+        return children
 
-    feeds_stop = anyio.Event()
-    feed_specs: list[ChildSpec] = []
-    feed_names: list[str] = []
-    if cfg.feeds.binance.enabled:
-        name = "feed-binance"
-        feed_names.append(name)
-        fout = PartitionedOutbox(f"{name}.outbox", [s.clone() for s, _ in tracker_inboxes])
-        feed_specs.append(
+    @contextlib.asynccontextmanager
+    async def capture_round() -> AsyncIterator[list[ChildSpec]]:
+        """Recover, then yield this round's children; on the way out, release what the
+        round held (its clone of the pool's stream, the journal) whatever happened."""
+        async with table_lock:
+            rec = await anyio.to_thread.run_sync(recover, cfg, warehouse, limiter=limiter)
+        pool_out = to_pool.clone()
+        try:
+            if rec.rolled_back:
+                log.warning("recovery undid the cut-short flush on %s", ", ".join(rec.rolled_back))
+                for table, snapshot_id in rec.rolled_back.items():
+                    # Not an append: the pool re-plans the table without the undone files.
+                    await pool_out.send(
+                        Committed(
+                            table=table,
+                            snapshot_id=snapshot_id,
+                            files=(),
+                            batch_ids=(),
+                            rows=0,
+                            committed_at=now_us(),
+                        )
+                    )
+            yield capture_children(rec, pool_out)
+        finally:
+            pool_out.close()
+            hub_view.hub = None
+            if rec.journal is not None:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(_close_journal, rec.journal, limiter=limiter)
+
+    pool = CurrentPool(QueryPool(warehouse, cfg.query, metrics, tracer))
+    pool_starts = itertools.count()
+
+    def make_pool() -> QueryPool:
+        # The first start takes the instance made above; a restart, a fresh one.
+        if next(pool_starts):
+            pool.pool = QueryPool(warehouse, cfg.query, metrics, tracer)
+        return pool.pool
+
+    query_spec = ChildSpec.for_actor("query_pool", make_pool, pool_inbox, Outbox("none"), registry)
+    maintainer: list[Maintainer] = []
+    children = [query_spec]
+    if cfg.maintenance.enabled:
+        # The Maintainer's replace commits re-plan the index. The clone is made only for a
+        # Maintainer that runs: an unclosed one would keep the pool's inbox (and the drain)
+        # open.
+        def make_maintainer() -> Maintainer:
+            m = Maintainer(warehouse, cfg.maintenance, metrics, stop=feeds_stop, lock=table_lock)
+            maintainer[:] = [m]
+            return m
+
+        children.append(
             ChildSpec.for_actor(
-                name,
-                feed_factory(name, cfg, metrics, feeds_stop, tracer, journal),
+                "maintainer",
+                make_maintainer,
                 None,
-                fout,
+                Outbox("maintainer.outbox", to_pool.clone()),
                 registry,
-                restart=Restart.TRANSIENT,
             )
         )
-    for name, factory in sources:
-        feed_names.append(name)
-        sout = PartitionedOutbox(f"{name}.outbox", [s.clone() for s, _ in tracker_inboxes])
-        feed_specs.append(ChildSpec.for_actor(name, factory, None, sout, registry))
-    if not feed_specs:
-        # No feed (a box that only serves queries over loaded data): the ingest chain is
-        # held open until stop, so the writer, hub and query pool stay up meanwhile.
-        feed_specs.append(
-            _held_open("no-feed", [s.clone() for s, _ in tracker_inboxes], feeds_stop, registry)
-        )
-    # Producers hold clones; closing the originals lets end-of-input flow once they finish.
-    for s, _ in tracker_inboxes:
-        s.close()
-    to_writer.close()
-    to_hub.close()
-    pool = QueryPool(warehouse, cfg.query, metrics, tracer)
-    query_spec = ChildSpec.for_actor(
-        "query_pool", lambda: pool, pool_inbox, Outbox("none"), registry
-    )
-    maintainer = None
-    if cfg.maintenance.enabled:
-        maintainer = Maintainer(warehouse, cfg.maintenance, metrics, stop=feeds_stop)
-        maintenance_spec = ChildSpec.for_actor(
-            "maintainer",
-            lambda: maintainer,
-            None,
-            # Replace commits re-plan the index. The clone is made only for a Maintainer
-            # that runs: an unclosed one would keep the pool's inbox (and the drain) open.
-            Outbox("maintainer.outbox", to_pool.clone()),
-            registry,
-            restart=Restart.TRANSIENT,
-        )
-    to_pool.close()
+
+    def current_maintainer() -> Maintainer | None:
+        return maintainer[0] if maintainer else None
 
     sup = cfg.supervisor
-    ingest_sup = Supervisor(
-        "ingest", ingest, registry, Strategy.ONE_FOR_ALL, sup.max_restarts, sup.period, backoff()
-    )
-    feeds_sup = Supervisor(
-        "feeds", feed_specs, registry, Strategy.ONE_FOR_ONE, sup.max_restarts, sup.period, backoff()
+    capture = Supervisor(
+        "capture",
+        capture_round,
+        registry,
+        Strategy.ONE_FOR_ALL,
+        sup.max_restarts,
+        sup.period,
+        backoff(),
     )
     root = Supervisor(
         "root",
-        # The query pool is outside the ingest chain: a query worker's crash never restarts
-        # ingest, and the pool drains last (its inbox ends when the writer's does).
-        [ingest_sup.as_child(), feeds_sup.as_child(), query_spec]
-        + ([maintenance_spec] if maintainer is not None else []),
+        # The query pool is outside the capture chain: a query worker's crash never restarts
+        # capture, and the pool drains last (its inbox ends when the chain has ended for good).
+        [ChildSpec("capture", capture.run, Restart.TRANSIENT, on_exit=to_pool.close), *children],
         registry,
         Strategy.ONE_FOR_ONE,
         sup.max_restarts,
         sup.period,
         backoff(),
     )
-    names = {s.name for s in ingest} | {s.name for s in feed_specs} | {"query_pool"}
-    if maintainer is not None:
-        names.add("maintainer")
-    return Pipeline(root, feeds_stop, hub, pool, feed_names, names, maintainer)
+    names = {f"sequencer-{p}" for p in range(pc.partitions)} | {"writer", "live_hub"}
+    names |= set(feed_names) if feed_names else {"no-feed"}
+    names |= {s.name for s in children}
+    if backfill:
+        names.add("backfiller")
+    return Pipeline(
+        root,
+        feeds_stop,
+        hub_view,
+        pool,
+        feed_names,
+        commits,
+        names,
+        current_maintainer,
+    )
+
+
+async def _journal_retention(
+    cfg: Config, warehouse: Warehouse, journal: Journal, limiter: anyio.CapacityLimiter
+) -> None:
+    """Delete old journal segments, never one holding frames after the committed position."""
+    jc = cfg.journal
+    while True:
+        await anyio.sleep(jc.retention_interval)
+        _, log_position = await anyio.to_thread.run_sync(warehouse.latest_k2_state, limiter=limiter)
+        keep_after = committed_position(log_position, f"journal:{FEED}", cfg.pipeline.partitions)
+        deleted = await anyio.to_thread.run_sync(
+            journal.enforce_retention,
+            jc.retention_days * 86_400,
+            jc.max_total_bytes,
+            keep_after,
+            limiter=limiter,
+        )
+        if deleted:
+            log.info("journal retention deleted %d segments", len(deleted))
+
+
+def _close_journal(journal: Journal) -> None:
+    """Close (flush, fsync, unlock) a round's journal; a failure here (the disk that failed
+    the round) loses nothing the next round's recovery does not see."""
+    try:
+        journal.close()
+    except Exception as exc:  # an OSError, or the JournalError that wraps one
+        log.warning("journal %s: closed without a final sync: %s", journal.path, exc)

@@ -1,20 +1,30 @@
 """Actor runtime: Actor, Outbox, ChildSpec, Supervisor, Backoff, EscalationError.
 
 Children run in anyio task groups. One-for-one restarts only the child that failed;
-one-for-all restarts the whole group (the ingest chain of a partition), because a crash
-mid-batch must replay from the last committed position, not keep half a pipeline's state.
-Going over `max_restarts` in `period` raises EscalationError: the process exits non-zero
-and systemd restarts it.
+one-for-all restarts the whole group (the capture chain), because a crash mid-batch must
+replay from the last committed position, not keep half a pipeline's state. A one-for-all
+group may be given a `build` context manager instead of fixed children: each round then
+starts from fresh instances and fresh streams, and the context manager's entry is where
+recovery happens (see k2d/pipeline.py).
+
+A fault from outside the process (disk full, read-only filesystem, I/O error, a locked
+catalog) is waited out: the children are DEGRADED, restarted with backoff, and never
+escalate. Anything else counts against `max_restarts` in `period`; going over raises
+EscalationError, the process exits 70 and systemd restarts it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import errno
 import logging
 import random
+import sqlite3
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -33,6 +43,7 @@ __all__ = [
     "Strategy",
     "Supervisor",
     "bounded_stream",
+    "outside_fault",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,19 +75,76 @@ class EscalationError(RuntimeError):
     """A supervisor saw more restarts than it may absorb; the process must exit non-zero."""
 
 
+# errno values that mean the machine, not the code, said no; each maps to a metric label.
+_OUTSIDE_ERRNOS = {
+    errno.ENOSPC: "disk_full",
+    errno.EDQUOT: "disk_full",
+    errno.EROFS: "read_only",
+    errno.EACCES: "permission",
+    errno.EPERM: "permission",
+    errno.EIO: "io_error",
+    errno.EMFILE: "too_many_files",
+    errno.ENFILE: "too_many_files",
+}
+_SQLITE_OUTSIDE = (
+    ("locked", "catalog_locked"),
+    ("busy", "catalog_locked"),
+    ("disk is full", "disk_full"),
+    ("readonly", "read_only"),
+    ("disk i/o", "io_error"),
+    ("unable to open", "permission"),
+)
+
+
+def outside_fault(exc: BaseException) -> str | None:
+    """The kind of outside fault (`disk_full`, `read_only`, ...) if every failure in `exc`
+    (an exception group is searched leaf by leaf, each along its causes) came from the
+    operating system or a locked catalog; None if any of them is a bug."""
+    if isinstance(exc, BaseExceptionGroup):
+        kinds = [outside_fault(e) for e in exc.exceptions]
+        return kinds[0] if kinds and all(kinds) else None
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _OUTSIDE_ERRNOS:
+            return _OUTSIDE_ERRNOS[e.errno]
+        if isinstance(e, sqlite3.OperationalError):
+            text = str(e).lower()
+            for needle, kind in _SQLITE_OUTSIDE:
+                if needle in text:
+                    return kind
+        e = e.__cause__ or e.__context__
+    return None
+
+
 @dataclass
 class Registry:
-    """Actor states, restart counts and stream depths, read by /ready and /metrics."""
+    """Actor states (with why, when degraded), restarts, outside faults and stream depths,
+    read by /ready and /metrics."""
 
     states: dict[str, ActorState] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
     restarts: dict[str, int] = field(default_factory=dict)
+    faults: dict[str, int] = field(default_factory=dict)
     streams: dict[str, tuple[MemoryObjectSendStream[Any], int]] = field(default_factory=dict)
 
-    def set_state(self, name: str, state: ActorState) -> None:
+    def set_state(self, name: str, state: ActorState, reason: str = "") -> None:
+        if state is ActorState.DEGRADED and self.reasons.get(name) != reason:
+            log.warning("%s is degraded: %s", name, reason)
+        elif self.states.get(name) is ActorState.DEGRADED and state is ActorState.RUNNING:
+            log.warning("%s has recovered", name)
         self.states[name] = state
+        if state is ActorState.DEGRADED:
+            self.reasons[name] = reason
+        else:
+            self.reasons.pop(name, None)
 
     def count_restart(self, name: str) -> None:
         self.restarts[name] = self.restarts.get(name, 0) + 1
+
+    def count_fault(self, kind: str) -> None:
+        self.faults[kind] = self.faults.get(kind, 0) + 1
 
     def stream_depths(self) -> dict[str, tuple[int, int]]:
         return {
@@ -124,6 +192,7 @@ class Actor(Generic[In, Out]):
     """Owns its state; consumes `inbox` until end of input, emits to `outbox`."""
 
     name: str = "actor"
+    _report: Callable[[str | None], None] | None = None
 
     async def on_start(self) -> None:
         """Restore state before the first message (watermarks, open connections)."""
@@ -133,6 +202,11 @@ class Actor(Generic[In, Out]):
 
     async def on_drain(self) -> None:
         """Called after a clean end of input: flush what is held."""
+
+    def set_degraded(self, reason: str | None) -> None:
+        """Alive but impaired (`reason`), or healthy again (None); shown by /ready."""
+        if self._report is not None:
+            self._report(reason)
 
 
 @dataclass
@@ -174,8 +248,17 @@ class ChildSpec:
         registry: Registry,
         restart: Restart = Restart.TRANSIENT,
     ) -> ChildSpec:
+        """`factory` is called at every start: a restart never reuses a crashed instance."""
+
         async def start() -> None:
             actor = factory()
+
+            def report(reason: str | None) -> None:
+                registry.set_state(
+                    name, ActorState.DEGRADED if reason else ActorState.RUNNING, reason or ""
+                )
+
+            actor._report = report
             registry.set_state(name, ActorState.STARTING)
             await actor.on_start()
             registry.set_state(name, ActorState.RUNNING)
@@ -185,17 +268,24 @@ class ChildSpec:
         return cls(name=name, start=start, restart=restart, on_exit=outbox.close)
 
 
+Build = Callable[[], AbstractAsyncContextManager[Sequence[ChildSpec]]]
+
+
 class Supervisor:
     def __init__(
         self,
         name: str,
-        children: list[ChildSpec],
+        children: Sequence[ChildSpec] | Build,
         registry: Registry,
         strategy: Strategy = Strategy.ONE_FOR_ONE,
         max_restarts: int = 5,
         period: float = 60.0,
         backoff: Backoff | None = None,
     ) -> None:
+        """`children` may be a context manager factory (one-for-all only), entered at every
+        round: it prepares and yields fresh children, and is exited when the round ends."""
+        if callable(children) and strategy is not Strategy.ONE_FOR_ALL:
+            raise ValueError(f"{name}: only a one-for-all supervisor builds its children")
         self.name = name
         self.children = children
         self.registry = registry
@@ -212,56 +302,89 @@ class Supervisor:
         if self.strategy is Strategy.ONE_FOR_ALL:
             await self._run_one_for_all()
         else:
+            assert not callable(self.children)
             async with anyio.create_task_group() as tg:
                 for spec in self.children:
                     tg.start_soon(self._supervise_one, spec)
 
-    def _note_restart(self, who: str, exc: BaseException) -> float:
-        """Record a restart; escalate past the limit; return the delay before restarting."""
+    def _note_restart(
+        self, who: Sequence[str], exc: BaseException, ran_for: float
+    ) -> tuple[float, str | None]:
+        """Record a restart of `who`; escalate a bug past the limit; return the delay before
+        restarting and the outside fault's kind, if it was one."""
         now = time.monotonic()
+        if ran_for >= self.period:
+            self.backoff.reset()  # it ran well for a while: this is a new failure
+        kind = outside_fault(exc)
+        label = ", ".join(who) or self.name
+        if kind is not None:
+            self.registry.count_fault(kind)
+            reason = f"{kind}: {_leaf_text(exc)}"
+            for name in who:
+                self.registry.count_restart(name)
+                self.registry.set_state(name, ActorState.DEGRADED, reason)
+            delay = self.backoff.next_delay()
+            log.debug("%s: %s; retrying in %.1fs", self.name, reason, delay)
+            return delay, kind
         self._restart_times.append(now)
         while self._restart_times and now - self._restart_times[0] > self.period:
             self._restart_times.popleft()
         if len(self._restart_times) > self.max_restarts:
             raise EscalationError(
-                f"{self.name}: {who} failed {len(self._restart_times)} times in "
+                f"{self.name}: {label} failed {len(self._restart_times)} times in "
                 f"{self.period:g}s (limit {self.max_restarts}); last error: {exc!r}"
             ) from exc
-        self.registry.count_restart(who)
-        self.registry.set_state(who, ActorState.RESTARTING)
-        log.error("%s: %s crashed, restarting: %r", self.name, who, exc, exc_info=exc)
-        return self.backoff.next_delay()
+        for name in who:
+            self.registry.count_restart(name)
+            self.registry.set_state(name, ActorState.RESTARTING)
+        log.error("%s: %s crashed, restarting: %r", self.name, label, exc, exc_info=exc)
+        return self.backoff.next_delay(), None
 
     async def _supervise_one(self, spec: ChildSpec) -> None:
         while True:
+            started = time.monotonic()
             try:
                 await spec.start()
-            except EscalationError:
-                raise
             except Exception as exc:
+                if _has_escalation(exc):
+                    raise
                 if spec.restart is Restart.TEMPORARY:
                     self._finish(spec, ActorState.STOPPED)
                     log.error("%s: temporary child %s ended: %r", self.name, spec.name, exc)
                     return
-                await anyio.sleep(self._note_restart(spec.name, exc))
+                delay, _ = self._note_restart([spec.name], exc, time.monotonic() - started)
+                await anyio.sleep(delay)
                 continue
             if spec.restart is Restart.PERMANENT:
-                await anyio.sleep(self._note_restart(spec.name, RuntimeError("ended")))
+                ended = RuntimeError("ended")
+                delay, _ = self._note_restart([spec.name], ended, time.monotonic() - started)
+                await anyio.sleep(delay)
                 continue
             self._finish(spec, ActorState.STOPPED)
             return
 
     async def _run_one_for_all(self) -> None:
+        names: list[str] = []
         while True:
+            started = time.monotonic()
             try:
-                async with anyio.create_task_group() as tg:
-                    for spec in self.children:
-                        tg.start_soon(self._run_once, spec)
+                async with self._round() as children:
+                    names = [c.name for c in children]
+                    async with anyio.create_task_group() as tg:
+                        for spec in children:
+                            tg.start_soon(self._run_once, spec)
                 return
             except Exception as exc:
                 if _has_escalation(exc):
                     raise
-                await anyio.sleep(self._note_restart(self.name, exc))
+                delay, _ = self._note_restart(names, exc, time.monotonic() - started)
+                await anyio.sleep(delay)
+
+    def _round(self) -> AbstractAsyncContextManager[Sequence[ChildSpec]]:
+        children = self.children
+        if callable(children):
+            return children()
+        return _fixed(children)
 
     async def _run_once(self, spec: ChildSpec) -> None:
         await spec.start()
@@ -273,9 +396,20 @@ class Supervisor:
             spec.on_exit()
 
 
+@contextlib.asynccontextmanager
+async def _fixed(children: Sequence[ChildSpec]) -> AsyncIterator[Sequence[ChildSpec]]:
+    yield children
+
+
 def _has_escalation(exc: BaseException) -> bool:
     if isinstance(exc, EscalationError):
         return True
     if isinstance(exc, BaseExceptionGroup):
         return any(_has_escalation(e) for e in exc.exceptions)
     return False
+
+
+def _leaf_text(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return str(exc) or type(exc).__name__

@@ -10,6 +10,7 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,10 @@ class CommitResult:
     files: tuple[DataFileInfo, ...]
     rows: int
     retries: int = 0
+    # The table after the commit, from the snapshot summary (no further catalog read).
+    total_rows: int = 0
+    total_files: int = 0
+    snapshots: int = 0
 
 
 def _sqlite_path(url: str) -> Path | None:
@@ -154,18 +159,28 @@ class Warehouse:
             raise ValueError(f"unknown table {name!r}; expected one of {', '.join(TABLE_NAMES)}")
         return self.catalog.load_table((self.namespace, name))
 
-    def append(self, table_name: str, data: pa.Table, properties: dict[str, str]) -> CommitResult:
+    def append(
+        self,
+        table_name: str,
+        data: pa.Table,
+        properties: dict[str, str],
+        *,
+        retries: int | None = -1,
+        on_conflict: Callable[[int, CommitFailedException], None] | None = None,
+    ) -> CommitResult:
         """Append `data` to `table_name` as one snapshot carrying `properties`.
 
         Trades and quotes are sorted by (symbol, timestamp, source_sequence) first. The data
         files are written once; a commit conflict refreshes the table metadata and retries
-        the commit with backoff, and raises after `commit_retries` retries.
+        the commit with backoff: at most `retries` times (-1: `commit_retries` from config,
+        None: until it lands), calling `on_conflict(attempt, error)` before each retry.
         """
         if data.num_rows == 0:
             raise ValueError(f"{table_name}: refusing to commit an empty append")
         d = TABLES[table_name]
         if d.sort_columns:
             data = data.sort_by([(c, "ascending", "at_start") for c in d.sort_columns])
+        limit = self._commit.commit_retries if retries == -1 else retries
         with self._locks[table_name]:
             table = self._tables.get(table_name)
             if table is None:
@@ -177,7 +192,7 @@ class Warehouse:
                 _dataframe_to_data_files(table_metadata=table.metadata, df=data, io=table.io)
             )
             try:
-                retries = self._commit_files(table, files, properties)
+                attempts = self._commit_files(table, files, properties, limit, on_conflict)
             except BaseException:
                 # Whether the commit landed may be unknown: reload before the next append.
                 del self._tables[table_name]
@@ -185,9 +200,16 @@ class Warehouse:
             snapshot = table.current_snapshot()
             assert snapshot is not None
         infos = tuple(_file_info(table, f) for f in files)
-        return CommitResult(snapshot.snapshot_id, infos, data.num_rows, retries)
+        return _result(table, snapshot, infos, data.num_rows, attempts)
 
-    def _commit_files(self, table: Table, files: list[DataFile], props: dict[str, str]) -> int:
+    def _commit_files(
+        self,
+        table: Table,
+        files: list[DataFile],
+        props: dict[str, str],
+        retries: int | None,
+        on_conflict: Callable[[int, CommitFailedException], None] | None,
+    ) -> int:
         """Commit `files` as one append snapshot; return how many conflicts were retried."""
         backoff = Backoff(self._commit.commit_backoff_initial, self._commit.commit_backoff_max)
         merge = table.properties.get(_MERGE_ENABLED, "false").lower() == "true"
@@ -201,9 +223,11 @@ class Warehouse:
                 tx.commit_transaction()
                 return backoff.attempt
             except CommitFailedException as exc:
-                if backoff.attempt >= self._commit.commit_retries:
+                if retries is not None and backoff.attempt >= retries:
                     raise
                 delay = backoff.next_delay()
+                if on_conflict is not None:
+                    on_conflict(backoff.attempt, exc)
                 log.warning(
                     "%s: commit conflict (%s), retry %d in %.2fs",
                     table.name(),
@@ -213,6 +237,24 @@ class Warehouse:
                 )
                 time.sleep(delay)
                 table.refresh()
+
+    def find_flush(self, table_name: str, flush: int) -> CommitResult | None:
+        """The commit of flush number `flush` to `table_name` if it is the table's latest
+        k2 state: for a commit whose outcome is unknown (it raised), whether it landed."""
+        table = self.load_table(table_name)
+        found = self._latest_state(table, table_name)
+        if found is None or found[0].flush != flush:
+            return None
+        snapshot = found[1]
+        added = [
+            entry.data_file
+            for manifest in snapshot.manifests(table.io)
+            for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True)
+            if entry.status == ManifestEntryStatus.ADDED
+            and entry.snapshot_id == snapshot.snapshot_id
+        ]
+        infos = tuple(_file_info(table, f) for f in added)
+        return _result(table, snapshot, infos, sum(f.record_count for f in added), 0)
 
     def snapshot_properties(self, table_name: str) -> dict[str, str]:
         """The current snapshot's summary properties; empty when the table has no snapshot."""
@@ -297,23 +339,47 @@ class Warehouse:
                 ow.delete_data_file(f)
         self._tables.pop(table.name()[-1], None)
 
+    def current_snapshot_id(self, table_name: str) -> int:
+        snapshot = self.load_table(table_name).current_snapshot()
+        return snapshot.snapshot_id if snapshot is not None else 0
+
     def latest_k2_state(self) -> tuple[dict[str, Watermark], dict[str, Any]]:
         """(watermarks by "EXCHANGE:SYMBOL:stream", log position) to resume after."""
         state = self.k2_state()
         return state.watermarks, state.log_position
 
-    def open_ledger_rows(self) -> list[dict[str, Any]]:
-        """Gap and outage entries of market.sequence_events whose latest row is `open`."""
+    def open_ledger_rows(self, since_us: int | None = None) -> list[dict[str, Any]]:
+        """Gap and outage entries of market.sequence_events whose latest row is `open`, each
+        with `span_first`/`span_last`: the widest range any of its rows spoke of. Only
+        entries detected at or after `since_us` are read (every row of an entry carries
+        the entry's detected_at, so the day partitions before it are never opened)."""
         table = self.load_table("sequence_events")
         if table.current_snapshot() is None:
             return []
-        rows = table.scan(row_filter="kind IN ('gap', 'outage')").to_arrow()
+        row_filter = "kind IN ('gap', 'outage')"
+        if since_us:
+            # An integer literal: microseconds, which Iceberg binds to the timestamptz column.
+            row_filter += f" AND detected_at >= {int(since_us)}"
+        rows = table.scan(row_filter=row_filter).to_arrow()
         if rows.num_rows == 0:
             return []
         latest: dict[str, dict[str, Any]] = {}
+        spans: dict[str, tuple[int, int]] = {}
         for row in rows.sort_by([("recorded_at", "ascending")]).to_pylist():
-            latest[row["event_id"]] = row
-        return [r for r in latest.values() if r["status"] == "open"]
+            eid = row["event_id"]
+            latest[eid] = row
+            first, last = row["first_missing"], row["last_missing"]
+            if first is not None and last is not None:
+                lo, hi = spans.get(eid, (first, last))
+                spans[eid] = (min(lo, first), max(hi, last))
+        out = []
+        for eid, row in latest.items():
+            if row["status"] == "open":
+                row["span_first"], row["span_last"] = spans.get(
+                    eid, (row["first_missing"], row["last_missing"])
+                )
+                out.append(row)
+        return out
 
     def stats(self) -> dict[str, dict[str, int | None]]:
         """Per table: rows, data files, current snapshot id and snapshot count."""
@@ -330,6 +396,21 @@ class Warehouse:
                 "snapshots": len(table.metadata.snapshots),
             }
         return out
+
+
+def _result(
+    table: Table, snapshot: Snapshot, infos: tuple[DataFileInfo, ...], rows: int, retries: int
+) -> CommitResult:
+    props = snapshot.summary.additional_properties if snapshot.summary is not None else {}
+    return CommitResult(
+        snapshot.snapshot_id,
+        infos,
+        rows,
+        retries,
+        total_rows=int(props.get("total-records", 0)),
+        total_files=int(props.get("total-data-files", 0)),
+        snapshots=len(table.metadata.snapshots),
+    )
 
 
 def _file_info(table: Table, f: DataFile) -> DataFileInfo:

@@ -43,7 +43,15 @@ class _RuntimeCollector(Collector):
         )
         for actor, n in sorted(self._registry.restarts.items()):
             restarts.add_metric([actor], n)
-        yield from (depth, capacity, state, restarts)
+        faults = CounterMetricFamily(
+            "k2d_outside_faults",
+            "Failures from outside the process (disk full, read-only, I/O error, locked "
+            "catalog) that left actors degraded and retrying",
+            labels=["kind"],
+        )
+        for kind, n in sorted(self._registry.faults.items()):
+            faults.add_metric([kind], n)
+        yield from (depth, capacity, state, restarts, faults)
 
 
 class JournalStats(Protocol):
@@ -133,6 +141,12 @@ class Metrics:
             registry=r,
         )
         self.commits = Counter("k2d_commits_total", "Iceberg commits", ["table"], registry=r)
+        self.commit_failures = Counter(
+            "k2d_commit_failures_total",
+            "Commit attempts that failed and are retried, by cause (conflict, disk_full, ...)",
+            ["table", "kind"],
+            registry=r,
+        )
         self.commit_conflicts = Counter(
             "k2d_commit_conflicts_total", "Commits retried after a conflict", ["table"], registry=r
         )

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from k2d.app import tracker_state
 from k2d.config import StorageConfig
 from k2d.messages import Watermark
 from k2d.model import SequenceEvent
+from k2d.recovery import tracker_state
 from k2d.storage import Warehouse, events_to_arrow, flush_properties
 
 T0 = 1_700_000_000_000_000

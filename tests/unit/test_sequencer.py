@@ -10,10 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.sequencer import SequenceTracker, StreamBook
+from actors.sequencer import SequenceTracker
 from k2d.config import SequencerConfig
 from k2d.messages import GapRequest, GapResolution, Outage, RecordBatch
 from k2d.model import SequenceEvent, Trade
+from k2d.sequence import StreamBook
 from k2d.telemetry.metrics import Metrics
 
 CFG = SequencerConfig(gap_grace=0.0)
@@ -287,3 +288,81 @@ def test_gaps_inside_the_grace_period_survive_a_restart_through_the_watermark() 
     assert not again.check(2, 2, "replay", events)
     again.emit_pending(3, events, force=True)
     assert open_gap_ids(events) == {3, 5}
+
+
+@settings(max_examples=300, deadline=None)
+@given(venue_stream())
+def test_a_closing_row_names_its_whole_range_and_every_id_in_it_is_stored(
+    case: tuple[list[list[int]], set[int]],
+) -> None:
+    batches, received = case
+    stored, events = run_tracker(batches)
+    closed = [e for e in events if e.kind == "gap" and e.status == "backfilled"]
+    for row in closed:
+        assert row.first_missing is not None and row.last_missing is not None, row
+        assert row.missing_count == row.last_missing - row.first_missing + 1
+        ids = set(range(row.first_missing, row.last_missing + 1))
+        assert ids <= set(stored), f"{row.event_id} says backfilled for ids never stored"
+    latest: dict[str, SequenceEvent] = {}
+    for e in events:
+        if e.kind == "gap":
+            latest[e.event_id] = e
+    still_open = open_gap_ids(events)
+    for row in latest.values():
+        if row.status == "backfilled":
+            assert row.first_missing is not None and row.last_missing is not None
+            ids = set(range(row.first_missing, row.last_missing + 1))
+            assert not ids & still_open, "a closed range overlaps one the ledger shows open"
+
+
+def test_backfilled_row_carries_the_range_the_gap_opened_with() -> None:
+    _, events = run_tracker([[10, 15], [12], [11, 13, 14]])
+    rows = [e for e in events if e.kind == "gap"]
+    assert (rows[0].status, rows[0].first_missing, rows[0].last_missing) == ("open", 11, 14)
+    closing = [e for e in rows if e.status == "backfilled"]
+    spans = sorted((e.first_missing, e.last_missing, e.missing_count) for e in closing)
+    # 12 split the gap: the head keeps the event (11..11), the tail is its own (13..14).
+    assert spans == [(11, 11, 1), (13, 14, 2)]
+
+
+def test_a_jump_beyond_max_jump_is_a_new_session_not_a_gap() -> None:
+    cfg = SequencerConfig(gap_grace=0.0, max_jump=1_000)
+    stored, events = run_tracker([[1, 2, 3], [10**12], [10**12 + 1, 10**12 + 2]], cfg)
+    assert stored == [1, 2, 3, 10**12, 10**12 + 1, 10**12 + 2]
+    assert [e for e in events if e.kind == "gap"] == []
+    (reset,) = [e for e in events if e.kind == "session_reset"]
+    assert (reset.status, reset.first_missing, reset.last_missing) == ("info", 4, 10**12 - 1)
+
+
+def test_a_stray_id_far_ahead_does_not_swallow_the_trades_after_it() -> None:
+    cfg = SequencerConfig(gap_grace=0.0, max_jump=1_000)
+    ids = list(range(1, 101)) + [2**62] + list(range(101, 201))
+    stored, events = run_tracker([ids[:50], ids[50:120], ids[120:]], cfg)
+    assert set(range(1, 201)) <= set(stored), "live trades after the stray id were dropped"
+    assert [e for e in events if e.kind == "gap"] == []
+    details = [e.detail for e in events if e.kind == "session_reset"]
+    assert len(details) == 2 and "stray id" in details[1]
+
+
+def test_replayed_records_never_start_a_session_after_a_long_silence() -> None:
+    cfg = SequencerConfig(gap_grace=0.0, reset_quiet_period=1.0, reset_min_drop=10)
+    ticks = itertools.count(1_700_000_000_000_000, 10_000_000)  # 10 s between batches
+    tracker = SequenceTracker(0, cfg, Metrics(), itertools.count(), clock=lambda: next(ticks))
+    tracker.process(RecordBatch(source="t", trades=[trade(i) for i in range(100, 200)]))
+    out = tracker.process(
+        RecordBatch(source="t", trades=[trade(i, provenance="replay") for i in range(150, 160)])
+    )
+    assert out.trades == [], "replayed ids already stored are duplicates"
+    assert [e for e in out.events if e.kind == "session_reset"] == []
+
+
+def test_watermark_says_since_when_the_ledger_has_an_open_entry() -> None:
+    ticks = itertools.count(1_700_000_000_000_000, 1)
+    tracker = SequenceTracker(0, CFG, Metrics(), itertools.count(), clock=lambda: next(ticks))
+    out = tracker.process(RecordBatch(source="t", trades=[trade(1), trade(2)]))
+    assert out.watermarks["BINANCE:BTCUSDT:trade"].open_since == 0
+    out = tracker.process(RecordBatch(source="t", trades=[trade(5)]))
+    (gap,) = [e for e in out.events if e.kind == "gap"]
+    assert out.watermarks["BINANCE:BTCUSDT:trade"].open_since == gap.detected_at
+    out = tracker.process(RecordBatch(source="t", trades=[trade(3), trade(4)]))
+    assert out.watermarks["BINANCE:BTCUSDT:trade"].open_since == 0
