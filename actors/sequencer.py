@@ -13,6 +13,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from opentelemetry import trace
 
+from k2d import failpoints
 from k2d.config import SequencerConfig
 from k2d.messages import GapRequest, RecordBatch, SequencedBatch
 from k2d.model import Quote, SequenceEvent, StreamKey, Trade, now_us
@@ -173,6 +174,7 @@ class SequenceTracker(Actor[RecordBatch, SequencedBatch]):
                 i = j + 1
 
     def process(self, batch: RecordBatch) -> SequencedBatch:
+        failpoints.hit("tracker.process")
         now = self._clock()
         links = [trace.Link(batch.span_context)] if batch.span_context is not None else None
         with self._tracer.start_as_current_span("sequence.check", links=links) as span:

@@ -26,6 +26,7 @@ import pyarrow as pa
 from opentelemetry import trace
 from pyiceberg.exceptions import CommitFailedException
 
+from k2d import failpoints
 from k2d.messages import Committed, SequencedBatch, Watermark
 from k2d.model import now_us
 from k2d.runtime import Actor, Backoff, Outbox, outside_fault
@@ -346,6 +347,7 @@ class IcebergWriter(Actor[SequencedBatch, Committed]):
     ) -> tuple[CommitResult, float]:
         """Worker thread: join the Arrow pieces and commit them; returns the commit's seconds.
         A conflict is retried until it lands, DEGRADED once it has taken `commit_deadline`."""
+        failpoints.hit(f"writer.commit.{table}")
         data = pa.concat_tables(rows) if len(rows) > 1 else rows[0]
         start = time.perf_counter()
         deadline = time.monotonic() + self._cfg.commit_deadline

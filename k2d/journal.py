@@ -51,6 +51,8 @@ from typing import Any, BinaryIO, Literal, NamedTuple
 import anyio
 import anyio.to_thread
 
+from k2d import failpoints
+
 __all__ = [
     "MAGIC",
     "MAX_FRAME_LIMIT",
@@ -751,6 +753,7 @@ class Journal:
             return
         self._buf = bytearray()
         try:
+            failpoints.hit("journal.write")
             _write_all(self._fd, buf)
         except OSError as exc:
             # The file no longer matches the positions handed out: stop here; open()

@@ -137,8 +137,8 @@ def daemon(config: Path, *args: str, env: dict[str, str] | None = None) -> subpr
 
 
 def read_table(data_dir: Path, name: str) -> pa.Table:
-    wh = Warehouse(StorageConfig(data_dir=str(data_dir)))
-    return wh.load_table(name).scan().to_arrow()
+    with Warehouse(StorageConfig(data_dir=str(data_dir))) as wh:
+        return wh.load_table(name).scan().to_arrow()
 
 
 def open_gap_ids(events: pa.Table, symbol: str) -> set[int]:
