@@ -21,6 +21,8 @@ from k2d.telemetry.metrics import Metrics
 __all__ = ["LiveHub"]
 
 _Key = tuple[str, str]
+# Uncommitted batch ids checked against the rows still held once there are this many.
+_PRUNE_AT = 1_024
 
 
 class _Recent:
@@ -80,7 +82,23 @@ class LiveHub(Actor[SequencedBatch | Committed, None]):
         for store in (self._trades, self._quotes):
             for recent in store.values():
                 recent.trim(oldest)
+        self._forget_trimmed()
         self.metrics.live_rows.set(self.row_count())
+        self.metrics.live_uncommitted_batches.set(sum(map(len, self._uncommitted.values())))
+
+    def _forget_trimmed(self) -> None:
+        """Batch ids older than every row still held have nothing left to mark: drop them,
+        so a batch whose commit never comes cannot hold an entry for good."""
+        for table, store in (("trades", self._trades), ("quotes", self._quotes)):
+            pending = self._uncommitted[table]
+            if len(pending) < _PRUNE_AT:
+                continue
+            held = [r.rows[0][0] for r in store.values() if r.rows]
+            floor = min(held, default=None)
+            if floor is None:
+                pending.clear()
+            else:
+                pending.difference_update([b for b in pending if b < floor])
 
     def committed(self, msg: Committed) -> None:
         pending = self._uncommitted.get(msg.table)

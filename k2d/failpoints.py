@@ -8,10 +8,11 @@ passes `name` (counted from 1 in this process), `action` happens there:
     erofs    OSError(EROFS), as a filesystem turned read-only would
     eio      OSError(EIO), as a failing disk would
 
-e.g. `K2D_FAILPOINTS="writer.commit.trades=3:raise,tracker.process=40:raise"`. The names are
-the `hit()` calls in the code: writer.commit.<table>, tracker.process, backfill.page,
+e.g. `K2D_FAILPOINTS="writer.commit.trades=3:raise,tracker.process=40:raise"`; `name=*N:action`
+fires at every Nth pass instead of once (a soak run's recurring fault). The names are the
+`hit()` calls in the code: writer.commit.<table>, tracker.process, backfill.page,
 journal.write. Unset (the production case), `hit` is one dictionary lookup that finds
-nothing. Each failpoint fires once: a fault test checks recovery from that one failure.
+nothing.
 """
 
 from __future__ import annotations
@@ -32,22 +33,26 @@ class FailpointError(RuntimeError):
     """The failure a `raise` failpoint injects."""
 
 
-_points: dict[str, tuple[int, str]] = {}
+# name -> (N, every Nth pass rather than once, action)
+_points: dict[str, tuple[int, bool, str]] = {}
 _counts: dict[str, int] = {}
 
 
-def load(spec: str | None = None) -> dict[str, tuple[int, str]]:
+def load(spec: str | None = None) -> dict[str, tuple[int, bool, str]]:
     """Read the failpoints from `spec` (default: the environment); ValueError names a bad one."""
     text = os.environ.get(ENV, "") if spec is None else spec
-    points: dict[str, tuple[int, str]] = {}
+    points: dict[str, tuple[int, bool, str]] = {}
     for item in filter(None, (p.strip() for p in text.split(","))):
         name, _, rest = item.partition("=")
         n, _, action = rest.partition(":")
+        every = n.startswith("*")
+        n = n.removeprefix("*")
         if not name or not n.isdigit() or int(n) < 1 or action not in _ACTIONS:
             raise ValueError(
-                f"{ENV}: {item!r} is not name=N:action (N >= 1, action one of {_ACTIONS})"
+                f"{ENV}: {item!r} is not name=N:action or name=*N:action "
+                f"(N >= 1, action one of {_ACTIONS})"
             )
-        points[name] = (int(n), action)
+        points[name] = (int(n), every, action)
     _points.clear()
     _points.update(points)
     _counts.clear()
@@ -64,9 +69,9 @@ def hit(name: str) -> None:
     if armed is None:
         return
     count = _counts[name] = _counts.get(name, 0) + 1
-    if count != armed[0]:
+    n, every, action = armed
+    if (count % n if every else count - n) != 0:
         return
-    action = armed[1]
     log.warning("failpoint %s fires (pass %d): %s", name, count, action)
     if action == "enospc":
         raise OSError(errno.ENOSPC, f"No space left on device (failpoint {name})")

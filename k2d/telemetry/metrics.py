@@ -154,6 +154,11 @@ class Metrics:
             "k2d_rows_committed_total", "Rows committed to Iceberg", ["table"], registry=r
         )
         self.live_rows = Gauge("k2d_live_rows", "Rows held in memory by the live hub", registry=r)
+        self.live_uncommitted_batches = Gauge(
+            "k2d_live_uncommitted_batches",
+            "Batches the live hub holds rows of that no commit has covered yet",
+            registry=r,
+        )
         self.http_requests = Counter(
             "k2d_http_requests_total", "HTTP requests served", ["route", "status"], registry=r
         )
@@ -260,6 +265,16 @@ class Metrics:
         )
         self.query_index_files = Gauge(
             "k2d_query_index_files", "Data files in the query file index", ["table"], registry=r
+        )
+        self.query_ledger_events = Gauge(
+            "k2d_query_ledger_events",
+            "Gap and outage events the query side keeps for gap reports",
+            registry=r,
+        )
+        self.query_ledger_spans = Gauge(
+            "k2d_query_ledger_spans",
+            "Resolved time spans of gaps cached by the query side",
+            registry=r,
         )
         self.query_index_replans = Counter(
             "k2d_query_index_replans_total",

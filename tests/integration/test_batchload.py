@@ -388,7 +388,10 @@ def test_a_load_beside_a_live_writer_loses_no_commit(
                 while not stop.is_set() or len(flushes) < 10:
                     flush = len(flushes) + 1
                     batch = live_trades(flush * 10, 10)
-                    live.append("trades", batch, live_props(flush, flush * 10 + 9))
+                    # The daemon's writer retries a conflicting commit until it lands.
+                    live.append(
+                        "trades", batch, live_props(flush, flush * 10 + 9), retries=None
+                    )
                     flushes.append(flush)
                     time.sleep(0.02)
         except BaseException as e:

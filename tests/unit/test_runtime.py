@@ -334,3 +334,30 @@ async def test_a_built_one_for_all_prepares_every_round_and_releases_it() -> Non
         await sup.run()
     assert log == ["prepare 1", "release 1", "prepare 2", "release 2"]
     assert reg.restarts == {"c": 1}
+
+
+def test_failpoints_fire_once_or_every_nth_pass() -> None:
+    import errno
+
+    from k2d import failpoints
+
+    try:
+        failpoints.load("a=2:raise,b=*3:enospc")
+        failpoints.hit("a")
+        with pytest.raises(failpoints.FailpointError):
+            failpoints.hit("a")
+        for _ in range(5):
+            failpoints.hit("a")  # once only
+        fired = []
+        for i in range(1, 10):
+            try:
+                failpoints.hit("b")
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+                fired.append(i)
+        assert fired == [3, 6, 9]
+        failpoints.hit("unarmed")
+        with pytest.raises(ValueError, match="name=N:action"):
+            failpoints.load("c=0:raise")
+    finally:
+        failpoints.load("")
