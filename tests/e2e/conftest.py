@@ -126,10 +126,12 @@ symbols = {json.dumps(symbols)}
     return path
 
 
-def daemon(config: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+def daemon(
+    config: Path, *args: str, env: dict[str, str] | None = None, stdout: Any = subprocess.PIPE
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "k2d", "run", "--config", str(config), *args],
-        stdout=subprocess.PIPE,
+        stdout=stdout,
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, **(env or {})},
