@@ -12,6 +12,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import date
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -87,6 +88,10 @@ async def run_daemon(
         return refused.code
     registry = Registry()
     metrics = Metrics(registry)
+    metrics.watch_data_dir(cfg.storage.data_path())
+    journal_dir = cfg.journal.path(cfg.storage)
+    if cfg.journal.directory and not _same_filesystem(journal_dir, cfg.storage.data_path()):
+        metrics.watch_data_dir(journal_dir)
     tracing = setup_tracing(cfg.telemetry)
     pipeline = build_pipeline(cfg, warehouse, metrics, registry, tracing.tracer)
     daemon = Daemon(
@@ -151,6 +156,13 @@ async def run_daemon(
         tracing.shutdown()
     log.info("stopped with exit code %d", exit_code)
     return exit_code
+
+
+def _same_filesystem(a: Path, b: Path) -> bool:
+    try:
+        return a.stat().st_dev == b.stat().st_dev
+    except OSError:
+        return False
 
 
 def _maintenance_runner(

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from k2d.runtime import ActorState, Registry
@@ -94,12 +97,75 @@ class _JournalCollector(Collector):
         yield from fams.values()
 
 
+class _DataDirCollector(Collector):
+    """Space and inodes left on the filesystem of each watched directory, by statvfs at scrape:
+    a full disk stops commits and the journal, so it is alerted on before it happens."""
+
+    def __init__(self) -> None:
+        self.paths: set[str] = set()
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        labels = ["path"]
+        free = GaugeMetricFamily(
+            "k2d_data_dir_free_bytes",
+            "Bytes available to unprivileged users on the directory's filesystem",
+            labels=labels,
+        )
+        size = GaugeMetricFamily(
+            "k2d_data_dir_size_bytes", "Size of the directory's filesystem", labels=labels
+        )
+        free_inodes = GaugeMetricFamily(
+            "k2d_data_dir_free_inodes",
+            "Inodes available on the directory's filesystem",
+            labels=labels,
+        )
+        inodes = GaugeMetricFamily(
+            "k2d_data_dir_inodes",
+            "Inodes of the directory's filesystem (0: it has no inode limit)",
+            labels=labels,
+        )
+        for path in sorted(self.paths):
+            try:
+                st = os.statvfs(path)
+            except OSError:
+                continue  # missing or unreadable: no sample; the daemon's own errors say why
+            free.add_metric([path], st.f_bavail * st.f_frsize)
+            size.add_metric([path], st.f_blocks * st.f_frsize)
+            free_inodes.add_metric([path], st.f_favail)
+            inodes.add_metric([path], st.f_files)
+        yield from (free, size, free_inodes, inodes)
+
+
+class _FeedCollector(Collector):
+    """Whether each feed holds an open venue connection, asked of the feed at scrape."""
+
+    def __init__(self) -> None:
+        self.feeds: dict[str, Callable[[], int]] = {}
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        connected = GaugeMetricFamily(
+            "k2d_feed_connected",
+            "1 while the feed has at least one open venue connection, else 0",
+            labels=["feed"],
+        )
+        for feed, connections in sorted(self.feeds.items()):
+            connected.add_metric([feed], 1.0 if connections() > 0 else 0.0)
+        yield connected
+
+
 class Metrics:
     """One instance per process (tests make their own, so registries never collide)."""
 
     def __init__(self, runtime: Registry | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # For deploy/ (alerts, dashboard): process RSS, CPU, open fds and start time; the
+        # data dir's free space; feed connections. The last two are fed by watch_*().
+        ProcessCollector(registry=r)
+        self._data_dirs = _DataDirCollector()
+        r.register(self._data_dirs)
+        self._feeds = _FeedCollector()
+        r.register(self._feeds)
         self.frames = Counter(
             "k2d_feed_frames_total", "Frames received from a venue", ["feed"], registry=r
         )
@@ -287,3 +353,12 @@ class Metrics:
     def watch_journal(self, feed: str, journal: JournalStats) -> None:
         """Export a journal's own counters (bytes, records, fsyncs, truncations) at scrape."""
         self._journals.journals[feed] = journal
+
+    def watch_data_dir(self, path: str | os.PathLike[str]) -> None:
+        """Export free bytes and inodes of `path`'s filesystem (k2d_data_dir_*) at scrape."""
+        self._data_dirs.paths.add(os.fspath(path))
+
+    def watch_feed(self, feed: str, connections: Callable[[], int]) -> None:
+        """Export k2d_feed_connected from `connections()`, the feed's open venue connections;
+        a feed rebuilt by recovery replaces its predecessor's callable under the same name."""
+        self._feeds.feeds[feed] = connections

@@ -295,7 +295,7 @@ def test_gaps_inside_the_grace_period_survive_a_restart_through_the_watermark() 
 def test_a_closing_row_names_its_whole_range_and_every_id_in_it_is_stored(
     case: tuple[list[list[int]], set[int]],
 ) -> None:
-    batches, received = case
+    batches, _received = case
     stored, events = run_tracker(batches)
     closed = [e for e in events if e.kind == "gap" and e.status == "backfilled"]
     for row in closed:
@@ -336,7 +336,7 @@ def test_a_jump_beyond_max_jump_is_a_new_session_not_a_gap() -> None:
 
 def test_a_stray_id_far_ahead_does_not_swallow_the_trades_after_it() -> None:
     cfg = SequencerConfig(gap_grace=0.0, max_jump=1_000)
-    ids = list(range(1, 101)) + [2**62] + list(range(101, 201))
+    ids = [*list(range(1, 101)), 2**62, *list(range(101, 201))]
     stored, events = run_tracker([ids[:50], ids[50:120], ids[120:]], cfg)
     assert set(range(1, 201)) <= set(stored), "live trades after the stray id were dropped"
     assert [e for e in events if e.kind == "gap"] == []
