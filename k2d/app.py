@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import date
@@ -22,8 +23,9 @@ from k2d.api import ApiState, create_app, serve
 from k2d.config import Config
 from k2d.pipeline import Pipeline, build_pipeline
 from k2d.preflight import StartupError, check_directories, open_warehouse
-from k2d.runtime import EscalationError, Registry
+from k2d.runtime import ActorState, EscalationError, Registry
 from k2d.storage import Warehouse
+from k2d.systemd import Notifier
 from k2d.telemetry.logs import setup_logging
 from k2d.telemetry.metrics import Metrics
 from k2d.telemetry.tracing import Tracing, setup_tracing
@@ -115,6 +117,7 @@ async def run_daemon(
         stopping=anyio.Event(),
     )
     assert daemon.stopping is not None
+    notifier = Notifier()
     exit_code = 0
     try:
         async with anyio.create_task_group() as tg:
@@ -131,6 +134,8 @@ async def run_daemon(
             pipeline_done = anyio.Event()
             tg.start_soon(_run_pipeline, pipeline, pipeline_done)
             daemon.api.mark_ready()
+            if notifier.enabled:
+                tg.start_soon(_notify_systemd, daemon, notifier)
             task_status.started(daemon)
             if on_started is not None:
                 on_started(daemon)
@@ -138,6 +143,7 @@ async def run_daemon(
                 tg.start_soon(_cancel_when, pipeline_done, wait_scope)
                 await daemon.stopping.wait()
             log.info("stopping: draining the pipeline (deadline %.1fs)", cfg.shutdown.drain_timeout)
+            notifier.send("STOPPING=1", "STATUS=draining")
             daemon.api.mark_draining()
             pipeline.feeds_stop.set()
             with anyio.move_on_after(cfg.shutdown.drain_timeout) as drain:
@@ -153,9 +159,53 @@ async def run_daemon(
             log.critical("escalation: %s", e)
         exit_code = EXIT_ESCALATED
     finally:
+        notifier.close()
         tracing.shutdown()
     log.info("stopped with exit code %d", exit_code)
     return exit_code
+
+
+async def _notify_systemd(daemon: Daemon, notifier: Notifier) -> None:
+    """READY=1 once every actor runs (the pipeline and the API are up); then every few
+    seconds a STATUS line and, while every actor is running or degraded, WATCHDOG=1. This
+    task runs on the event loop: a wedged loop sends nothing, and systemd restarts us."""
+    interval = min(5.0, notifier.watchdog_interval or 5.0)
+    ready = False
+    last_rows, last_at = _rows_committed(daemon.metrics), time.monotonic()
+    while True:
+        healthy = daemon.api.readiness() == "ready"
+        rows, now = _rows_committed(daemon.metrics), time.monotonic()
+        rate = (rows - last_rows) / max(now - last_at, 1e-3)
+        last_rows, last_at = rows, now
+        degraded = sorted(
+            name for name, st in daemon.registry.states.items() if st is ActorState.DEGRADED
+        )
+        status = f"STATUS={rate:,.0f} rows/s committed, {_open_gaps(daemon.metrics):.0f} gaps open"
+        if degraded:
+            status += f"; degraded: {', '.join(degraded)}"
+        lines = [status]
+        if healthy and not ready:
+            lines.insert(0, "READY=1")
+            ready = True
+        if healthy and notifier.watchdog_interval is not None:
+            lines.append("WATCHDOG=1")
+        notifier.send(*lines)
+        await anyio.sleep(interval if ready else 0.2)
+
+
+def _rows_committed(metrics: Metrics) -> float:
+    return float(sum(s.value for s in _samples(metrics, "k2d_rows_committed")))
+
+
+def _open_gaps(metrics: Metrics) -> float:
+    return float(sum(s.value for s in _samples(metrics, "k2d_open_gaps")))
+
+
+def _samples(metrics: Metrics, family: str) -> list[Any]:
+    for metric in metrics.registry.collect():
+        if metric.name == family:
+            return [s for s in metric.samples if s.name in (family, family + "_total")]
+    return []
 
 
 def _same_filesystem(a: Path, b: Path) -> bool:

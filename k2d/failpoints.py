@@ -7,6 +7,7 @@ passes `name` (counted from 1 in this process), `action` happens there:
     enospc   OSError(ENOSPC), as a full disk would
     erofs    OSError(EROFS), as a filesystem turned read-only would
     eio      OSError(EIO), as a failing disk would
+    block    sleep 10 s where it is hit: on the event loop, a wedged loop
 
 e.g. `K2D_FAILPOINTS="writer.commit.trades=3:raise,tracker.process=40:raise"`; `name=*N:action`
 fires at every Nth pass instead of once (a soak run's recurring fault). The names are the
@@ -20,13 +21,15 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 
 __all__ = ["ENV", "FailpointError", "hit", "load"]
 
 log = logging.getLogger(__name__)
 
 ENV = "K2D_FAILPOINTS"
-_ACTIONS = ("raise", "enospc", "erofs", "eio")
+_ACTIONS = ("raise", "enospc", "erofs", "eio", "block")
+_BLOCK_SECONDS = 10.0
 
 
 class FailpointError(RuntimeError):
@@ -75,6 +78,9 @@ def hit(name: str) -> None:
     log.warning("failpoint %s fires (pass %d): %s", name, count, action)
     if action == "enospc":
         raise OSError(errno.ENOSPC, f"No space left on device (failpoint {name})")
+    if action == "block":
+        time.sleep(_BLOCK_SECONDS)
+        return
     if action == "erofs":
         raise OSError(errno.EROFS, f"Read-only file system (failpoint {name})")
     if action == "eio":
