@@ -119,16 +119,26 @@ class ApiConfig(_Section, frozen=True):
     max_body_bytes: int = 65_536
     # On stop, in-flight requests get this many seconds before they are cancelled.
     shutdown_timeout: int = 5
-    # sha256 hex digests of the accepted API keys (sent in X-API-Key); empty: no key needed.
+    # sha256 hex digests of the accepted API keys (sent in X-API-Key). With any key here or
+    # in admin_api_keys, every /v1 route needs one; with none, no key is needed.
     api_keys: tuple[str, ...] = ()
-    # Requests per second (and burst) per client on the /v1 query routes; the client is the
-    # API key, else the address. 0 turns the limit off.
+    # sha256 hex digests of the keys that may also call the admin routes (/v1/admin/*); an
+    # admin key is a valid key everywhere. Empty: the admin routes are off (403).
+    admin_api_keys: tuple[str, ...] = ()
+    # Requests per second (and burst) per client on the /v1 routes; the client is the API
+    # key, else the address (refused keys count against the address). 0 turns it off.
     rate_limit: float = 50.0
     rate_burst: int = 100
     # Peers (reverse proxies) whose X-Forwarded-For names the client; others' is ignored.
     trusted_proxies: tuple[str, ...] = ()
     # Origins allowed to call the query routes from a browser; empty: CORS off; "*": any.
     cors_origins: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("api_keys", "admin_api_keys"):
+            for i, digest in enumerate(getattr(self, name)):
+                if not re.fullmatch("[0-9a-f]{64}", digest):
+                    raise ValueError(f"{name}.{i}: not a lower-case sha256 hex digest")
 
 
 class SupervisorConfig(_Section, frozen=True):
@@ -157,6 +167,10 @@ class BinanceFeedConfig(_Section, frozen=True):
     symbols: tuple[str, ...] = ("BTCUSDT", "ETHUSDT")
     reconnect_initial: float = 0.5
     reconnect_max: float = 30.0
+    # A connection that delivers market data this long after it opened has proved itself:
+    # the reconnect backoff starts over. A serverShutdown sooner than that is backed off
+    # before the replacement opens (a venue shutting every new connection is not hammered).
+    stable_after: float = 10.0
     # The venue cuts a connection after 24 h; a replacement opens this long before the cut.
     connection_lifetime: float = 86_400.0
     replace_before: float = 300.0
@@ -199,8 +213,11 @@ class BackfillConfig(_Section, frozen=True):
     concurrency: int = 2
     # Trades per historicalTrades page (the venue allows at most 1000).
     page_limit: int = 1000
-    # Request weight we allow ourselves per minute (Binance allows 6000 per IP).
-    weight_per_minute: int = 3000
+    # The venue's request-weight limit per minute per IP (Binance: 6000) ...
+    venue_weight_per_minute: int = 6000
+    # ... and the share of it backfill may use (0 < share <= 1); the rest is headroom for
+    # anything else calling the venue from this IP.
+    weight_share: float = 0.8
     request_weight: int = 25
     # Gaps waiting for backfill; beyond it new gaps wait for the tracker's next re-request.
     max_pending: int = 10_000
@@ -209,6 +226,24 @@ class BackfillConfig(_Section, frozen=True):
     # At end of input, the gaps the backfiller holds get this long to finish (seconds); what
     # is left stays open and the tracker asks for it again after a restart.
     drain_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.weight_share <= 1:  # also refuses NaN
+            raise ValueError(f"weight_share must be > 0 and <= 1, got {self.weight_share}")
+        if self.venue_weight_per_minute < 1:
+            raise ValueError(
+                f"venue_weight_per_minute must be at least 1, got {self.venue_weight_per_minute}"
+            )
+        if not 1 <= self.request_weight <= self.weight_budget:
+            raise ValueError(
+                f"request_weight must be between 1 and weight_share * venue_weight_per_minute "
+                f"({self.weight_budget}), got {self.request_weight}"
+            )
+
+    @property
+    def weight_budget(self) -> int:
+        """Request weight backfill may use per minute."""
+        return int(self.weight_share * self.venue_weight_per_minute)
 
 
 class QueryConfig(_Section, frozen=True):
@@ -220,13 +255,24 @@ class QueryConfig(_Section, frozen=True):
     max_rows: int = 100_000
     max_window_seconds: float = 31 * 86_400.0
     timeout: float = 10.0
-    per_key_concurrency: int = 4
+    # Queries (running or queued) one client may have at once; clamped to workers - 1 (at
+    # least 1), so that one client cannot hold the whole pool.
+    per_key_concurrency: int = 2
     snapshot_cache_size: int = 32
     # Seconds between checks for commits made by other processes (`k2d load`, `k2d
     # compact`), which the query index then picks up; 0 = never.
     refresh_interval: float = 5.0
     # Symbols (and exchanges) one request may name.
     max_symbols: int = 100
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.per_key_concurrency < 1:
+            raise ValueError("workers and per_key_concurrency must be at least 1")
+        # Clamped below workers, so that one client cannot hold the whole pool (with a single
+        # worker, 1). Clamped rather than refused: lowering workers alone stays valid.
+        limit = max(1, self.workers - 1)
+        if self.per_key_concurrency > limit:
+            msgspec.structs.force_setattr(self, "per_key_concurrency", limit)
 
 
 class MaintenanceConfig(_Section, frozen=True):

@@ -9,7 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-from k2d.simulator._faults import Faults, parse_faults
+from k2d.simulator._faults import FAULTS_HELP, Faults, parse_faults
 from k2d.simulator._options import SimulatorOptions
 from k2d.simulator._simulator import Simulator
 
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--faults",
         type=_faults_arg,
         default=d.faults,
-        help="e.g. drop=0.001,dup=0.001,reorder=0.001,malformed=0.001,reset=0,disconnect_every=30",
+        help=FAULTS_HELP,
     )
     add("--manifest", type=Path, default=None, help="write the fault manifest (JSON) here")
     add("--ping-interval", type=float, default=d.ping_interval, help="seconds between pings")
@@ -64,6 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=d.quotes_per_trade,
         help="bookTicker updates per trade",
+    )
+    add(
+        "--record-quotes",
+        action="store_true",
+        help="list every quote's update id in the manifest (for tests; bounded)",
     )
     add("--exit-after", type=float, default=None, help="stop after this many seconds")
 
@@ -87,6 +92,7 @@ def options_from_args(args: argparse.Namespace) -> SimulatorOptions:
         weight_limit=args.weight_limit,
         request_weight=args.request_weight,
         quotes_per_trade=args.quotes_per_trade,
+        record_quotes=getattr(args, "record_quotes", False),
     )
 
 

@@ -30,6 +30,9 @@ class SimulatorOptions:
     weight_limit: int = 6000
     request_weight: int = 25
     quotes_per_trade: float = 1.0
+    # List the update id of every quote sent in the manifest (bounded by max_manifest_ids):
+    # for tests that check each lost quote against the ledger's outages.
+    record_quotes: bool = False
     # Not command-line options: bounds and periods that tests shrink to stay fast.
     max_manifest_ids: int = 1_000_000
     ban_seconds: float = 120.0

@@ -53,11 +53,18 @@ class RequestWeights:
     """Per-IP request weight per minute; calling again while told to wait earns a ban (418)."""
 
     def __init__(
-        self, limit: int, ban_seconds: float, clock: Callable[[], float] = time.time
+        self,
+        limit: int,
+        ban_seconds: float,
+        clock: Callable[[], float] = time.time,
+        first_ban: float | None = None,
     ) -> None:
+        """`first_ban` (the `rest_ban` fault): an IP's first request finds it banned (418)
+        for that many seconds, as if an earlier process on it had ignored a 429."""
         self._limit = limit
         self._ban_seconds = ban_seconds
         self._clock = clock
+        self._first_ban = first_ban
         self._usage: dict[str, _Usage] = {}
 
     @property
@@ -67,7 +74,7 @@ class RequestWeights:
     def charge(self, ip: str, weight: int) -> Admission:
         now = self._clock()
         minute = int(now // 60)
-        usage = self._usage_of(ip, minute)
+        usage = self._usage_of(ip, now)
         if usage.minute != minute:
             usage.minute, usage.used = minute, 0
         if now < usage.blocked_until:
@@ -89,16 +96,18 @@ class RequestWeights:
             return 0
         return usage.used
 
-    def _usage_of(self, ip: str, minute: int) -> _Usage:
+    def _usage_of(self, ip: str, now: float) -> _Usage:
         usage = self._usage.get(ip)
         if usage is None:
             if len(self._usage) >= _MAX_CLIENTS:
-                now = self._clock()
                 for key in [k for k, u in self._usage.items() if u.blocked_until <= now]:
                     del self._usage[key]
                 while len(self._usage) >= _MAX_CLIENTS:
                     del self._usage[next(iter(self._usage))]
-            usage = self._usage[ip] = _Usage(minute)
+            usage = self._usage[ip] = _Usage(int(now // 60))
+            if self._first_ban is not None:
+                usage.banned = True
+                usage.blocked_until = now + self._first_ban
         return usage
 
 

@@ -9,6 +9,7 @@ import logging
 import random
 import re
 import time
+from collections import deque
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -21,11 +22,14 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
+from k2d.simulator._history import BAD_ROW_KINDS
 from k2d.simulator._ledger import SymbolLedger, encode_manifest, write_atomically
 from k2d.simulator._market import Market, SymbolMarket
 from k2d.simulator._options import SimulatorOptions
 from k2d.simulator._rest import RequestWeights, RestApi
 from k2d.simulator._wire import (
+    HUGE_ID,
+    ID_JUMP,
     JUNK_KINDS,
     combined_prefix,
     encode_error,
@@ -48,6 +52,7 @@ _MAX_REQUEST_BYTES = 2**16
 _CLOSE_TIMEOUT = 2.0
 _STREAM = re.compile(r"[a-z0-9]+@(?:trade|bookTicker)")
 _METHODS = "`SUBSCRIBE`, `UNSUBSCRIBE`, `LIST_SUBSCRIPTIONS`"
+_MAX_LOG = 10_000  # connections and REST requests remembered for tests
 
 
 def _now_ms() -> int:
@@ -96,6 +101,7 @@ class _SymbolWire:
     """Per-symbol wire state: stream names, the held (reordered) trade, the ledger."""
 
     __slots__ = (
+        "bad_rows",
         "held",
         "ledger",
         "market",
@@ -114,6 +120,7 @@ class _SymbolWire:
         self.trade_prefix = combined_prefix(self.trade_stream)
         self.quote_prefix = combined_prefix(self.quote_stream)
         self.held: tuple[int, bytes] | None = None
+        self.bad_rows: dict[int, str] = {}  # history rows served bad (bounded like the ledger)
 
 
 class Simulator:
@@ -123,7 +130,7 @@ class Simulator:
         self._options = options
         self._market = Market(options.symbols, options.seed, options.history_size)
         self._wires = tuple(
-            _SymbolWire(market, SymbolLedger(options.max_manifest_ids))
+            _SymbolWire(market, SymbolLedger(options.max_manifest_ids, options.record_quotes))
             for market in self._market.symbols
         )
         self._fault_rng = random.Random(f"k2d-simulator-faults:{options.seed}")
@@ -133,12 +140,30 @@ class Simulator:
         self._p_reorder = faults.reorder
         self._p_malformed = faults.malformed
         self._p_reset = faults.reset
+        self._p_huge_id = faults.huge_id
+        self._p_id_jump = faults.id_jump
+        self._p_bad_history = faults.bad_history
         self._any_fault = any(
-            (faults.drop, faults.dup, faults.reorder, faults.malformed, faults.reset)
+            (
+                faults.drop,
+                faults.dup,
+                faults.reorder,
+                faults.malformed,
+                faults.reset,
+                faults.huge_id,
+                faults.id_jump,
+                faults.bad_history,
+            )
         )
-        weights = RequestWeights(options.weight_limit, options.ban_seconds)
+        self._bad_row_counter = 0
+        weights = RequestWeights(
+            options.weight_limit, options.ban_seconds, first_ban=faults.rest_ban
+        )
         histories = {market.symbol: market.history for market in self._market.symbols}
         self._rest = RestApi(histories, weights, options.request_weight)
+        self._connection_log: deque[float] = deque(maxlen=_MAX_LOG)
+        self._rest_log: deque[tuple[float, str, str, int]] = deque(maxlen=_MAX_LOG)
+        self._manifest_lock = asyncio.Lock()
         self._subscribers: dict[str, dict[_Client, None]] = {}
         self._clients: dict[_Client, None] = {}
         self._dirty: list[_Client] = []
@@ -206,6 +231,23 @@ class Simulator:
     def ws_url(self) -> str:
         """Base URL of the market streams, e.g. ws://127.0.0.1:PORT (append /ws or /stream)."""
         return f"ws://{self._host()}:{self.port}"
+
+    @property
+    def connection_times(self) -> tuple[float, ...]:
+        """time.monotonic() at which each stream connection was accepted (the last 10,000)."""
+        return tuple(self._connection_log)
+
+    @property
+    def rest_requests(self) -> tuple[tuple[float, str, str, int], ...]:
+        """(time.monotonic(), path, query, HTTP status) of each REST request (the last 10,000)."""
+        return tuple(self._rest_log)
+
+    def bad_history_rows(self, symbol: str) -> dict[int, str]:
+        """Trade id -> how its REST history row is served bad (the `bad_history` fault)."""
+        for wire in self._wires:
+            if wire.market.symbol == symbol:
+                return dict(wire.bad_rows)
+        raise KeyError(symbol)
 
     def manifest(self) -> dict[str, Any]:
         """What was sent and what was faulted so far, in the manifest file's shape."""
@@ -297,16 +339,21 @@ class Simulator:
     def _trade(self, wire: _SymbolWire, time_ms: int, *, clean: bool) -> None:
         market = self._market
         trade_id, price, qty, maker = wire.market.next_trade(market.rng, time_ms)
-        drop = dup = reorder = junk = reset = False
+        drop = dup = reorder = junk = reset = huge = jump = False
         junk_kind = ""
         if self._any_fault and not clean:
             # Drawn for every trade, subscribed or not: the decisions depend on the seed only.
+            # A fault's draw is skipped when it is off, so adding one keeps the others' draws.
             chance = self._fault_rng.random
             drop = self._p_drop > 0 and chance() < self._p_drop
             dup = self._p_dup > 0 and chance() < self._p_dup
             reorder = self._p_reorder > 0 and chance() < self._p_reorder
             junk = self._p_malformed > 0 and chance() < self._p_malformed
             reset = self._p_reset > 0 and chance() < self._p_reset
+            huge = self._p_huge_id > 0 and chance() < self._p_huge_id
+            jump = self._p_id_jump > 0 and chance() < self._p_id_jump
+            if self._p_bad_history > 0 and chance() < self._p_bad_history:
+                self._spoil_history(wire, trade_id)
             if junk:
                 junk_kind = JUNK_KINDS[self._junk_counter % len(JUNK_KINDS)]
                 self._junk_counter += 1
@@ -316,7 +363,7 @@ class Simulator:
             if ledger.first_trade_id is None:
                 # The first observable trade is clean, so a client's range starts exactly here.
                 ledger.first_trade_id = trade_id
-                drop = dup = reorder = junk = reset = False
+                drop = dup = reorder = junk = reset = huge = jump = False
             payload = encode_trade(wire.market.symbol, trade_id, price, qty, maker, time_ms)
             held = wire.held
             if drop:
@@ -337,6 +384,16 @@ class Simulator:
                     junk_kind, wire.market.symbol, trade_id, price, qty, maker, time_ms
                 )
                 self._send_junk(wire, subscribers, junk_kind, junk_payload)
+            symbol = wire.market.symbol
+            if huge:
+                # A whole, well-formed trade frame, but its id fits no int64 column.
+                extra = encode_trade(symbol, HUGE_ID, price, qty, maker, time_ms)
+                self._deliver(subscribers, wire.trade_prefix, extra, twice=False)
+                self._malformed_frames += 1
+            if jump:
+                # A plausible trade far ahead of the sequence, which the venue never had.
+                extra = encode_trade(symbol, trade_id + ID_JUMP, price, qty, maker, time_ms)
+                self._deliver(subscribers, wire.trade_prefix, extra, twice=False)
         elif wire.held is not None:
             # Nobody is left to see it arrive late: it was never reordered on any wire.
             wire.ledger.unrecord_reordered(wire.held[0])
@@ -352,6 +409,15 @@ class Simulator:
         if subscribers:
             payload = encode_quote(update_id, wire.market.symbol, bid, bid_qty, ask, ask_qty)
             self._deliver(subscribers, wire.quote_prefix, payload, twice=False)
+            if wire.ledger.quotes is not None:
+                wire.ledger.record(wire.ledger.quotes, update_id)
+
+    def _spoil_history(self, wire: _SymbolWire, trade_id: int) -> None:
+        kind = BAD_ROW_KINDS[self._bad_row_counter % len(BAD_ROW_KINDS)]
+        self._bad_row_counter += 1
+        wire.market.history.spoil(trade_id, kind)
+        if len(wire.bad_rows) < self._options.max_manifest_ids:
+            wire.bad_rows[trade_id] = kind
 
     def _send_junk(
         self, wire: _SymbolWire, subscribers: dict[_Client, None], kind: str, payload: bytes
@@ -460,7 +526,9 @@ class Simulator:
         """Answer REST requests and bad stream URLs; let good WebSocket upgrades through."""
         path, _, query = request.path.partition("?")
         if path.startswith("/api/"):
-            return self._rest.respond(str(conn.remote_address[0]), path, query)
+            response = self._rest.respond(str(conn.remote_address[0]), path, query)
+            self._rest_log.append((time.monotonic(), path, query, response.status_code))
+            return response
         route = _parse_route(path, query)
         if route is None:
             return conn.respond(404, f"Not found: {path}\n")
@@ -480,10 +548,18 @@ class Simulator:
         assert isinstance(route, _Route)  # checked in _process_request
         client = _Client(conn, route.combined)
         self._clients[client] = None
+        self._connection_log.append(time.monotonic())
+        lifetime = self._options.connection_lifetime
+        shutdown_after = self._options.faults.shutdown_after
+        reason = "connection lifetime reached"
+        if shutdown_after is not None and shutdown_after < lifetime:
+            lifetime, reason = shutdown_after, "shutdown_after fault"
         try:
             for stream in route.streams:
                 self._subscribe(client, stream)
-            async with asyncio.timeout(self._options.connection_lifetime):
+            if lifetime <= 0:
+                raise TimeoutError  # shut before a single market frame is queued
+            async with asyncio.timeout(lifetime):
                 async for message in conn:
                     reply = self._answer(client, message)
                     if client.active and conn.protocol.state is State.OPEN:
@@ -492,7 +568,7 @@ class Simulator:
             if client.active:
                 self._disconnects += 1
                 with contextlib.suppress(ConnectionClosed):
-                    await self._close_planned(client, "connection lifetime reached")
+                    await self._close_planned(client, reason)
         except ConnectionClosed:
             pass
         finally:
@@ -590,6 +666,10 @@ class Simulator:
                 await asyncio.wait_for(self._closing.wait(), self._options.manifest_interval)
 
     async def _write_manifest(self) -> None:
+        """One write at a time (the periodic writer and the stop path both call this), each
+        of the state as it is when its turn comes, so the last write is the newest."""
         path = self._options.manifest_path
-        if path is not None:
+        if path is None:
+            return
+        async with self._manifest_lock:
             await asyncio.to_thread(write_atomically, path, encode_manifest(self.manifest()))

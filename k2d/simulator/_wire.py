@@ -10,6 +10,8 @@ _encoder = msgspec.json.Encoder()
 
 DAY_MS = 86_400_000
 UNITS = 100_000_000  # prices and quantities are integers of 1e-8, printed with 8 decimals
+HUGE_ID = 2**64 - 1  # the `huge_id` fault's id: fits JSON and uint64, not an int64 column
+ID_JUMP = 1_000_000  # how far ahead the `id_jump` fault's trade id is
 
 
 class TradeEvent(msgspec.Struct):

@@ -23,9 +23,13 @@ __all__ = [
     "BinanceParser",
     "Control",
     "HistoricalTrade",
+    "HistoryPage",
     "ParsedFrames",
+    "RejectedRow",
     "combined_stream_url",
+    "decode_history",
     "historical_trades_url",
+    "history_trades",
     "quote_currency",
     "trade_from_rest",
 ]
@@ -40,8 +44,14 @@ REASONS = (
     "unknown_symbol",
     "unknown_stream",
     "frame_too_large",
+    "invalid_id",
+    "invalid_time",
 )
-# Exact decimal(18,8): at most 10 integer digits and 8 fractional digits, no sign or exponent.
+# Ids and times are stored as int64 (Arrow, Iceberg long and timestamptz): a venue id outside
+# 0..2^63-1, or a time that is no timestamp (before 1970 or after year 9999, in microseconds),
+# would stop the writer, so such input is a dead letter like any other bad value.
+MAX_ID = 2**63 - 1
+MAX_TIME_US = 253_402_300_799_999_999  # 9999-12-31T23:59:59.999999Z
 _QUOTE_CURRENCIES = ("USDT", "USDC", "FDUSD", "BUSD", "TUSD", "BTC", "ETH", "BNB", "EUR", "TRY")
 
 
@@ -224,8 +234,15 @@ class BinanceParser:
         if t.s != symbol:
             self._dead(out, frame, received_us, "unknown_symbol", f"symbol {t.s!r} on {symbol}")
             return
+        if not 0 <= t.t <= MAX_ID:
+            self._dead(out, frame, received_us, "invalid_id", f"trade id {_int_text(t.t)}")
+            return
         p, q = t.p, t.q
         ts = t.T * 1000
+        if not (0 <= ts <= MAX_TIME_US and 0 <= t.E * 1000 <= MAX_TIME_US):
+            detail = f"trade time {_int_text(t.T)} event time {_int_text(t.E)} (ms)"
+            self._dead(out, frame, received_us, "invalid_time", detail)
+            return
         if abs(ts - received_us) > self._max_skew_us:
             self._dead(
                 out,
@@ -271,6 +288,9 @@ class BinanceParser:
             return
         if b.s != symbol:
             self._dead(out, frame, received_us, "unknown_symbol", f"symbol {b.s!r} on {symbol}")
+            return
+        if not 0 <= b.u <= MAX_ID:
+            self._dead(out, frame, received_us, "invalid_id", f"update id {_int_text(b.u)}")
             return
         # bookTicker carries no event time: the receive time is the quote's time.
         out.quotes.append(
@@ -346,6 +366,7 @@ class BinanceParser:
         out.quotes = keep
 
 
+# Exact decimal(18,8): at most 10 integer digits and 8 fractional digits, no sign or exponent.
 _DECIMAL_RE = r"^\d{1,10}(\.\d{1,8})?$"
 
 
@@ -376,10 +397,110 @@ def _bad_decimals(
     return bad
 
 
+@dataclass
+class HistoryPage:
+    """One historicalTrades answer, item by item: one bad item spoils only itself."""
+
+    items: list[HistoricalTrade] = field(default_factory=list)
+    raws: list[bytes] = field(default_factory=list)  # the venue's bytes of each item
+    # Items that are not a trade at all: (bytes, why, their id if one could be read).
+    undecodable: list[tuple[bytes, str, int | None]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.items) + len(self.undecodable)
+
+
+class _ItemId(msgspec.Struct):
+    id: int
+
+
+_history_list = msgspec.json.Decoder(list[msgspec.Raw])
+_history_item = msgspec.json.Decoder(HistoricalTrade)
+_history_id = msgspec.json.Decoder(_ItemId)
+
+
+def decode_history(body: bytes) -> HistoryPage:
+    """Split a historicalTrades body into items; raises msgspec.DecodeError if the body is
+    not a JSON list at all."""
+    page = HistoryPage()
+    for raw in _history_list.decode(body):
+        item_bytes = bytes(raw)
+        try:
+            page.items.append(_history_item.decode(item_bytes))
+        except msgspec.DecodeError as exc:
+            try:
+                item_id: int | None = _history_id.decode(item_bytes).id
+            except msgspec.DecodeError:
+                item_id = None
+            page.undecodable.append((item_bytes, str(exc), item_id))
+            continue
+        page.raws.append(item_bytes)
+    return page
+
+
+@dataclass(frozen=True)
+class RejectedRow:
+    """A history item that cannot be stored: its dead letter, and its venue id when that is a
+    valid id (the id can then be closed as unrecoverable: asking again brings the same row)."""
+
+    trade_id: int | None
+    dead_letter: DeadLetter
+
+
+def history_trades(
+    page: HistoryPage,
+    symbol: str,
+    received_us: int,
+    *,
+    source: str = "backfill",
+    provenance: str = "backfill",
+) -> tuple[list[Trade], list[RejectedRow]]:
+    """A page's items as Trades (venue order), after the checks a live frame goes through
+    (except clock skew: history is old by nature); the others as RejectedRows."""
+    rejected: list[RejectedRow] = []
+
+    def reject(raw: bytes, trade_id: int | None, reason: str, detail: str) -> None:
+        letter = DeadLetter(
+            received_at=received_us,
+            source=source,
+            exchange=EXCHANGE,
+            reason=reason,
+            raw=raw,
+            detail=f"{symbol} history: {detail}"[:500],
+        )
+        ok_id = trade_id if trade_id is not None and 0 <= trade_id <= MAX_ID else None
+        rejected.append(RejectedRow(ok_id, letter))
+
+    for raw, detail, item_id in page.undecodable:
+        reject(raw, item_id, "missing_field", detail)
+    candidates: list[tuple[HistoricalTrade, bytes]] = []
+    for item, raw in zip(page.items, page.raws, strict=True):
+        if not 0 <= item.id <= MAX_ID:
+            reject(raw, None, "invalid_id", f"trade id {_int_text(item.id)}")
+        elif not 0 <= item.time * 1000 <= MAX_TIME_US:
+            reject(raw, item.id, "invalid_time", f"trade time {_int_text(item.time)} (ms)")
+        else:
+            candidates.append((item, raw))
+    if not candidates:
+        return [], rejected
+    bad = _bad_decimals(
+        [item.price for item, _ in candidates], [item.qty for item, _ in candidates], nullable=False
+    )
+    trades: list[Trade] = []
+    for i, (item, raw) in enumerate(candidates):
+        reason = bad.get(i)
+        if reason is None:
+            trades.append(trade_from_rest(item, symbol, received_us, provenance))
+        else:
+            reject(raw, item.id, reason, f"price {item.price!r} quantity {item.qty!r}")
+    return trades, rejected
+
+
 def trade_from_rest(
     item: HistoricalTrade, symbol: str, received_us: int, provenance: str = "backfill"
 ) -> Trade:
-    """A REST history item as a Trade, with the same message_id as the live frame."""
+    """A REST history item as a Trade, with the same message_id as the live frame. Unchecked:
+    history_trades is the way in for items straight from the venue."""
     return Trade(
         message_id=trade_message_id(EXCHANGE, symbol, item.id),
         trade_id=str(item.id),
@@ -396,6 +517,13 @@ def trade_from_rest(
         vendor_data=f'{{"M":{"true" if item.isBestMatch else "false"}}}',
         provenance=provenance,
     )
+
+
+def _int_text(n: int) -> str:
+    """An int for a message; a hostile one may be too long for str() (4300-digit limit)."""
+    if -(10**30) < n < 10**30:
+        return str(n)
+    return f"{'-' if n < 0 else ''}<{n.bit_length()}-bit integer>"
 
 
 def _is_json(frame: bytes) -> bool:

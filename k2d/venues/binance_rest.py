@@ -4,16 +4,21 @@ Binance counts request weight per IP per wall-clock minute, answers 429 with Ret
 past its limit, and bans (418) a client that calls again before Retry-After has passed.
 This client keeps its own count, corrected by the venue's X-MBX-USED-WEIGHT-1M header,
 waits for the next minute rather than go over `weight_per_minute`, and never calls while
-it has been told to wait.
+it has been told to wait. With a `ban_file`, a wait the venue imposed outlives a restart:
+"blocked until" (wall-clock epoch seconds) is kept there and honoured on the next start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import logging
 import math
+import os
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -22,7 +27,7 @@ import httpx
 import msgspec
 
 from k2d.runtime import Backoff
-from k2d.venues.binance import HistoricalTrade, historical_trades_url
+from k2d.venues.binance import HistoryPage, decode_history, historical_trades_url
 
 if TYPE_CHECKING:
     from k2d.telemetry.metrics import Metrics
@@ -43,6 +48,8 @@ _WINDOW = 60.0  # the venue's weight window: one wall-clock minute
 _DEFAULT_RETRY_AFTER = _WINDOW  # a 429/418 without Retry-After: sit out a whole window
 _MAX_RETRY_AFTER = 3 * 86_400.0  # Binance's longest ban
 _DETAIL_CHARS = 200
+# A venue-imposed wait longer than this is reported (on_blocked): the backfiller is degraded.
+BLOCKED_REPORT_AFTER = 5.0
 
 
 class BinanceRestError(Exception):
@@ -66,6 +73,10 @@ class VenueUnavailableError(BinanceRestError):
 class _VenueError(msgspec.Struct):
     code: int
     msg: str
+
+
+class _BanState(msgspec.Struct):
+    blocked_until: float  # wall-clock epoch seconds
 
 
 class _WeightBudget:
@@ -122,6 +133,17 @@ class _WeightBudget:
         self._changed.set()
         self._changed = anyio.Event()
 
+    @property
+    def blocked_for(self) -> float:
+        """Seconds until the venue lets us call again (0 when it does now)."""
+        return max(0.0, self._blocked_until - anyio.current_time())
+
+    def block(self, seconds: float) -> None:
+        """Call nothing for `seconds` (a wait the venue imposed before a restart)."""
+        self._blocked_until = max(self._blocked_until, anyio.current_time() + seconds)
+        self._changed.set()
+        self._changed = anyio.Event()
+
     def _delay(self, weight: int, now: float) -> float:
         if now < self._blocked_until:
             return self._blocked_until - now
@@ -158,7 +180,12 @@ class BinanceRest:
         backoff_initial: float = 0.5,
         backoff_max: float = 10.0,
         clock: Callable[[], float] = time.time,
+        ban_file: Path | None = None,
+        on_blocked: Callable[[float | None], None] | None = None,
     ) -> None:
+        """`on_blocked` hears the wall-clock time (epoch seconds) until which the venue
+        refuses us, once that is more than BLOCKED_REPORT_AFTER seconds away, and None after
+        the next request that succeeds."""
         if not 1 <= request_weight <= weight_per_minute:
             raise ValueError(
                 f"request_weight {request_weight} must be between 1 and "
@@ -172,11 +199,16 @@ class BinanceRest:
         self._metrics = metrics
         self._backoff = (backoff_initial, backoff_max)
         self._budget = _WeightBudget(weight_per_minute, clock)
+        self._clock = clock
+        self._ban_file = ban_file
+        self._on_blocked = on_blocked
+        self._saved_until = 0.0  # the "blocked until" last read from or written to ban_file
+        self._reported = False
         self._client = httpx.AsyncClient(timeout=timeout, headers={"Accept": "application/json"})
-        self._trades = msgspec.json.Decoder(list[HistoricalTrade])
         self._error = msgspec.json.Decoder(_VenueError)
 
     async def __aenter__(self) -> BinanceRest:
+        await self._restore_ban()
         return self
 
     async def __aexit__(
@@ -190,11 +222,10 @@ class BinanceRest:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def historical_trades(
-        self, symbol: str, from_id: int, limit: int
-    ) -> list[HistoricalTrade]:
+    async def historical_trades(self, symbol: str, from_id: int, limit: int) -> HistoryPage:
         """Up to `limit` trades with id >= from_id, ascending. If from_id is older than the
-        venue's retained history, the page starts at its oldest trade."""
+        venue's retained history, the page starts at its oldest trade. Items are decoded one
+        by one, so a bad item is the caller's to dead-letter, not a failed page."""
         if not 1 <= limit <= MAX_LIMIT:
             raise ValueError(f"limit {limit} must be between 1 and {MAX_LIMIT}")
         url = historical_trades_url(self.rest_url, symbol, from_id, limit)
@@ -212,10 +243,13 @@ class BinanceRest:
                 self._budget.release(window, self._weight, None, None, None)
                 raise
             else:
-                trades, failure = self._answer(window, response)
-                if trades is not None:
-                    return trades
+                page, failure = self._answer(window, response)
+                if page is not None:
+                    if self._reported:
+                        self._report(None)
+                    return page
                 if response.status_code in (429, 418):
+                    await self._note_block()
                     continue  # the budget holds every request back until Retry-After
             log.warning(
                 "GET %s: attempt %d of %d failed: %s", url, attempt, self._max_attempts, failure
@@ -226,9 +260,7 @@ class BinanceRest:
             f"GET {url}: no trades after {self._max_attempts} attempts; last: {failure}"
         )
 
-    def _answer(
-        self, window: int, response: httpx.Response
-    ) -> tuple[list[HistoricalTrade] | None, str]:
+    def _answer(self, window: int, response: httpx.Response) -> tuple[HistoryPage | None, str]:
         """Trades from a response, or None and why it failed; raises if retrying cannot help."""
         status = response.status_code
         used = _header_int(response, _USED_WEIGHT)
@@ -239,7 +271,7 @@ class BinanceRest:
             self._metrics.backfill_weight_used.set(used)
         if status == 200:
             try:
-                return self._trades.decode(response.content), ""
+                return decode_history(response.content), ""
             except msgspec.DecodeError as exc:
                 return None, f"HTTP 200 whose body is not a trade list: {exc}"
         detail = response.text[:_DETAIL_CHARS]
@@ -261,6 +293,45 @@ class BinanceRest:
     def _count(self, status: str) -> None:
         if self._metrics is not None:
             self._metrics.backfill_requests.labels(status).inc()
+
+    def _report(self, until: float | None) -> None:
+        self._reported = until is not None
+        if self._on_blocked is not None:
+            self._on_blocked(until)
+
+    async def _restore_ban(self) -> None:
+        """Honour a wait the venue imposed before this process (re)started."""
+        if self._ban_file is None:
+            return
+        until = await anyio.to_thread.run_sync(_read_ban, self._ban_file)
+        if until is None:
+            return
+        self._saved_until = until
+        wait = min(until - self._clock(), _MAX_RETRY_AFTER)
+        if wait <= 0:
+            return
+        self._budget.block(wait)
+        log.warning(
+            "venue refused requests until %s (from %s): waiting %.0fs before the first",
+            _iso(until),
+            self._ban_file,
+            wait,
+        )
+        if wait > BLOCKED_REPORT_AFTER:
+            self._report(until)
+
+    async def _note_block(self) -> None:
+        """After a 429/418: persist how long the venue refuses us, and report a long wait."""
+        wait = self._budget.blocked_for
+        until = self._clock() + wait
+        if self._ban_file is not None and until > self._saved_until + 1.0:
+            self._saved_until = until
+            try:
+                await anyio.to_thread.run_sync(_write_ban, self._ban_file, until)
+            except OSError as exc:
+                log.warning("cannot keep the venue ban in %s: %s", self._ban_file, exc)
+        if wait > BLOCKED_REPORT_AFTER:
+            self._report(until)
 
 
 def _header_int(response: httpx.Response, name: str) -> int | None:
@@ -286,3 +357,40 @@ def _retry_after(response: httpx.Response) -> float | None:
     if not math.isfinite(seconds):
         return None
     return min(max(seconds, 0.0), _MAX_RETRY_AFTER)
+
+
+def _iso(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def _read_ban(path: Path) -> float | None:
+    """The persisted "blocked until", or None when there is none (or it is unreadable)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("cannot read the venue ban file %s: %s", path, exc)
+        return None
+    try:
+        until = msgspec.json.decode(data, type=_BanState).blocked_until
+    except msgspec.DecodeError as exc:
+        log.warning("ignoring the venue ban file %s: %s", path, exc)
+        return None
+    return until if math.isfinite(until) else None
+
+
+def _write_ban(path: Path, until: float) -> None:
+    """Replace `path` atomically: a temp file in the same directory, fsync, os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(msgspec.json.encode(_BanState(until)) + b"\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import socket
@@ -15,13 +16,15 @@ import pytest
 from websockets.asyncio.client import connect
 
 from actors.backfill import Backfiller
-from k2d.config import BackfillConfig, TelemetryConfig
+from actors.sequencer import SequenceTracker
+from k2d.config import BackfillConfig, SequencerConfig, TelemetryConfig
 from k2d.messages import GapRequest, GapResolution, RecordBatch
-from k2d.model import Trade
+from k2d.model import Trade, now_us
 from k2d.runtime import Outbox
 from k2d.simulator import Faults, Simulator, SimulatorOptions
 from k2d.telemetry.metrics import Metrics
 from k2d.telemetry.tracing import Tracing, setup_tracing
+from k2d.venues.binance import HistoricalTrade, trade_from_rest
 from tests.unit.test_binance_rest import FIRST_ID, RestVenue
 
 SYMBOL = "BTCUSDT"
@@ -154,7 +157,12 @@ async def test_rate_limited_backfill_waits_retry_after_and_is_never_banned() -> 
         requests = [gap(FIRST_ID, FIRST_ID + 29), gap(FIRST_ID + 100, FIRST_ID + 129)]
         started = time.monotonic()
         batches, metrics = await backfill(
-            venue.url, requests, page_limit=10, concurrency=2, weight_per_minute=10_000
+            venue.url,
+            requests,
+            page_limit=10,
+            concurrency=2,
+            venue_weight_per_minute=10_000,
+            weight_share=1.0,
         )
         elapsed = time.monotonic() - started
 
@@ -265,3 +273,84 @@ async def test_end_of_input_is_bounded_by_the_drain_timeout(
     assert batches == []
     assert elapsed < 1.5
     assert any("2 gaps stay open" in r.getMessage() for r in caplog.records)
+
+
+# How the simulator's bad_history rows must come back: the reason of their dead letter.
+BAD_ROW_REASONS = {
+    "non_numeric_price": "invalid_number",
+    "zero_price": "non_positive",
+    "too_many_digits": "invalid_number",
+    "negative_time": "invalid_time",
+    "far_time": "invalid_time",
+    "huge_id": "invalid_id",
+}
+
+
+async def test_bad_history_rows_are_dead_letters_and_their_ids_are_closed() -> None:
+    faults = Faults(bad_history=0.03)
+    async with Simulator(SimulatorOptions(symbols=(SYMBOL,), rate=2_000.0, faults=faults)) as sim:
+        await asyncio.sleep(0.5)
+        await sim.close_market()  # history stays, and stops moving
+        first = (await rest_history(sim.url, 0, 1))[0]["id"]
+        wanted = range(first + 10, first + 610)
+        bad = {i: kind for i, kind in sim.bad_history_rows(SYMBOL).items() if i in wanted}
+        batches, metrics = await backfill(sim.url, [gap(wanted[0], wanted[-1])])
+
+    assert len(set(bad.values())) >= 3
+    good = [i for i in wanted if i not in bad]
+    assert [t.source_sequence for t in trades_of(batches)] == good
+    dead = [d for b in batches for d in b.dead_letters]
+    assert sorted(d.reason for d in dead) == sorted(BAD_ROW_REASONS[k] for k in bad.values())
+    assert all(d.source == "backfill" and json.loads(d.raw)["price"] for d in dead)
+    # A bad row travels with the good rows of its page, in one RecordBatch.
+    assert all(b.trades for b in batches if b.dead_letters)
+    closed = {(r.first, r.last): r.reason for r in resolutions_of(batches)}
+    assert set(closed) == {(i, i) for i in bad}
+    for trade_id, kind in bad.items():
+        expected = "skips ids" if kind == "huge_id" else BAD_ROW_REASONS[kind]
+        assert expected in closed[(trade_id, trade_id)]
+    assert sample(metrics, "k2d_dead_letters_total", source="backfill", reason="invalid_time") == (
+        sum(BAD_ROW_REASONS[k] == "invalid_time" for k in bad.values())
+    )
+
+    # The tracker stores the good rows and the dead letters, and closes the whole gap: the
+    # bad ids as unrecoverable, so nothing is left to ask the venue again.
+    tracker = SequenceTracker(0, SequencerConfig(gap_grace=0.0), Metrics(), itertools.count())
+    now_ms = int(time.time() * 1000)
+    edges = [
+        HistoricalTrade(id=i, price="1.0", qty="1.0", time=now_ms, isBuyerMaker=False)
+        for i in (wanted[0] - 1, wanted[-1] + 1)
+    ]
+    live = [trade_from_rest(item, SYMBOL, now_us(), provenance="live") for item in edges]
+    tracker.process(RecordBatch(source="feed", trades=live))
+    book = tracker.book(("BINANCE", SYMBOL, "trade"))
+    assert [(g.first, g.last) for g in book.gaps] == [(wanted[0], wanted[-1])]
+    out = [tracker.process(b) for b in batches]
+
+    assert sum(len(o.trades) for o in out) == len(good)
+    assert sum(len(o.dead_letters) for o in out) == len(bad)
+    assert book.gaps == []
+    assert book.due_requests(now_us() + 10**12, 0) == []
+    unrecoverable = {e.first_missing for o in out for e in o.events if e.status == "unrecoverable"}
+    assert unrecoverable == set(bad)
+
+
+async def test_a_gap_reaching_past_the_venues_newest_trade_costs_two_requests() -> None:
+    # A forward id jump on the wire (the id_jump fault) opens a gap of a million ids that the
+    # venue never had: two pages answer it, not a thousand.
+    async with Simulator(SimulatorOptions(symbols=(SYMBOL,), rate=2_000.0)) as sim:
+        await asyncio.sleep(0.3)
+        await sim.close_market()
+        newest = (await rest_history(sim.url, 0, 1000))[-1]["id"]
+        before = len(sim.rest_requests)
+        batches, metrics = await backfill(
+            sim.url, [gap(newest - 4, newest + 1_000_000)], page_limit=1000
+        )
+        requests = sim.rest_requests[before:]
+
+    assert [t.source_sequence for t in trades_of(batches)] == list(range(newest - 4, newest + 1))
+    [lost] = resolutions_of(batches)
+    assert (lost.first, lost.last) == (newest + 1, newest + 1_000_000)
+    assert lost.reason == f"venue returned no trades from id {newest + 1}"
+    assert len(requests) == 2
+    assert sample(metrics, "k2d_backfill_gaps_total", result="unrecoverable") == 1

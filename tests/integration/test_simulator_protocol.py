@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -574,3 +574,118 @@ def test_cli_rejects_unknown_fault_with_exit_code_2() -> None:
 
     assert result.returncode == 2
     assert "explode" in result.stderr
+
+
+async def test_huge_id_and_id_jump_frames_take_no_trade_id() -> None:
+    faults = parse_faults("huge_id=0.2,id_jump=0.2")
+    async with (
+        venue(symbols=("BTCUSDT",), seed=11, faults=faults) as sim,
+        stream(f"{sim.ws_url}/ws/btcusdt@trade") as ws,
+    ):
+        frames = [json.loads(await ws.recv()) for _ in range(200)]
+        malformed = sim.manifest()["malformed_frames"]
+
+    ids = [f["t"] for f in frames]
+    huge = [i for i in ids if i == 2**64 - 1]
+    real = [i for i in ids if i < ids[0] + 1_000]
+    jumps = [i for i in ids if i not in huge and i not in real]
+    assert real == list(range(ids[0], ids[0] + len(real)))
+    assert huge and jumps
+    assert {i - 1_000_000 for i in jumps} <= set(real)
+    assert all(valid_trade(json.dumps(f), {"BTCUSDT"}) for f in frames)  # well-formed frames
+    assert malformed >= len(huge)  # the huge ids are what a client must dead-letter
+
+
+@pytest.mark.parametrize("after", [0.0, 0.3])
+async def test_shutdown_after_closes_every_new_connection(after: float) -> None:
+    async with venue(symbols=("BTCUSDT",), faults=parse_faults(f"shutdown_after={after}")) as sim:
+        closes = []
+        for _ in range(2):
+            ws = await connect(f"{sim.ws_url}/ws/btcusdt@trade")
+            async with asyncio.timeout(3):
+                frames = [json.loads(f) for f in await read_all(ws)]
+            closes.append((frames, ws.close_code))
+        connections = len(sim.connection_times)
+        disconnects = sim.manifest()["disconnects"]
+
+    for frames, code in closes:
+        assert frames[-1]["e"] == "serverShutdown"
+        assert code == 1001
+        trades = [f for f in frames if f.get("e") == "trade"]
+        assert (len(trades) > 0) is (after > 0)
+    assert connections == disconnects == 2
+
+
+async def test_rest_ban_answers_the_first_request_418_with_retry_after() -> None:
+    params: dict[str, str | int] = {"symbol": "BTCUSDT", "limit": 1}
+    async with (
+        venue(faults=parse_faults("rest_ban=1")) as sim,
+        httpx.AsyncClient(base_url=sim.url) as http,
+    ):
+        banned = await http.get("/api/v3/historicalTrades", params=params)
+        still = await http.get("/api/v3/historicalTrades", params=params)
+        await asyncio.sleep(float(banned.headers["Retry-After"]) + 0.1)
+        after = await http.get("/api/v3/historicalTrades", params=params)
+        log = sim.rest_requests
+
+    assert (banned.status_code, banned.json()["code"]) == (418, -1003)
+    assert banned.headers["Retry-After"] == "1"
+    assert still.status_code == 418
+    assert after.status_code == 200
+    assert [(path, status) for _, path, _, status in log] == [
+        ("/api/v3/historicalTrades", 418),
+        ("/api/v3/historicalTrades", 418),
+        ("/api/v3/historicalTrades", 200),
+    ]
+
+
+async def test_bad_history_rows_are_served_bad_on_rest_only() -> None:
+    async def run(seed: int) -> tuple[dict[int, str], list[dict[str, Any]], set[int]]:
+        faults = parse_faults("bad_history=0.1")
+        async with (
+            venue(symbols=("BTCUSDT",), seed=seed, faults=faults) as sim,
+            httpx.AsyncClient(base_url=sim.url) as http,
+            stream(f"{sim.ws_url}/ws/btcusdt@trade") as ws,
+        ):
+            live = {json.loads(await ws.recv())["t"] for _ in range(300)}
+            await sim.close_market()
+            items = (
+                await http.get(
+                    "/api/v3/historicalTrades",
+                    params={"symbol": "BTCUSDT", "fromId": 0, "limit": 1000},
+                )
+            ).json()
+            return sim.bad_history_rows("BTCUSDT"), items, live
+
+    bad, items, live = await run(5)
+    again, _, _ = await run(5)
+
+    assert bad and set(bad.values()) == {
+        "non_numeric_price",
+        "zero_price",
+        "too_many_digits",
+        "negative_time",
+        "far_time",
+        "huge_id",
+    }
+    upto = min(max(bad), max(again))
+    assert {i: k for i, k in bad.items() if i <= upto} == {
+        i: k for i, k in again.items() if i <= upto
+    }  # the same seed spoils the same rows
+    first = items[0]["id"]
+    served = {first + n: item for n, item in enumerate(items)}
+    spoilt: dict[str, Callable[[dict[str, Any]], bool]] = {
+        "non_numeric_price": lambda item: item["price"] == "not-a-price",
+        "zero_price": lambda item: item["price"] == "0.00000000",
+        "too_many_digits": lambda item: len(item["price"].split(".")[0]) > 10,
+        "negative_time": lambda item: item["time"] < 0,
+        "far_time": lambda item: item["time"] >= 253_402_300_800_000,  # year 10000
+        "huge_id": lambda item: item["id"] == 2**64 - 1,
+    }
+    for trade_id, kind in bad.items():
+        item = served[trade_id]
+        assert spoilt[kind](item), (kind, item)
+        assert item["id"] == trade_id or kind == "huge_id"
+    clean = [item for i, item in served.items() if i not in bad]
+    assert all(DECIMAL8.fullmatch(item["price"]) for item in clean)
+    assert set(bad) & live  # the same trades went out on the wire unharmed

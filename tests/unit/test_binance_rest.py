@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -162,7 +164,7 @@ async def test_pages_match_what_the_simulator_serves() -> None:
             "/api/v3/historicalTrades", params={"symbol": SYMBOL, "fromId": oldest, "limit": 200}
         )
         async with client(sim.url) as (rest, metrics):
-            got = await rest.historical_trades(SYMBOL, oldest, 200)
+            got = (await rest.historical_trades(SYMBOL, oldest, 200)).items
 
     assert [t.id for t in got] == expected_ids(oldest, 200)
     assert [(t.id, t.price, t.qty, t.time, t.isBuyerMaker) for t in got] == [
@@ -179,7 +181,7 @@ async def test_a_429_is_waited_out_and_concurrent_callers_never_earn_a_418() -> 
         results: dict[int, list[HistoricalTrade]] = {}
 
         async def fetch(from_id: int) -> None:
-            results[from_id] = await rest.historical_trades(SYMBOL, from_id, 10)
+            results[from_id] = (await rest.historical_trades(SYMBOL, from_id, 10)).items
 
         started = time.monotonic()
         with anyio.fail_after(10):
@@ -211,7 +213,7 @@ async def test_a_418_is_waited_out_and_logged_as_an_error(caplog: pytest.LogCapt
         assert [a.status for a in venue.answers] == [200, 200, 429, 418]
         with caplog.at_level(logging.WARNING, logger="k2d.venues.binance_rest"):
             async with client(venue.url) as (rest, metrics):
-                got = await rest.historical_trades(SYMBOL, FIRST_ID, 5)
+                got = (await rest.historical_trades(SYMBOL, FIRST_ID, 5)).items
 
     assert [t.id for t in got] == expected_ids(FIRST_ID, 5)
     ours = venue.answers[4:]
@@ -261,7 +263,7 @@ async def test_server_errors_are_retried_with_backoff() -> None:
         RestVenue(fail_first=2) as venue,
         client(venue.url, max_attempts=3) as (rest, metrics),
     ):
-        got = await rest.historical_trades(SYMBOL, FIRST_ID, 3)
+        got = (await rest.historical_trades(SYMBOL, FIRST_ID, 3)).items
 
     assert [t.id for t in got] == expected_ids(FIRST_ID, 3)
     assert [a.status for a in venue.answers] == [503, 503, 200]
@@ -343,3 +345,43 @@ async def test_limit_outside_the_venues_range_is_refused() -> None:
         with pytest.raises(ValueError, match="limit"):
             await rest.historical_trades(SYMBOL, 1, 1001)
     assert requests_by_status(metrics) == {}
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"not json", b'{"blocked_until": "soon"}', b'{"blocked_until": 1.0}', None],
+    ids=["garbled", "wrong_type", "past", "absent"],
+)
+async def test_a_ban_file_without_a_ban_in_force_delays_nothing(
+    tmp_path: Path, content: bytes | None
+) -> None:
+    ban_file = tmp_path / "binance-rest.json"
+    if content is not None:
+        ban_file.write_bytes(content)
+    blocked: list[float | None] = []
+    async with (
+        RestVenue() as venue,
+        client(venue.url, ban_file=ban_file, on_blocked=blocked.append) as (rest, _),
+    ):
+        started = time.monotonic()
+        page = await rest.historical_trades(SYMBOL, FIRST_ID, 2)
+
+    assert [t.id for t in page.items] == expected_ids(FIRST_ID, 2)
+    assert time.monotonic() - started < 1.0
+    assert blocked == []
+    assert ban_file.exists() is (content is not None)  # nothing written without a refusal
+
+
+async def test_a_ban_in_force_holds_the_first_request_back(tmp_path: Path) -> None:
+    ban_file = tmp_path / "binance-rest.json"
+    ban_file.write_text(json.dumps({"blocked_until": time.time() + 1.5}))
+    blocked: list[float | None] = []
+    async with (
+        RestVenue() as venue,
+        client(venue.url, ban_file=ban_file, on_blocked=blocked.append) as (rest, _),
+    ):
+        started = time.monotonic()
+        await rest.historical_trades(SYMBOL, FIRST_ID, 2)
+
+    assert venue.answers[0].at - started >= 1.3
+    assert blocked == []  # a wait of a second or two is not worth a degraded state
