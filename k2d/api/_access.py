@@ -1,10 +1,12 @@
-"""Access to the query routes: optional API keys, rate limits per client, and CORS.
+"""Access to the /v1 routes: optional API keys, admin keys, rate limits per client, and CORS.
 
-The client is its API key (when keys are configured) or its address; X-Forwarded-For is
-believed only from a configured trusted proxy. Keys are compared as sha256 digests with
-hmac.compare_digest, against every configured digest, so timing says nothing about them.
-Refusals are answered here, in the JSON error shape, with the CORS headers a browser needs
-to read them.
+The client is its API key (when keys are configured and it sent a valid one) or its address;
+X-Forwarded-For is believed only from a configured trusted proxy. A request refused for its
+key takes a token from its address's bucket, so guessing keys runs into 429 like anything
+else. Keys are compared as sha256 digests with hmac.compare_digest, against every configured
+digest, so timing says nothing about them. Refusals are answered here, in the JSON error
+shape, with the CORS headers a browser needs to read them. Admin routes add a guard
+(`admin_guard`): a valid key that is not an admin key is 403.
 """
 
 from __future__ import annotations
@@ -12,24 +14,37 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
+from litestar.connection import ASGIConnection
 from litestar.enums import ScopeType
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.handlers.base import BaseRouteHandler
+from litestar.openapi import ResponseSpec
+from litestar.openapi.spec import Example
+from litestar.types import ASGIApp, Guard, Message, Receive, Scope, Send
 
-from k2d.api._errors import error_body
+from k2d.api._errors import ApiError, ErrorBody, error_body
 from k2d.config import ApiConfig
 
-__all__ = ["CLIENT_KEY", "AccessControl", "client_key"]
+__all__ = [
+    "ADMIN_RESPONSES",
+    "CLIENT_KEY",
+    "SECURITY_SCHEME",
+    "AccessControl",
+    "access_responses",
+    "admin_guard",
+    "client_key",
+]
 
 CLIENT_KEY = "k2d.client_key"
+IS_ADMIN = "k2d.is_admin"
 API_KEY_HEADER = "x-api-key"
-_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+# The name of the API key scheme in the OpenAPI document.
+SECURITY_SCHEME = "ApiKey"
 # Clients whose rate-limit state is kept; the least recently seen go first.
 _MAX_CLIENTS = 10_000
 _ALLOW_HEADERS = "Accept, Content-Type, X-API-Key, X-Request-ID, traceparent"
@@ -88,10 +103,9 @@ class AccessControl:
     rate-limit state)."""
 
     def __init__(self, cfg: ApiConfig) -> None:
-        for i, digest in enumerate(cfg.api_keys):
-            if not _SHA256_HEX.match(digest):
-                raise ValueError(f"api.api_keys.{i}: not a lower-case sha256 hex digest")
-        self.digests = tuple(cfg.api_keys)
+        # ApiConfig checked that these are sha256 hex digests; an admin key is a key.
+        self.digests = tuple(dict.fromkeys((*cfg.api_keys, *cfg.admin_api_keys)))
+        self.admin_digests = tuple(cfg.admin_api_keys)
         self.trusted = frozenset(cfg.trusted_proxies)
         self.origins = frozenset(cfg.cors_origins)
         self.limiter = RateLimiter(cfg.rate_limit, cfg.rate_burst)
@@ -126,12 +140,14 @@ class AccessControl:
                 return
             await _preflight(send, cors)
             return
-        key, refusal = self._admit(scope, headers)
+        key, admin, refusal = self._admit(scope, headers)
         if refusal is not None:
             status, code, detail, extra = refusal
             await _reply(send, status, code, detail, cors + extra)
             return
-        scope.setdefault("state", {})[CLIENT_KEY] = key
+        state = scope.setdefault("state", {})
+        state[CLIENT_KEY] = key
+        state[IS_ADMIN] = admin
 
         async def send_with_cors(message: Message) -> None:
             if cors and message["type"] == "http.response.start":
@@ -150,24 +166,27 @@ class AccessControl:
 
     def _admit(
         self, scope: Scope, headers: dict[str, str]
-    ) -> tuple[str, tuple[int, str, str, list[tuple[bytes, bytes]]] | None]:
+    ) -> tuple[str, bool, tuple[int, str, str, list[tuple[bytes, bytes]]] | None]:
+        """(client key, admin?, refusal or None)."""
         key = f"addr:{self._address(scope, headers)}"
+        admin = False
         if self.digests:
             given = headers.get(API_KEY_HEADER)
             digest = hashlib.sha256(given.encode()).hexdigest() if given else ""
-            ok = False
-            for expected in self.digests:
-                ok |= hmac.compare_digest(digest, expected)
-            if not ok:
+            if not _any_equal(digest, self.digests):
+                # Counted against the address: a client guessing keys is rate limited.
+                wait = self.limiter.take(key)
+                if wait > 0:
+                    return key, False, _too_many(wait)
                 challenge = [(b"www-authenticate", b'ApiKey header="X-API-Key"')]
                 detail = "a valid API key is required in the X-API-Key header"
-                return key, (401, "unauthorized", detail, challenge)
+                return key, False, (401, "unauthorized", detail, challenge)
             key = f"key:{digest[:16]}"
+            admin = _any_equal(digest, self.admin_digests)
         wait = self.limiter.take(key)
         if wait > 0:
-            retry = [(b"retry-after", str(max(1, math.ceil(wait))).encode())]
-            return key, (429, "rate_limited", "too many requests; slow down", retry)
-        return key, None
+            return key, admin, _too_many(wait)
+        return key, admin, None
 
     def _address(self, scope: Scope, headers: dict[str, str]) -> str:
         client = scope.get("client")
@@ -181,6 +200,75 @@ class AccessControl:
             if hop not in self.trusted:
                 return hop
         return str(peer)
+
+
+def _any_equal(digest: str, digests: Iterable[str]) -> bool:
+    """Compared with every digest, so the time taken says nothing about which matched."""
+    ok = False
+    for expected in digests:
+        ok |= hmac.compare_digest(digest, expected)
+    return ok
+
+
+def _too_many(wait: float) -> tuple[int, str, str, list[tuple[bytes, bytes]]]:
+    retry = [(b"retry-after", str(max(1, math.ceil(wait))).encode())]
+    return 429, "rate_limited", "too many requests; slow down", retry
+
+
+def admin_guard(cfg: ApiConfig) -> Guard:
+    """The Litestar guard of the admin routes (behind AccessControl, which admitted the key)."""
+
+    def require_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+        if not cfg.admin_api_keys:
+            raise ApiError(403, "admin_disabled", "admin routes need api.admin_api_keys to be set")
+        if not connection.scope.get("state", {}).get(IS_ADMIN):
+            raise ApiError(403, "admin_required", "this route needs an admin API key")
+
+    return require_admin
+
+
+def _examples(items: Iterable[tuple[str, str]]) -> list[Example]:
+    return [
+        Example(id=code, summary=code, value={"code": code, "detail": detail})
+        for code, detail in items
+    ]
+
+
+def access_responses() -> dict[int, ResponseSpec]:
+    """The refusals AccessControl answers on every /v1 route, for the OpenAPI document."""
+    return {
+        401: ResponseSpec(
+            data_container=ErrorBody,
+            description="No valid API key in X-API-Key (when keys are configured)",
+            examples=_examples(
+                [("unauthorized", "a valid API key is required in the X-API-Key header")]
+            ),
+            generate_examples=False,
+        ),
+        429: ResponseSpec(
+            data_container=ErrorBody,
+            description="Too many requests from this client (see Retry-After); requests "
+            "refused for their key count against the address",
+            examples=_examples([("rate_limited", "too many requests; slow down")]),
+            generate_examples=False,
+        ),
+    }
+
+
+# The admin routes' 403 (both codes), for the OpenAPI document.
+ADMIN_RESPONSES = {
+    403: ResponseSpec(
+        data_container=ErrorBody,
+        description="Admin routes are off (no api.admin_api_keys), or the key is not an admin key",
+        examples=_examples(
+            [
+                ("admin_disabled", "admin routes need api.admin_api_keys to be set"),
+                ("admin_required", "this route needs an admin API key"),
+            ]
+        ),
+        generate_examples=False,
+    )
+}
 
 
 async def _preflight(send: Send, cors: Iterable[tuple[bytes, bytes]]) -> None:

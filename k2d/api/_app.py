@@ -7,15 +7,16 @@ from collections.abc import Sequence
 from litestar import Litestar, Response, Router
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.types import ControllerRouterHandler
 from opentelemetry import trace
 
 from k2d import __version__
+from k2d.api._access import AccessControl
 from k2d.api._admin import admin_router
+from k2d.api._contract import ContractJsonRender
 from k2d.api._errors import error_response, exception_handlers
 from k2d.api._middleware import RequestMiddleware
-from k2d.api._ops import OPS_HANDLERS
+from k2d.api._ops import OPS_HANDLERS, V1_OPS_HANDLERS
 from k2d.api._query_routes import query_router
 from k2d.api._state import ApiState
 
@@ -27,18 +28,26 @@ SCHEMA_PATH = "/schema"
 def create_app(
     state: ApiState, *, route_handlers: Sequence[ControllerRouterHandler] = ()
 ) -> Litestar:
-    """Build the app: ops routes, the /v1 query routes (served by `state.query_pool`), and
-    `route_handlers` (more endpoints sharing its error mapping, telemetry and limits).
-    Handlers get the state as `api: NamedDependency[ApiState]`."""
+    """Build the app: the open ops routes (/health, /ready, /metrics, /schema), the /v1
+    routes (queries served by `state.query_pool`, stats, traces, admin) behind one
+    AccessControl (keys, rate limits, CORS), and `route_handlers` (more endpoints sharing
+    its error mapping, telemetry and limits). Handlers get the state as
+    `api: NamedDependency[ApiState]`."""
 
     def provide_api() -> ApiState:
         return state
 
+    # One AccessControl for every /v1 route: one rate-limit bucket per client across them.
+    v1 = Router(
+        "/v1",
+        route_handlers=[query_router(), *V1_OPS_HANDLERS, admin_router(state)],
+        middleware=[AccessControl(state.config)],
+    )
     app = Litestar(
-        route_handlers=[*OPS_HANDLERS, query_router(state), admin_router(state), *route_handlers],
+        route_handlers=[*OPS_HANDLERS, v1, *route_handlers],
         dependencies={"api": Provide(provide_api, use_cache=True, sync_to_thread=False)},
         exception_handlers=exception_handlers(),
-        openapi_config=_openapi_config(),
+        openapi_config=_openapi_config(state),
         request_max_body_size=state.config.max_body_bytes,
         # Logging belongs to k2d.telemetry.logs; Litestar's default would reconfigure the root.
         logging_config=None,
@@ -56,8 +65,9 @@ def create_app(
     return app
 
 
-def _openapi_config() -> OpenAPIConfig:
-    """JSON only at /schema and /schema/openapi.json: the UIs load JavaScript from a CDN."""
+def _openapi_config(state: ApiState) -> OpenAPIConfig:
+    """JSON only at /schema and /schema/openapi.json (the UIs load JavaScript from a CDN),
+    with the constraints the server enforces written in (k2d/api/_contract.py)."""
     router = Router(
         SCHEMA_PATH,
         route_handlers=[],
@@ -68,7 +78,7 @@ def _openapi_config() -> OpenAPIConfig:
         title="k2d",
         version=__version__,
         description="Market data captured into Apache Iceberg: historical, recent and live.",
-        render_plugins=[JsonRenderPlugin()],
+        render_plugins=[ContractJsonRender(state)],
         openapi_router=router,
     )
 

@@ -1,4 +1,5 @@
-"""Operational endpoints: liveness, readiness, Prometheus metrics, stats, recent spans."""
+"""Operational endpoints: liveness, readiness and Prometheus metrics (open to anyone), and
+warehouse stats and recent spans (under /v1, behind the API keys and rate limits)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from litestar.openapi import ResponseSpec
 from litestar.params import Parameter
 from prometheus_client import generate_latest
 
+from k2d.api._access import access_responses
 from k2d.api._errors import ApiError, ErrorBody
 from k2d.api._state import ApiState, Readiness
+from k2d.query import QueryError, parse_integer
 
-__all__ = ["OPS_HANDLERS"]
+__all__ = ["OPS_HANDLERS", "V1_OPS_HANDLERS"]
 
 # Litestar appends "; charset=utf-8" to text/* media types.
 METRICS_MEDIA_TYPE = "text/plain; version=0.0.4"
@@ -86,40 +89,60 @@ def metrics(api: NamedDependency[ApiState]) -> Response[bytes]:
     return Response(generate_latest(api.metrics.registry), media_type=METRICS_MEDIA_TYPE)
 
 
-@get("/v1/stats", tags=["ops"])
+@get("/stats", tags=["ops"], responses=access_responses())
 async def stats(api: NamedDependency[ApiState]) -> StatsBody:
     """Warehouse statistics: tables, rows, snapshots, gaps."""
     return StatsBody(data=await api.stats(), meta=Meta(generated_at=utc_now_iso()))
 
 
 @get(
-    "/v1/traces",
+    "/traces",
     tags=["ops"],
     sync_to_thread=False,
-    responses={400: ResponseSpec(data_container=ErrorBody, description="Invalid limit")},
+    responses={
+        400: ResponseSpec(
+            data_container=ErrorBody,
+            description="Invalid limit",
+            generate_examples=False,
+        ),
+        **access_responses(),
+        503: ResponseSpec(
+            data_container=ErrorBody,
+            description="Tracing is not set up in this process",
+            generate_examples=False,
+        ),
+    },
 )
 def traces(
     api: NamedDependency[ApiState],
     limit: Annotated[
-        int | None,
-        Parameter(description="Spans to return, newest first (default 100, max the ring size)"),
+        str | None,
+        Parameter(
+            description="Spans to return, newest first (default 100, at most the ring size, "
+            "telemetry.span_ring_size)",
+        ),
     ] = None,
 ) -> TracesBody:
     """The most recent finished spans from the in-memory ring."""
+    try:
+        asked = parse_integer(limit, "limit")
+    except QueryError as exc:
+        raise ApiError(exc.status, exc.code, exc.detail) from None
     if api.tracing is None:
         raise ApiError(503, "tracing_disabled", "tracing is not set up in this process")
     ring = api.tracing.ring_size
-    if limit is None:
-        limit = min(_DEFAULT_TRACES, ring)
-    if not 1 <= limit <= ring:
+    n = min(_DEFAULT_TRACES, ring) if asked is None else asked
+    if not 1 <= n <= ring:
         raise ApiError(
             400,
             "invalid_parameter",
-            f"query parameter 'limit' must be between 1 and {ring}, got {limit}",
+            f"query parameter 'limit' must be between 1 and {ring}, got {n}",
         )
-    spans = api.tracing.recent_spans(limit)
-    meta = TracesMeta(generated_at=utc_now_iso(), count=len(spans), limit=limit, ring_size=ring)
+    spans = api.tracing.recent_spans(n)
+    meta = TracesMeta(generated_at=utc_now_iso(), count=len(spans), limit=n, ring_size=ring)
     return TracesBody(data=spans, meta=meta)
 
 
-OPS_HANDLERS = (health, ready, metrics, stats, traces)
+OPS_HANDLERS = (health, ready, metrics)
+# Mounted under /v1.
+V1_OPS_HANDLERS = (stats, traces)

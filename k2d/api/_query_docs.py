@@ -9,7 +9,9 @@ from typing import Annotated, Any
 import msgspec
 from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import Example, OpenAPIMediaType, OpenAPIType, Operation, Schema
+from msgspec import UNSET, UnsetType
 
+from k2d.api._access import access_responses
 from k2d.api._errors import ErrorBody
 from k2d.query import MEDIA_TYPES, Format
 
@@ -73,41 +75,45 @@ class Meta(msgspec.Struct):
     snapshots: dict[str, int | None] | None = None
 
 
-class TradeRow(msgspec.Struct):
-    message_id: str
-    trade_id: str
-    symbol: str
-    exchange: str
-    asset_class: str
-    timestamp: Ts
-    price: Dec
-    quantity: Dec
-    currency: str
-    side: str
-    trade_conditions: list[str] | None
-    source_sequence: int | None
-    ingestion_timestamp: Ts
-    platform_sequence: int
-    vendor_data: str | None
-    provenance: str
+class TradeRow(msgspec.Struct, kw_only=True):
+    """A row; `columns=` selects some fields, so every field may be absent."""
+
+    message_id: str | UnsetType = UNSET
+    trade_id: str | UnsetType = UNSET
+    symbol: str | UnsetType = UNSET
+    exchange: str | UnsetType = UNSET
+    asset_class: str | UnsetType = UNSET
+    timestamp: Ts | UnsetType = UNSET
+    price: Dec | UnsetType = UNSET
+    quantity: Dec | UnsetType = UNSET
+    currency: str | UnsetType = UNSET
+    side: str | UnsetType = UNSET
+    trade_conditions: list[str] | UnsetType | None = UNSET
+    source_sequence: int | UnsetType | None = UNSET
+    ingestion_timestamp: Ts | UnsetType = UNSET
+    platform_sequence: int | UnsetType = UNSET
+    vendor_data: str | UnsetType | None = UNSET
+    provenance: str | UnsetType = UNSET
 
 
-class QuoteRow(msgspec.Struct):
-    message_id: str
-    symbol: str
-    exchange: str
-    asset_class: str
-    timestamp: Ts
-    bid_price: Dec | None
-    bid_quantity: Dec | None
-    ask_price: Dec | None
-    ask_quantity: Dec | None
-    currency: str
-    source_sequence: int | None
-    ingestion_timestamp: Ts
-    platform_sequence: int
-    vendor_data: str | None
-    provenance: str
+class QuoteRow(msgspec.Struct, kw_only=True):
+    """A row; `columns=` selects some fields, so every field may be absent."""
+
+    message_id: str | UnsetType = UNSET
+    symbol: str | UnsetType = UNSET
+    exchange: str | UnsetType = UNSET
+    asset_class: str | UnsetType = UNSET
+    timestamp: Ts | UnsetType = UNSET
+    bid_price: Dec | UnsetType | None = UNSET
+    bid_quantity: Dec | UnsetType | None = UNSET
+    ask_price: Dec | UnsetType | None = UNSET
+    ask_quantity: Dec | UnsetType | None = UNSET
+    currency: str | UnsetType = UNSET
+    source_sequence: int | UnsetType | None = UNSET
+    ingestion_timestamp: Ts | UnsetType = UNSET
+    platform_sequence: int | UnsetType = UNSET
+    vendor_data: str | UnsetType | None = UNSET
+    provenance: str | UnsetType = UNSET
 
 
 class OhlcvBar(msgspec.Struct):
@@ -275,10 +281,6 @@ class TradesQuery(msgspec.Struct, forbid_unknown_fields=True):
 
 
 _ERRORS: dict[int, tuple[str, list[tuple[str, str]]]] = {
-    401: (
-        "No valid API key (when keys are configured)",
-        [("unauthorized", "a valid API key is required in the X-API-Key header")],
-    ),
     413: (
         "Request body over the limit",
         [("body_too_large", "request body is larger than the limit of 65536 bytes")],
@@ -287,7 +289,7 @@ _ERRORS: dict[int, tuple[str, list[tuple[str, str]]]] = {
         "Too many requests, or too many at once, for this client (see Retry-After)",
         [
             ("rate_limited", "too many requests; slow down"),
-            ("too_many_concurrent_queries", "at most 4 queries at once per client"),
+            ("too_many_concurrent_queries", "at most 2 queries at once per client"),
         ],
     ),
     503: (
@@ -316,10 +318,12 @@ def responses(
     example: dict[str, Any],
     bad_request: list[tuple[str, str]],
     *,
+    not_found: list[tuple[str, str]] | None = None,
     body: bool = False,
 ) -> dict[int, ResponseSpec]:
     """The documented responses of a tabular route: the page (JSON; CSV, Parquet and Arrow
-    are added by TabularOperation) and every error with its codes."""
+    are added by TabularOperation) and every error with its codes: 400 for a malformed
+    request, 404 (`not_found`) for a well-formed name of nothing stored."""
     out = {
         200: ResponseSpec(
             data_container=page,
@@ -334,7 +338,15 @@ def responses(
             examples=_examples(bad_request),
             generate_examples=False,
         ),
+        **access_responses(),
     }
+    if not_found:
+        out[404] = ResponseSpec(
+            data_container=ErrorBody,
+            description="A symbol, exchange or snapshot named that is not stored",
+            examples=_examples(not_found),
+            generate_examples=False,
+        )
     for status, (description, items) in _ERRORS.items():
         if status == 413 and not body:
             continue
@@ -344,7 +356,7 @@ def responses(
             examples=_examples(items),
             generate_examples=False,
         )
-    return out
+    return dict(sorted(out.items()))
 
 
 _BINARY = Schema(type=OpenAPIType.STRING, format="binary")  # type: ignore[arg-type]

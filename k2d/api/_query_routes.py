@@ -19,7 +19,7 @@ from litestar.openapi.spec import Example
 from litestar.params import JSONBody, Parameter, QueryParameter
 from litestar.response import Stream
 
-from k2d.api._access import AccessControl, client_key
+from k2d.api._access import client_key
 from k2d.api._errors import ApiError
 from k2d.api._query_docs import (
     CompletenessPage,
@@ -38,11 +38,11 @@ from k2d.api._state import ApiState
 from k2d.model import now_us
 from k2d.query import (
     BUCKETS,
+    GAP_KINDS,
     GAP_STATUSES,
     INTERVALS,
     TABLE_COLUMNS,
     CompletenessPlan,
-    Format,
     GapsPlan,
     OhlcvPlan,
     Plan,
@@ -60,44 +60,57 @@ from k2d.query import (
     parse_duration,
     parse_exchange,
     parse_exchanges,
+    parse_integer,
     parse_interval,
     parse_limit,
     parse_order,
     parse_snapshot,
+    parse_symbol,
     parse_symbols,
     parse_timezone,
     parse_window,
     split_values,
     trading_day,
 )
-from k2d.storage import QUOTES, TABLE_NAMES, TRADES
+from k2d.storage import QUOTES, TRADES
 
 __all__ = ["QUERY_HANDLERS", "query_router"]
 
 _DEFAULT_SPAN = 3_600.0
 _DEFAULT_COMPLETENESS_SPAN = 86_400.0
 _FUTURE_SLACK_US = 60_000_000
-_KINDS = ("gap", "outage")
 
 Symbols = Annotated[
     list[str] | None,
     Parameter(
-        description="Symbol(s): repeat the parameter or separate with commas",
+        description="Symbol(s): repeat the parameter (one symbol each; a comma-separated list "
+        "in one value is read too), at most query.max_symbols. Case-insensitive.",
         examples=[Example(summary="one symbol", value=["BTCUSDT"])],
+    ),
+]
+RequiredSymbols = Annotated[
+    list[str] | None,
+    Parameter(
+        description="Symbol(s), required: repeat the parameter (one symbol each), at most "
+        "query.max_symbols. Case-insensitive.",
+        examples=[Example(summary="one symbol", value=["BTCUSDT"])],
+        required=True,
     ),
 ]
 Exchanges = Annotated[
     list[str] | None,
     Parameter(
-        description="Exchange(s), e.g. BINANCE: repeat or separate with commas (default: all)",
+        description="Exchange(s), e.g. BINANCE: repeat the parameter (default: all)",
         examples=[Example(summary="Binance", value=["BINANCE"])],
     ),
 ]
 Start = Annotated[
     str | None,
     Parameter(
-        description="Window start, inclusive: ISO-8601 (naive = UTC) or epoch milliseconds "
-        "(below 10^14) or microseconds. Default: an hour before `end`.",
+        description="Window start, inclusive: ISO-8601 (a date, or a date and time with an "
+        "optional offset; naive = UTC) or epoch milliseconds (below 10^14) or microseconds, "
+        "from 1970 to 2200. Default: an hour before `end`. The window [start, end) must not "
+        "be empty or reversed, nor longer than query.max_window_seconds (400).",
         examples=[Example(summary="ISO-8601", value="2024-03-01T12:00:00Z")],
     ),
 ]
@@ -105,21 +118,24 @@ End = Annotated[
     str | None,
     Parameter(
         description="Window end, exclusive, in the same forms as `start`. Default: now.",
-        examples=[Example(summary="epoch milliseconds", value="1709294400000")],
+        examples=[Example(summary="epoch milliseconds", value="1709298000000")],
     ),
 ]
+# Integers are read as str and parsed by k2d.query (parse_integer): Litestar would take
+# `null`, `5.0` or `1e3` for one.
 Limit = Annotated[
-    int | None,
+    str | None,
     Parameter(
-        description="Rows per page (default QueryConfig.default_limit, at most max_rows)",
+        description="Rows per page (default query.default_limit, at most query.max_rows)",
         examples=[Example(summary="a page of 500", value=500)],
     ),
 ]
 Cursor = Annotated[
     str | None,
     Parameter(
-        description="`meta.next_cursor` (or X-K2D-Next-Cursor) of the previous page; it pins "
-        "the snapshot the first page read",
+        description="`meta.next_cursor` (or X-K2D-Next-Cursor) of the previous page of the "
+        "same query; it pins the snapshot the first page read. Any other value, or one whose "
+        "snapshot has since expired, is 400 invalid_cursor.",
     ),
 ]
 Order = Annotated[
@@ -127,18 +143,20 @@ Order = Annotated[
     Parameter(
         description="asc (default) or desc",
         examples=[Example(summary="newest first", value="desc")],
-        schema_extra={"enum": ["asc", "desc"]},
     ),
 ]
 AsOf = Annotated[
     str | None,
     Parameter(
-        description="Read the snapshot that was current at this time (same forms as `start`)",
+        description="Read the snapshot that was current at this time (same forms as `start`; "
+        "before the table's first snapshot it was empty, and so is the answer). Not with "
+        "`snapshot_id`.",
         examples=[Example(summary="time travel", value="2024-03-01T00:00:00Z")],
     ),
 ]
 SnapshotId = Annotated[
-    int | None, Parameter(description="Read this Iceberg snapshot (see /v1/snapshots)")
+    str | None,
+    Parameter(description="Read this Iceberg snapshot (see /v1/snapshots); 404 if unknown"),
 ]
 Fmt = Annotated[
     str | None,
@@ -146,20 +164,26 @@ Fmt = Annotated[
         name="format",
         description="json (default), csv, parquet or arrow (Arrow IPC stream); overrides Accept",
         examples=[Example(summary="CSV", value="csv")],
-        schema_extra={"enum": [f.value for f in Format]},
     ),
 ]
 
 _ROWS_400 = [
-    ("unknown_symbol", "unknown symbol 'NOPE'"),
+    ("invalid_symbol", "'BTC USDT' cannot be a symbol"),
     ("unknown_column", "unknown column 'nope'; expected some of message_id, ..."),
     ("limit_too_large", "limit 1000000 is above the maximum 100000"),
     ("window_too_large", "the window is 3e+06s; at most 2.6784e+06s may be asked for at once"),
-    ("invalid_time", "start: 'yesterday' is neither ISO-8601 nor epoch milliseconds/microseconds"),
+    ("invalid_time", "start: 'yesterday' is not ISO-8601 or epoch milliseconds/microseconds"),
     ("empty_window", "start equals end: the window holds no time"),
     ("reversed_window", "start is after end"),
     ("invalid_cursor", "cursor is malformed or belongs to another query"),
     ("unknown_format", "unknown format 'xml'; expected one of json, csv, parquet, arrow"),
+    ("conflicting_parameters", "give as_of or snapshot_id, not both"),
+    ("invalid_snapshot", "snapshot_id 99999999999999999999 is not a 64-bit integer"),
+    ("invalid_parameter", "query parameter 'limit': expected an integer, got '5.0'"),
+]
+_ROWS_404 = [
+    ("unknown_symbol", "unknown symbol 'NOPE'"),
+    ("unknown_exchange", "no trades from exchange 'KRAKEN'"),
     ("unknown_snapshot", "trades has no snapshot 42"),
 ]
 _GAP_EXAMPLE = {
@@ -217,6 +241,11 @@ def _as_api_errors() -> Iterator[None]:
         raise ApiError(exc.status, exc.code, exc.detail, exc.headers) from None
 
 
+def _int(value: int | str | None, name: str) -> int | None:
+    """A query parameter's integer (a JSON body's is one already)."""
+    return parse_integer(value, name) if isinstance(value, str) else value
+
+
 def _pool(api: ApiState) -> QueryService:
     if api.query_pool is None:
         raise ApiError(503, "query_unavailable", "the query pool is not running")
@@ -239,12 +268,12 @@ def _rows_plan(
     exchanges: Any,
     start: str | None,
     end: str | None,
-    limit: int | None,
+    limit: int | str | None,
     cursor: str | None,
     order: str | None,
     columns: Any,
     as_of: str | None,
-    snapshot_id: int | None,
+    snapshot_id: int | str | None,
 ) -> RowsPlan:
     cfg = _pool(api).cfg
     return RowsPlan(
@@ -259,10 +288,10 @@ def _rows_plan(
             default_seconds=_DEFAULT_SPAN,
             max_seconds=cfg.max_window_seconds,
         ),
-        limit=parse_limit(limit, cfg.default_limit, cfg.max_rows),
+        limit=parse_limit(_int(limit, "limit"), cfg.default_limit, cfg.max_rows),
         desc=parse_order(order),
         columns=parse_columns(columns, list(TABLE_COLUMNS[table])),
-        snapshot=parse_snapshot(as_of, snapshot_id),
+        snapshot=parse_snapshot(as_of, _int(snapshot_id, "snapshot_id")),
         cursor=cursor,
     )
 
@@ -270,7 +299,12 @@ def _rows_plan(
 @get(
     "/trades",
     operation_class=TabularOperation,
-    responses=responses(TradesPage, {"data": [_TRADE_EXAMPLE], "meta": _meta_example()}, _ROWS_400),
+    responses=responses(
+        TradesPage,
+        {"data": [_TRADE_EXAMPLE], "meta": _meta_example()},
+        _ROWS_400,
+        not_found=_ROWS_404,
+    ),
 )
 async def trades(
     api: NamedDependency[ApiState],
@@ -342,6 +376,7 @@ async def trades(
             "meta": _meta_example(table="quotes", gaps=[]),
         },
         _ROWS_400,
+        not_found=_ROWS_404,
     ),
 )
 async def quotes(
@@ -390,7 +425,11 @@ async def quotes(
     status_code=200,
     operation_class=TabularOperation,
     responses=responses(
-        TradesPage, {"data": [_TRADE_EXAMPLE], "meta": _meta_example()}, _ROWS_400, body=True
+        TradesPage,
+        {"data": [_TRADE_EXAMPLE], "meta": _meta_example()},
+        _ROWS_400,
+        not_found=_ROWS_404,
+        body=True,
     ),
 )
 async def trades_query(
@@ -434,19 +473,22 @@ async def trades_query(
         [
             ("missing_symbol", "symbol is required"),
             ("invalid_window", "window must look like 30s, 15m, 2h or 1d, got 'soon'"),
+            ("window_too_large", "window 40d is longer than 2.6784e+06s"),
             *_ROWS_400[:3],
         ],
+        not_found=_ROWS_404[:2],
     ),
 )
 async def recent_trades(
     api: NamedDependency[ApiState],
     request: Request[Any, Any, Any],
-    symbol: Symbols = None,
+    symbol: RequiredSymbols = None,
     exchange: Exchanges = None,
     window: Annotated[
         str | None,
         Parameter(
-            description="How far back from now: 30s, 15m (default), 2h, 1d",
+            description="How far back from now: 30s, 15m (default), 2h, 1d; at most "
+            "query.max_window_seconds",
             examples=[Example(summary="15 minutes", value="15m")],
         ),
     ] = None,
@@ -469,7 +511,7 @@ async def recent_trades(
             raise QueryError(400, "missing_symbol", "symbol is required")
         exchanges = parse_exchanges(exchange, cfg.max_symbols)
         span = parse_duration(window or "15m", cfg.max_window_seconds)
-        limit_rows = parse_limit(limit, cfg.default_limit, cfg.max_rows)
+        limit_rows = parse_limit(_int(limit, "limit"), cfg.default_limit, cfg.max_rows)
         desc = parse_order(order)
         cols = parse_columns(columns, list(TABLE_COLUMNS[TRADES]))
         try:
@@ -529,8 +571,10 @@ async def recent_trades(
         [
             ("unknown_interval", "unknown interval '2m'; expected one of 1s, 1m, 5m, 15m, 1h, 1d"),
             ("unknown_timezone", "unknown time zone 'Mars/Olympus'"),
+            ("missing_symbol", "symbol is required"),
             *_ROWS_400,
         ],
+        not_found=_ROWS_404,
     ),
 )
 async def ohlcv(
@@ -540,10 +584,9 @@ async def ohlcv(
         str,
         Parameter(
             description="Bar width: 1s, 1m, 5m, 15m, 1h or 1d",
-            schema_extra={"enum": list(INTERVALS)},
         ),
     ],
-    symbol: Symbols = None,
+    symbol: RequiredSymbols = None,
     exchange: Exchanges = None,
     start: Start = None,
     end: End = None,
@@ -551,7 +594,8 @@ async def ohlcv(
         str | None,
         Parameter(
             description="Align bars to this time zone's clock (default UTC): with "
-            "Australia/Sydney, 1d bars are Sydney calendar days",
+            "Australia/Sydney, 1d bars are Sydney calendar days. An IANA zone that both "
+            "Python's zoneinfo and DuckDB know; not the pseudo-zones Factory and localtime.",
             examples=[Example(summary="Sydney days", value="Australia/Sydney")],
         ),
     ] = None,
@@ -584,8 +628,8 @@ async def ohlcv(
                 max_seconds=cfg.max_window_seconds,
             ),
             tz=parse_timezone(tz),
-            limit=parse_limit(limit, cfg.default_limit, cfg.max_rows),
-            snapshot=parse_snapshot(as_of, snapshot_id),
+            limit=parse_limit(_int(limit, "limit"), cfg.default_limit, cfg.max_rows),
+            snapshot=parse_snapshot(as_of, _int(snapshot_id, "snapshot_id")),
             cursor=cursor,
         )
     return await _answer(api, request, plan, out)
@@ -617,8 +661,9 @@ async def ohlcv(
             },
         },
         [
-            ("unknown_exchange", "unknown exchange '??'"),
+            ("invalid_exchange", "'??' cannot be an exchange"),
             ("limit_too_large", "limit 1000000 is above the maximum 100000"),
+            *_ROWS_400[7:9],
         ],
     ),
 )
@@ -637,7 +682,7 @@ async def symbols(
         plan = SymbolsPlan(
             endpoint="symbols",
             exchanges=parse_exchanges(exchange, cfg.max_symbols),
-            limit=parse_limit(limit, cfg.default_limit, cfg.max_rows),
+            limit=parse_limit(_int(limit, "limit"), cfg.default_limit, cfg.max_rows),
             cursor=cursor,
         )
     return await _answer(api, request, plan, out)
@@ -674,7 +719,9 @@ async def symbols(
             (
                 "unknown_table",
                 "unknown table 'nope'; expected one of trades, quotes, sequence_events, ...",
-            )
+            ),
+            *_ROWS_400[2:3],
+            *_ROWS_400[7:9],
         ],
     ),
 )
@@ -686,7 +733,6 @@ async def snapshots(
         Parameter(
             description="trades, quotes, sequence_events or dead_letters",
             examples=[Example(summary="trades", value="trades")],
-            schema_extra={"enum": list(TABLE_NAMES)},
         ),
     ] = TRADES,
     limit: Limit = None,
@@ -701,7 +747,7 @@ async def snapshots(
         plan = SnapshotsPlan(
             endpoint="snapshots",
             table=table,
-            limit=parse_limit(limit, cfg.default_limit, cfg.max_rows),
+            limit=parse_limit(_int(limit, "limit"), cfg.default_limit, cfg.max_rows),
             cursor=cursor,
         )
     return await _answer(api, request, plan, out)
@@ -749,7 +795,13 @@ async def snapshots(
             ),
         },
         [
-            ("invalid_date", "date must be YYYY-MM-DD, got '2024-3-1'"),
+            ("invalid_date", "date must be YYYY-MM-DD between 1970 and 2199, got '2024-3-1'"),
+            ("invalid_exchange", "'N-Y' cannot be an exchange"),
+            ("invalid_symbol", "'BTC USDT' cannot be a symbol"),
+            *_ROWS_400[4:5],
+            *_ROWS_400[8:9],
+        ],
+        not_found=[
             ("unknown_exchange", "no trading calendar for 'NYSE'; known: BINANCE, ASX"),
             ("unknown_symbol", "unknown symbol 'NOPE' on BINANCE"),
         ],
@@ -758,9 +810,13 @@ async def snapshots(
 async def summary(
     api: NamedDependency[ApiState],
     request: Request[Any, Any, Any],
-    exchange: Annotated[str, Parameter(description="BINANCE (UTC days) or ASX (Sydney days)")],
+    exchange: Annotated[
+        str, Parameter(description="BINANCE (UTC days) or ASX (Sydney days); others are 404")
+    ],
     symbol: Annotated[str, Parameter(description="The symbol, e.g. BTCUSDT")],
-    date: Annotated[str, Parameter(description="The exchange's local trading day, YYYY-MM-DD")],
+    date: Annotated[
+        str, Parameter(description="The exchange's local trading day, YYYY-MM-DD (1970-2199)")
+    ],
     as_of: AsOf = None,
     fmt: Fmt = None,
 ) -> Stream:
@@ -770,7 +826,7 @@ async def summary(
     with _as_api_errors():
         out = negotiate_format(fmt, request.headers.get("accept"))
         ex = parse_exchange(exchange)
-        (sym,) = parse_symbols(symbol, 1) or ("",)
+        sym = parse_symbol(symbol)
         day = parse_date(date)
         tz_name, window = trading_day(ex, day)
         plan = SummaryPlan(
@@ -813,7 +869,9 @@ async def summary(
         },
         [
             ("invalid_status", "status must be some of open, backfilled, unrecoverable"),
-            *_ROWS_400[3:7],
+            ("invalid_kind", "kind must be gap and/or outage"),
+            *_ROWS_400[:1],
+            *_ROWS_400[2:9],
         ],
     ),
 )
@@ -856,7 +914,7 @@ async def gaps(
                 )
         kinds = tuple(split_values(kind))
         for k in kinds:
-            if k not in _KINDS:
+            if k not in GAP_KINDS:
                 raise QueryError(400, "invalid_kind", "kind must be gap and/or outage")
         window = None
         if start is not None or end is not None:
@@ -874,7 +932,7 @@ async def gaps(
             statuses=statuses,
             kinds=kinds,
             window=window,
-            limit=parse_limit(limit, cfg.default_limit, cfg.max_rows),
+            limit=parse_limit(_int(limit, "limit"), cfg.default_limit, cfg.max_rows),
             cursor=cursor,
         )
     return await _answer(api, request, plan, out)
@@ -906,9 +964,12 @@ async def gaps(
             ("missing_symbol", "symbol is required"),
             ("unknown_bucket", "unknown interval '5m'; expected one of 1h, 1d"),
             ("ambiguous_symbol", "X trades on ASX, BINANCE: give exchange"),
+            ("too_many_symbols", "2 symbols asked for; at most 1"),
             *_ROWS_400[:1],
             *_ROWS_400[3:7],
+            *_ROWS_400[8:9],
         ],
+        not_found=_ROWS_404[:2],
     ),
 )
 async def completeness(
@@ -917,8 +978,9 @@ async def completeness(
     symbol: Annotated[
         str | None,
         Parameter(
-            description="The symbol (required)",
+            description="The symbol (one; required)",
             examples=[Example(summary="BTCUSDT", value="BTCUSDT")],
+            required=True,
         ),
     ] = None,
     exchange: Annotated[
@@ -931,9 +993,7 @@ async def completeness(
     end: End = None,
     bucket: Annotated[
         str,
-        Parameter(
-            description="1h (default) or 1d, aligned to UTC", schema_extra={"enum": list(BUCKETS)}
-        ),
+        Parameter(description="1h (default) or 1d, aligned to UTC"),
     ] = "1h",
     as_of: AsOf = None,
     fmt: Fmt = None,
@@ -978,11 +1038,6 @@ QUERY_HANDLERS = (
 )
 
 
-def query_router(state: ApiState) -> Router:
-    """The /v1 query routes behind API keys, rate limits and CORS (pass to create_app)."""
-    return Router(
-        "/v1",
-        route_handlers=list(QUERY_HANDLERS),
-        middleware=[AccessControl(state.config)],
-        tags=["query"],
-    )
+def query_router() -> Router:
+    """The query routes, to be mounted under the /v1 router (keys, rate limits, CORS)."""
+    return Router("/", route_handlers=list(QUERY_HANDLERS), tags=["query"])

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from k2d.query._cursor import decode_cursor, encode_cursor
+from k2d.query._cursor import TIMESTAMP_US, KeyBounds, decode_cursor, encode_cursor
 from k2d.query._errors import QueryError
 from k2d.query._params import MEDIA_TYPES, Format, SnapshotSel
 from k2d.query._render import JSON_ROW, Column, Kind, column_expr, ident, json_row_expr, new_writer
@@ -62,6 +62,11 @@ class Key:
     @property
     def py_type(self) -> type:
         return str if self.kind is Kind.STRING else int
+
+    @property
+    def bounds(self) -> KeyBounds:
+        """The type and range a cursor's value for this column must have."""
+        return self.py_type, TIMESTAMP_US if self.kind is Kind.TIMESTAMP else None
 
     def select(self) -> str:
         ref = ident(self.name)
@@ -129,7 +134,18 @@ class PlanContext:
         """The files of the snapshot to read: the one a cursor pinned, else the selected."""
         self.check_deadline()
         if pinned and table in pinned:
-            sel = SnapshotSel(snapshot_id=pinned[table])
+            try:
+                return self.index.files(table, SnapshotSel(snapshot_id=pinned[table]), self.cursor)
+            except QueryError as exc:
+                if exc.code != "unknown_snapshot":
+                    raise
+                # Forged, or expired by maintenance since the first page was read.
+                raise QueryError(
+                    400,
+                    "invalid_cursor",
+                    f"the {table} snapshot this cursor pinned is not there (expired?); "
+                    "start again without a cursor",
+                ) from None
         return self.index.files(table, sel, self.cursor)
 
     def decode_cursor(
@@ -138,7 +154,7 @@ class PlanContext:
         """(pinned snapshots, key values) of a cursor; empty for the first page."""
         if text is None:
             return {}, None
-        data = decode_cursor(text, fp, [k.py_type for k in keys])
+        data = decode_cursor(text, fp, [k.bounds for k in keys])
         return data.snapshots, data.key
 
 

@@ -177,24 +177,24 @@ class FileIndex:
         if sel.current:
             return current
         metadata = current.metadata
-        if metadata is None:
-            raise QueryError(400, "unknown_snapshot", f"{table} has no snapshots")
-        snapshot: Snapshot | None
+        snapshot: Snapshot | None = None
         if sel.snapshot_id is not None:
-            snapshot = metadata.metadata.snapshot_by_id(sel.snapshot_id)
+            if metadata is not None:
+                snapshot = metadata.metadata.snapshot_by_id(sel.snapshot_id)
             if snapshot is None:
                 raise QueryError(
-                    400, "unknown_snapshot", f"{table} has no snapshot {sel.snapshot_id}"
+                    404, "unknown_snapshot", f"{table} has no snapshot {sel.snapshot_id}"
                 )
         else:
             assert sel.as_of_us is not None
-            snapshot = metadata.snapshot_as_of_timestamp(sel.as_of_us // 1_000)
+            if metadata is not None:
+                snapshot = metadata.snapshot_as_of_timestamp(sel.as_of_us // 1_000)
             if snapshot is None:
-                raise QueryError(
-                    400, "unknown_snapshot", f"{table} had no snapshot at the as_of time"
-                )
+                # Before the first commit the table was empty: that is the answer.
+                return TableFiles(table, None, None, (), metadata)
         if snapshot.snapshot_id == current.snapshot_id:
             return current
+        assert metadata is not None
         key = (table, snapshot.snapshot_id)
         with self._lock:
             cached = self._planned.get(key)

@@ -71,7 +71,9 @@ def read_events(cursor: duckdb.DuckDBPyConnection, paths: Sequence[str]) -> list
 
 class Ledger:
     """Latest row per gap/outage event. Immutable; `merged` builds the next version. The span
-    cache is shared between versions and safe to use from several threads."""
+    cache is shared between versions and safe to use from several threads; it holds spans of
+    the latest version's events only (and of events a query on an older version resolves
+    meanwhile, until the next merge), so it is bounded as the ledger is."""
 
     def __init__(
         self,
@@ -100,9 +102,23 @@ class Ledger:
             order = sorted(events.values(), key=lambda e: (e.status == "open", e.recorded_at))
             drop = len(events) - self.max_events
             log.warning("ledger over %d events: forgetting the %d oldest", self.max_events, drop)
-            for e in order[:drop]:
-                del events[e.event_id]
+            with self._spans_lock:
+                for e in order[:drop]:
+                    del events[e.event_id]
+                    self._spans.pop(e.event_id, None)
+        with self._spans_lock:
+            # Spans are cached for events only, so more spans than events means some belong
+            # to events forgotten while a query on an older version resolved them.
+            if len(self._spans) > len(events):
+                for event_id in [k for k in self._spans if k not in events]:
+                    del self._spans[event_id]
         return Ledger(events, self.max_events, spans=self._spans, spans_lock=self._spans_lock)
+
+    @property
+    def cached_spans(self) -> int:
+        """How many gap spans the cache holds."""
+        with self._spans_lock:
+            return len(self._spans)
 
     def select(
         self,

@@ -1,7 +1,12 @@
 """Parsing and validating request parameters: times, windows, lists, limits, formats, intervals.
 
-Every check raises QueryError(400, code, detail) with a stable code. Nothing here touches SQL:
-the values produced are bound as parameters, the identifiers come from allow-lists.
+Every check raises QueryError(status, code, detail) with a stable code: 400 for a value that
+is malformed, 404 for a well-formed name that names nothing. Nothing here touches SQL: the
+values produced are bound as parameters, the identifiers come from allow-lists.
+
+The syntax of each value is a regular expression (ECMA-262 compatible, anchored) that the
+server matches and the OpenAPI document states (k2d/api/_contract.py), so that the document
+admits exactly what the server accepts.
 """
 
 from __future__ import annotations
@@ -14,32 +19,50 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from functools import cache
 
+import duckdb
+
 from k2d.query._errors import QueryError
 
 __all__ = [
     "BUCKETS",
+    "CURSOR_PATTERN",
+    "DATE_PATTERN",
+    "EXCHANGE_SYNTAX",
     "EXCHANGE_TIMEZONES",
     "INTERVALS",
+    "MAX_EPOCH_MS",
+    "MAX_US",
     "MEDIA_TYPES",
+    "MIN_EPOCH_US",
+    "SYMBOL_SYNTAX",
+    "TIME_PATTERN",
     "Format",
     "Interval",
     "SnapshotSel",
     "Window",
+    "duration_pattern",
+    "exchange_pattern",
+    "int_range_pattern",
+    "name_list_pattern",
     "negotiate_format",
     "parse_columns",
     "parse_date",
     "parse_duration",
     "parse_exchange",
     "parse_exchanges",
+    "parse_integer",
     "parse_interval",
     "parse_limit",
     "parse_order",
     "parse_snapshot",
+    "parse_symbol",
     "parse_symbols",
     "parse_time",
     "parse_timezone",
     "parse_window",
     "split_values",
+    "symbol_pattern",
+    "timezones",
     "trading_day",
 ]
 
@@ -47,18 +70,124 @@ US = 1_000_000
 DAY_US = 86_400 * US
 # Epoch integers below this are milliseconds, at or above it microseconds: 10^14 ms is the
 # year 5138 and 10^14 us is 1973, so every plausible market timestamp reads one way only.
-_MS_BELOW = 10**14
-_MAX_US = 7_258_118_400 * US  # 2200-01-01T00:00:00Z
+MIN_EPOCH_US = 10**14
+MAX_US = 7_258_118_400 * US  # 2200-01-01T00:00:00Z: times are in [1970, 2200)
+MAX_EPOCH_MS = (MAX_US - 1) // 1_000
+INT64 = (-(2**63), 2**63 - 1)
 _MAX_TEXT = 64
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_DIGITS = re.compile(r"^[0-9]{1,19}$")
-_SYMBOL = re.compile(r"^[A-Z0-9][A-Z0-9._:/-]{0,31}$")
-_EXCHANGE = re.compile(r"^[A-Z][A-Z0-9_]{0,15}$")
 _DURATION = re.compile(r"^([1-9][0-9]{0,6})(s|m|h|d)$")
 _UNIT_US = {"s": US, "m": 60 * US, "h": 3_600 * US, "d": DAY_US}
+# A name that is not a zone of any place: time zone alignment to it would be UTC renamed.
+_PSEUDO_ZONES = frozenset({"Factory", "localtime", "posixrules"})
 
 # The trading day of an exchange is its local calendar day.
 EXCHANGE_TIMEZONES: dict[str, str] = {"BINANCE": "UTC", "ASX": "Australia/Sydney"}
+
+
+def int_range_pattern(lo: int, hi: int) -> str:
+    """A regular expression (no anchors) for the decimal integers lo..hi, no leading zeros."""
+    if not 0 <= lo <= hi:
+        raise ValueError(f"need 0 <= lo <= hi, got {lo}..{hi}")
+    parts: list[str] = []
+    while lo <= hi:
+        top = min(hi, 10 ** len(str(lo)) - 1)
+        parts.extend(_same_length(str(lo), str(top)))
+        lo = top + 1
+    return "(?:" + "|".join(parts) + ")"
+
+
+def _same_length(a: str, b: str) -> list[str]:
+    """Patterns for the digit strings a..b, both of one length."""
+    if a == b:
+        return [a]
+    i = 0
+    while a[i] == b[i]:
+        i += 1
+    prefix, a, b = a[:i], a[i:], b[i:]
+    rest = len(a) - 1
+    if rest == 0:
+        return [f"{prefix}[{a}-{b}]"]
+    tail = f"[0-9]{{{rest}}}"
+    low_full, high_full = a[1:] == "0" * rest, b[1:] == "9" * rest
+    out = []
+    first_lo, first_hi = int(a[0]), int(b[0])
+    if not low_full:
+        out += [prefix + a[0] + p for p in _same_length(a[1:], "9" * rest)]
+        first_lo += 1
+    if not high_full:
+        first_hi -= 1
+    if first_lo <= first_hi:
+        digit = str(first_lo) if first_lo == first_hi else f"[{first_lo}-{first_hi}]"
+        out.append(prefix + digit + tail)
+    if not high_full:
+        out += [prefix + b[0] + p for p in _same_length("0" * rest, b[1:])]
+    return out
+
+
+_YEAR = "(?:19[7-9][0-9]|2[01][0-9]{2})"
+# Divisible by 4, and 2100 is not a leap year.
+_LEAP_YEAR = (
+    "(?:19(?:7[26]|8[048]|9[26])"
+    "|20(?:[02468][048]|[13579][26])"
+    "|21(?:0[48]|[2468][048]|[13579][26]))"
+)
+_MONTH_DAY = (
+    "(?:(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])"
+    "|(?:0[13-9]|1[0-2])-(?:29|30)"
+    "|(?:0[13578]|1[02])-31)"
+)
+_DATE = f"(?:{_YEAR}-{_MONTH_DAY}|{_LEAP_YEAR}-02-29)"
+_CLOCK = "(?:[01][0-9]|2[0-3]):[0-5][0-9](?::[0-5][0-9](?:[.][0-9]{1,6})?)?"
+_OFFSET = "(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+_ISO = f"{_DATE}(?:[T ]{_CLOCK}{_OFFSET}?)?"
+_EPOCH_MS = int_range_pattern(0, MAX_EPOCH_MS)
+_EPOCH_US = int_range_pattern(MIN_EPOCH_US, MAX_US - 1)
+# A calendar date from 1970 to 2199, leap days included.
+DATE_PATTERN = f"^{_DATE}$"
+# ISO-8601 (a date, or a date and a time with an optional offset; naive is UTC) or epoch
+# milliseconds / microseconds, from 1970 to 2200, spaces around allowed.
+TIME_PATTERN = f"^ *(?:{_EPOCH_MS}|{_EPOCH_US}|{_ISO}) *$"
+# Opaque base64url, as the server issues it.
+CURSOR_PATTERN = "^[A-Za-z0-9_-]{1,2048}$"
+# One symbol, one exchange (not anchored); upper-cased once accepted.
+SYMBOL_SYNTAX = "[A-Za-z0-9][A-Za-z0-9._:/-]{0,31}"
+EXCHANGE_SYNTAX = "[A-Za-z][A-Za-z0-9_]{0,15}"
+_TIME_RE = re.compile(TIME_PATTERN)
+_DATE_RE = re.compile(DATE_PATTERN)
+_SYMBOL_RE = re.compile(SYMBOL_SYNTAX)
+_EXCHANGE_RE = re.compile(EXCHANGE_SYNTAX)
+_DIGITS = re.compile("[0-9]+")
+_INTEGER = re.compile("-?(?:0|[1-9][0-9]{0,19})")
+
+
+def symbol_pattern(*, required: bool = False) -> str:
+    """One symbol per value, with spaces and commas around it (none when not `required`)."""
+    body = SYMBOL_SYNTAX
+    return f"^[ ,]*{body}[ ,]*$" if required else f"^[ ,]*(?:{body})?[ ,]*$"
+
+
+def exchange_pattern(*, listed: bool = True) -> str:
+    """One exchange per value (a list parameter allows commas around it)."""
+    body = EXCHANGE_SYNTAX
+    return f"^[ ,]*(?:{body})?[ ,]*$" if listed else f"^ *{body} *$"
+
+
+def name_list_pattern(names: Iterable[str]) -> str:
+    """Names from an allow-list, comma-separated, spaces and empty items allowed."""
+    name = "(?:" + "|".join(re.escape(n) for n in names) + ")"
+    return f"^[ ,]*(?:{name}(?: *,[ ,]*{name})*)?[ ,]*$"
+
+
+def duration_pattern(max_seconds: float) -> str:
+    """`30s`, `15m`, `2h`, `1d`: the ones parse_duration accepts under `max_seconds`."""
+    limit = int(max_seconds * US)
+    units = []
+    for unit, unit_us in _UNIT_US.items():
+        top = min(9_999_999, limit // unit_us)
+        if top >= 1:
+            units.append(f"{int_range_pattern(1, top)}{unit}")
+    return "^ *(?:" + "|".join(units or [r"[^\s\S]"]) + ") *$"
 
 
 def _echo(text: str) -> str:
@@ -67,31 +196,24 @@ def _echo(text: str) -> str:
 
 def parse_time(text: str, name: str) -> int:
     """ISO-8601 (naive means UTC; a date alone is its midnight UTC) or epoch milliseconds or
-    microseconds (integers below 10^14 are milliseconds), as UTC microseconds."""
-    value = text.strip()
-    if not value or len(value) > _MAX_TEXT:
-        raise QueryError(400, "invalid_time", f"{name}: expected ISO-8601 or epoch ms/us")
-    if _DIGITS.match(value):
+    microseconds (integers below 10^14 are milliseconds), from 1970 to 2200, as UTC
+    microseconds. An offset that carries a time just past either end is clamped to it."""
+    if not _TIME_RE.fullmatch(text):
+        raise QueryError(
+            400,
+            "invalid_time",
+            f"{name}: {_echo(text)!r} is not ISO-8601 or epoch milliseconds/microseconds "
+            "between 1970 and 2200",
+        )
+    value = text.strip(" ")
+    if _DIGITS.fullmatch(value):
         number = int(value)
-        us = number * 1_000 if number < _MS_BELOW else number
-    else:
-        try:
-            when = datetime.fromisoformat(value)
-        except ValueError:
-            raise QueryError(
-                400,
-                "invalid_time",
-                f"{name}: {_echo(value)!r} is neither ISO-8601 nor epoch milliseconds/microseconds",
-            ) from None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        try:
-            us = (when - _EPOCH) // timedelta(microseconds=1)
-        except OverflowError:
-            us = -1
-    if not 0 <= us < _MAX_US:
-        raise QueryError(400, "invalid_time", f"{name}: must be between 1970 and 2200")
-    return us
+        return number * 1_000 if number < MIN_EPOCH_US else number
+    when = datetime.fromisoformat(value)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    us = (when - _EPOCH) // timedelta(microseconds=1)
+    return min(max(us, 0), MAX_US - 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,8 +259,8 @@ def check_window(window: Window, max_seconds: float) -> Window:
 
 
 def split_values(values: Iterable[str] | str | None) -> list[str]:
-    """Repeated and comma-separated values as one list: stripped, empties dropped, in order,
-    each once."""
+    """Repeated and comma-separated values as one list: spaces stripped, empties dropped, in
+    order, each once."""
     if values is None:
         return []
     if isinstance(values, str):
@@ -146,39 +268,57 @@ def split_values(values: Iterable[str] | str | None) -> list[str]:
     out: dict[str, None] = {}
     for value in values:
         for part in value.split(","):
-            part = part.strip()
+            part = part.strip(" ")
             if part:
                 out.setdefault(part, None)
     return list(out)
 
 
+def _values(values: Iterable[str] | str | None, max_count: int, code: str) -> list[str]:
+    """The values of a repeated parameter, at most `max_count` of them (the OpenAPI document
+    bounds the repeats; the items they name are counted again after splitting)."""
+    given = [values] if isinstance(values, str) else list(values or ())
+    if len(given) > max_count:
+        raise QueryError(400, code, f"{len(given)} values given; at most {max_count}")
+    return given
+
+
+def parse_symbol(value: str) -> str:
+    """Exactly one symbol (a path segment), upper-cased."""
+    if not _SYMBOL_RE.fullmatch(value):
+        raise QueryError(400, "invalid_symbol", f"{_echo(value)!r} cannot be a symbol")
+    return value.upper()
+
+
 def parse_symbols(values: Iterable[str] | str | None, max_count: int) -> tuple[str, ...]:
-    """Upper-cased symbols; one that cannot be a symbol at all is simply unknown."""
-    symbols = list(dict.fromkeys(s.upper() for s in split_values(values)))
+    """Upper-cased symbols, each once; whether they are stored is the plan's question."""
+    symbols: dict[str, None] = {}
+    for s in split_values(_values(values, max_count, "too_many_symbols")):
+        if not _SYMBOL_RE.fullmatch(s):
+            raise QueryError(400, "invalid_symbol", f"{_echo(s)!r} cannot be a symbol")
+        symbols.setdefault(s.upper(), None)
     if len(symbols) > max_count:
         raise QueryError(
             400, "too_many_symbols", f"{len(symbols)} symbols asked for; at most {max_count}"
         )
-    for s in symbols:
-        if not _SYMBOL.match(s):
-            raise QueryError(400, "unknown_symbol", f"unknown symbol {_echo(s)!r}")
     return tuple(symbols)
 
 
 def parse_exchange(value: str) -> str:
-    exchange = value.strip().upper()
-    if not _EXCHANGE.match(exchange):
-        raise QueryError(400, "unknown_exchange", f"unknown exchange {_echo(value)!r}")
-    return exchange
+    exchange = value.strip(" ")
+    if not _EXCHANGE_RE.fullmatch(exchange):
+        raise QueryError(400, "invalid_exchange", f"{_echo(value)!r} cannot be an exchange")
+    return exchange.upper()
 
 
 def parse_exchanges(values: Iterable[str] | str | None, max_count: int) -> tuple[str, ...]:
-    exchanges = split_values(values)
+    given = split_values(_values(values, max_count, "too_many_exchanges"))
+    exchanges = tuple(dict.fromkeys(parse_exchange(e) for e in given))
     if len(exchanges) > max_count:
         raise QueryError(
             400, "too_many_exchanges", f"{len(exchanges)} exchanges asked for; at most {max_count}"
         )
-    return tuple(dict.fromkeys(parse_exchange(e) for e in exchanges))
+    return exchanges
 
 
 def parse_columns(values: Iterable[str] | str | None, allowed: Sequence[str]) -> tuple[str, ...]:
@@ -195,6 +335,20 @@ def parse_columns(values: Iterable[str] | str | None, allowed: Sequence[str]) ->
                 f"unknown column {_echo(name)!r}; expected some of {', '.join(allowed)}",
             )
     return tuple(asked)
+
+
+def parse_integer(text: str | None, name: str) -> int | None:
+    """A query parameter that is an integer, written as JSON writes one (no `null`, `5.0`,
+    `1e3` or leading zeros, which a lenient parser would take)."""
+    if text is None:
+        return None
+    if not _INTEGER.fullmatch(text):
+        raise QueryError(
+            400,
+            "invalid_parameter",
+            f"query parameter {name!r}: expected an integer, got {_echo(text)!r}",
+        )
+    return int(text)
 
 
 def parse_limit(value: int | None, default: int, max_rows: int) -> int:
@@ -252,21 +406,31 @@ def parse_interval(
 
 
 @cache
-def _zones() -> frozenset[str]:
-    return frozenset(zoneinfo.available_timezones()) | {"UTC"}
+def timezones() -> tuple[str, ...]:
+    """The zones bars can be aligned to: those both zoneinfo and DuckDB know by that name,
+    less the pseudo-zones (`Factory` means "no zone set"; `localtime` is this host's)."""
+    with duckdb.connect() as db:
+        duck = {row[0] for row in db.execute("SELECT name FROM pg_timezone_names()").fetchall()}
+    both = (zoneinfo.available_timezones() | {"UTC"}) & duck
+    return tuple(sorted(both - _PSEUDO_ZONES))
+
+
+@cache
+def _zone_set() -> frozenset[str]:
+    return frozenset(timezones())
 
 
 def parse_timezone(value: str | None) -> str:
     if value is None or value == "UTC":
         return "UTC"
-    if value not in _zones():
+    if value not in _zone_set():
         raise QueryError(400, "unknown_timezone", f"unknown time zone {_echo(value)!r}")
     return value
 
 
 def parse_duration(value: str, max_seconds: float) -> int:
-    """`30s`, `15m`, `2h`, `1d` as microseconds."""
-    m = _DURATION.match(value.strip())
+    """`30s`, `15m`, `2h`, `1d` as microseconds (duration_pattern states the same)."""
+    m = _DURATION.fullmatch(value.strip(" "))
     if m is None:
         raise QueryError(
             400, "invalid_window", f"window must look like 30s, 15m, 2h or 1d, got {_echo(value)!r}"
@@ -278,22 +442,22 @@ def parse_duration(value: str, max_seconds: float) -> int:
 
 
 def parse_date(value: str) -> date:
-    try:
-        if len(value) != 10:
-            raise ValueError
-        return date.fromisoformat(value)
-    except ValueError:
+    if not _DATE_RE.fullmatch(value):
         raise QueryError(
-            400, "invalid_date", f"date must be YYYY-MM-DD, got {_echo(value)!r}"
-        ) from None
+            400,
+            "invalid_date",
+            f"date must be YYYY-MM-DD between 1970 and 2199, got {_echo(value)!r}",
+        )
+    return date.fromisoformat(value)
 
 
 def trading_day(exchange: str, day: date) -> tuple[str, Window]:
-    """The exchange's time zone and its local calendar day as a UTC window."""
+    """The exchange's time zone and its local calendar day as a UTC window (the part of it
+    from 1970 on)."""
     tz_name = EXCHANGE_TIMEZONES.get(exchange)
     if tz_name is None:
         raise QueryError(
-            400,
+            404,
             "unknown_exchange",
             f"no trading calendar for {_echo(exchange)!r}; known: {', '.join(EXCHANGE_TIMEZONES)}",
         )
@@ -302,9 +466,9 @@ def trading_day(exchange: str, day: date) -> tuple[str, Window]:
     nxt = day + timedelta(days=1)
     end = datetime(nxt.year, nxt.month, nxt.day, tzinfo=tz)
     to_us = timedelta(microseconds=1)
-    window = Window((start - _EPOCH) // to_us, (end - _EPOCH) // to_us)
-    if not 0 <= window.start < _MAX_US:
-        raise QueryError(400, "invalid_date", "date must be between 1970 and 2200")
+    window = Window(max(0, (start - _EPOCH) // to_us), (end - _EPOCH) // to_us)
+    if not (window.end > 0 and window.start < MAX_US):
+        raise QueryError(400, "invalid_date", "date must be between 1970 and 2199")
     return tz_name, window
 
 
@@ -325,8 +489,10 @@ def parse_snapshot(as_of: str | None, snapshot_id: int | None) -> SnapshotSel:
     if as_of is not None and snapshot_id is not None:
         raise QueryError(400, "conflicting_parameters", "give as_of or snapshot_id, not both")
     if snapshot_id is not None:
-        if not -(2**63) <= snapshot_id < 2**63:
-            raise QueryError(400, "unknown_snapshot", f"no snapshot {snapshot_id}")
+        if not INT64[0] <= snapshot_id <= INT64[1]:
+            raise QueryError(
+                400, "invalid_snapshot", f"snapshot_id {snapshot_id} is not a 64-bit integer"
+            )
         return SnapshotSel(snapshot_id=snapshot_id)
     if as_of is not None:
         return SnapshotSel(as_of_us=parse_time(as_of, "as_of"))
@@ -359,10 +525,11 @@ _ACCEPT: dict[str, Format] = {
 
 
 def negotiate_format(param: str | None, accept: str | None) -> Format:
-    """`format=` wins; otherwise the Accept type with the highest q we serve; else JSON."""
+    """`format=` (exactly one of the names) wins; otherwise the Accept type with the highest
+    q we serve; else JSON."""
     if param is not None:
         try:
-            return Format(param.strip().lower())
+            return Format(param)
         except ValueError:
             raise QueryError(
                 400,

@@ -110,13 +110,13 @@ def _known_keys(
     symbols: Sequence[str],
     extra: Iterable[SymbolKey] = (),
 ) -> list[SymbolKey] | None:
-    """The (exchange, symbol) pairs asked for (None: all), refusing unknown ones."""
+    """The (exchange, symbol) pairs asked for (None: all); one not stored is 404."""
     current = ctx.index.current(table)
     known = set(files.symbol_stats) | set(current.symbol_stats) | set(extra)
     known_exchanges = {k[0] for k in known}
     for ex in exchanges:
         if ex not in known_exchanges:
-            raise QueryError(400, "unknown_exchange", f"no {table} from exchange {ex!r}")
+            raise QueryError(404, "unknown_exchange", f"no {table} from exchange {ex!r}")
     if not symbols:
         return None
     out = []
@@ -124,7 +124,7 @@ def _known_keys(
         matches = [k for k in known if k[1] == s and (not exchanges or k[0] in exchanges)]
         if not matches:
             where = f" on {', '.join(exchanges)}" if exchanges else ""
-            raise QueryError(400, "unknown_symbol", f"unknown symbol {s!r}{where}")
+            raise QueryError(404, "unknown_symbol", f"unknown symbol {s!r}{where}")
         out.extend(matches)
     return out
 
@@ -554,7 +554,7 @@ class SummaryPlan:
         )
         if key not in known:
             raise QueryError(
-                400, "unknown_symbol", f"unknown symbol {self.symbol!r} on {self.exchange}"
+                404, "unknown_symbol", f"unknown symbol {self.symbol!r} on {self.exchange}"
             )
         relations: dict[str, pa.Table] = {}
         where, values = _time_filter(self.window)

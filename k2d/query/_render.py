@@ -58,7 +58,7 @@ class Column:
 
 def ident(name: str) -> str:
     """A quoted identifier. Names come from allow-lists; the check keeps it that way."""
-    if not _IDENT.match(name):
+    if not _IDENT.fullmatch(name):
         raise ValueError(f"not an allow-listed identifier: {name!r}")
     return f'"{name}"'
 

@@ -306,3 +306,14 @@ async def test_port_in_use_fails_run_instead_of_exiting() -> None:
             async with anyio.create_task_group() as tg:
                 await tg.start(server.run)
     assert info.group_contains(RuntimeError, match="failed to start")
+
+
+def test_keys_in_the_config_must_be_sha256_digests() -> None:
+    from k2d.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={}, overrides={"api": {"admin_api_keys": ["s3cret"]}})
+    assert info.value.problems == ["api: admin_api_keys.0: not a lower-case sha256 hex digest"]
+    digest = "ab" * 32
+    cfg = load_config(environ={}, overrides={"api": {"admin_api_keys": [digest]}})
+    assert cfg.api.admin_api_keys == (digest,) and cfg.api.api_keys == ()

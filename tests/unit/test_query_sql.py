@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import io
 import json
+import random
+import re
 import time
+from datetime import date, timedelta
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -17,7 +21,10 @@ from hypothesis import strategies as st
 
 from k2d.config import QueryConfig
 from k2d.query import (
+    DATE_PATTERN,
     INTERVALS,
+    MAX_US,
+    TIME_PATTERN,
     Column,
     FileEntry,
     Format,
@@ -33,19 +40,25 @@ from k2d.query import (
     TableFiles,
     Window,
     decode_cursor,
+    duration_pattern,
     encode_cursor,
+    int_range_pattern,
     negotiate_format,
     open_database,
     parse_columns,
+    parse_date,
     parse_duration,
+    parse_integer,
     parse_limit,
     parse_order,
     parse_symbols,
     parse_time,
     parse_timezone,
     parse_window,
+    timezones,
     trading_day,
 )
+from k2d.query._cursor import TIMESTAMP_US
 from k2d.query._plans import TABLE_COLUMNS, _needs_dedupe
 from k2d.query._render import column_expr, ident, json_row_expr, new_writer
 
@@ -54,10 +67,10 @@ S = 1_000_000
 DAY_US = 86_400 * S
 
 
-def code_of(fn: Any, *args: Any, **kw: Any) -> str:
+def code_of(fn: Any, *args: Any, status: int = 400, **kw: Any) -> str:
     with pytest.raises(QueryError) as info:
         fn(*args, **kw)
-    assert info.value.status == 400
+    assert info.value.status == status
     return info.value.code
 
 
@@ -101,7 +114,11 @@ def test_windows_default_and_refuse_empty_reversed_and_large() -> None:
 def test_lists_limits_orders_and_allow_lists() -> None:
     assert parse_symbols(["btcusdt,ETHUSDT", "BTCUSDT", " "], 10) == ("BTCUSDT", "ETHUSDT")
     assert code_of(parse_symbols, ["A", "B", "C"], 2) == "too_many_symbols"
-    assert code_of(parse_symbols, ["BTC' OR 1=1"], 2) == "unknown_symbol"
+    assert code_of(parse_symbols, ["A,B,C"], 2) == "too_many_symbols"
+    # Repeats count too (the OpenAPI document bounds them), even empty ones.
+    assert code_of(parse_symbols, [""] * 3, 2) == "too_many_symbols"
+    assert code_of(parse_symbols, ["BTC' OR 1=1"], 2) == "invalid_symbol"
+    assert code_of(parse_symbols, ["\u00df"], 2) == "invalid_symbol"  # upper() would be "SS"
     allowed = list(TABLE_COLUMNS["trades"])
     assert parse_columns(None, allowed) == tuple(allowed)
     assert parse_columns(["price,symbol"], allowed) == ("price", "symbol")
@@ -120,7 +137,9 @@ def test_lists_limits_orders_and_allow_lists() -> None:
 
 def test_format_from_parameter_then_accept() -> None:
     assert negotiate_format(None, None) is Format.JSON
-    assert negotiate_format("CSV", "application/json") is Format.CSV
+    assert negotiate_format("csv", "application/json") is Format.CSV
+    # The names exactly, as the OpenAPI document lists them.
+    assert code_of(negotiate_format, "CSV", None) == "unknown_format"
     assert (
         negotiate_format(None, "text/csv;q=0.5, application/vnd.apache.parquet") is Format.PARQUET
     )
@@ -136,7 +155,97 @@ def test_trading_days_are_local() -> None:
     tz, sydney = trading_day("ASX", date(2024, 3, 1))
     assert tz == "Australia/Sydney"
     assert sydney.start == T0 - 11 * 3600 * S  # AEDT, UTC+11
-    assert code_of(trading_day, "NYSE", date(2024, 3, 1)) == "unknown_exchange"
+    assert code_of(trading_day, "NYSE", date(2024, 3, 1), status=404) == "unknown_exchange"
+    # The first Sydney day starts before 1970: its window starts at 1970.
+    assert trading_day("ASX", date(1970, 1, 1))[1] == Window(0, 14 * 3600 * S)  # AEST
+
+
+# -- the syntax the OpenAPI document states -----------------------------------------------
+
+
+def test_int_range_patterns_match_exactly_the_range() -> None:
+    rng = random.Random(7)
+    for _ in range(400):
+        lo = rng.choice([0, rng.randrange(1_000), rng.randrange(10 ** rng.randint(1, 15))])
+        hi = lo + rng.choice([0, 1, rng.randrange(10 ** rng.randint(1, 15))])
+        pattern = re.compile(int_range_pattern(lo, hi))
+        probes = {lo, hi, lo - 1, hi + 1, 0, *(rng.randint(lo - 50, hi + 50) for _ in range(40))}
+        for n in (p for p in probes if p >= 0):
+            assert bool(pattern.fullmatch(str(n))) == (lo <= n <= hi), (lo, hi, n)
+            assert not pattern.fullmatch(f"0{n}"), "no leading zeros"
+
+
+def test_the_date_pattern_is_the_calendar_from_1970_to_2199() -> None:
+    pattern = re.compile(DATE_PATTERN)
+    day = date(1968, 1, 1)
+    while day < date(2202, 1, 1):
+        inside = date(1970, 1, 1) <= day <= date(2199, 12, 31)
+        assert bool(pattern.fullmatch(day.isoformat())) == inside, day
+        day += timedelta(days=1)
+    for text in ("2023-02-29", "2100-02-29", "2024-02-30", "2024-04-31", "2024-13-01", "2024-3-1"):
+        assert not pattern.fullmatch(text), text
+        assert code_of(parse_date, text) == "invalid_date"
+    assert parse_date("2000-02-29") == date(2000, 2, 29)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.from_regex(TIME_PATTERN, fullmatch=True))
+def test_every_time_the_pattern_admits_is_parsed_within_range(text: str) -> None:
+    assert 0 <= parse_time(text, "start") < MAX_US
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(max_size=30))
+def test_a_time_the_pattern_refuses_is_invalid_time(text: str) -> None:
+    if re.fullmatch(TIME_PATTERN, text):
+        return
+    assert code_of(parse_time, text, "start") == "invalid_time"
+
+
+def test_times_just_past_either_end_are_clamped_not_refused() -> None:
+    assert parse_time("1970-01-01T00:30+01:00", "start") == 0
+    assert parse_time("2199-12-31T23:30-01:00", "end") == MAX_US - 1
+    for text in ("2024-03-01\n", "1709251200000\n", " 2024-03-01T00:00:00Z\t"):
+        assert code_of(parse_time, text, "start") == "invalid_time"
+
+
+@pytest.mark.parametrize("max_seconds", [3_600, 2_678_400.0, 90.5, 1e9])
+def test_the_duration_pattern_admits_what_parse_duration_accepts(max_seconds: float) -> None:
+    pattern = re.compile(duration_pattern(max_seconds))
+    values = [f"{n}{u}" for n in (1, 2, 59, 60, 61, 90, 91, 1_440, 44_640, 44_641) for u in "smhd"]
+    for text in [*values, "0s", "01m", "15 m", "15m\n", "1w", "99999999s"]:
+        try:
+            parse_duration(text, max_seconds)
+            accepted = True
+        except QueryError:
+            accepted = False
+        assert bool(pattern.fullmatch(text)) == accepted, (max_seconds, text)
+
+
+def test_integers_are_written_as_json_writes_them() -> None:
+    assert parse_integer("42", "limit") == 42 and parse_integer("-7", "limit") == -7
+    assert parse_integer(None, "limit") is None
+    for text in ("null", "5.0", "1e3", "05", "+5", " 5", "", "9" * 30):
+        assert code_of(parse_integer, text, "limit") == "invalid_parameter", text
+
+
+def test_time_zones_are_the_ones_duckdb_can_align_to() -> None:
+    zones = timezones()
+    assert "Australia/Sydney" in zones and "UTC" in zones
+    # Pseudo-zones: Factory means "no zone set"; localtime is the host's and DuckDB has none.
+    for odd in ("Factory", "localtime", "posixrules", "right/UTC", "Mars/Olympus"):
+        assert odd not in zones
+        assert code_of(parse_timezone, odd) == "unknown_timezone"
+    db, (cursor,) = open_database(QueryConfig(), [], 1)
+    try:
+        for zone in zones:
+            cursor.execute(
+                "SELECT time_bucket(INTERVAL 1 DAY, TIMESTAMPTZ '2024-03-01 12:00:00+00', ?)",
+                [zone],
+            ).fetchall()
+    finally:
+        cursor.close()
+        db.close()
 
 
 # -- cursors ------------------------------------------------------------------------------
@@ -155,6 +264,28 @@ def test_cursors_round_trip_and_refuse_tampering() -> None:
         ("x" * 5000, "abcd", [int]),
     ):
         assert code_of(decode_cursor, bad, fp, types) == "invalid_cursor"
+
+
+def test_a_forged_cursor_is_invalid_whatever_it_carries() -> None:
+    """The fingerprint is no secret: a cursor with the right one may carry anything."""
+    keys: list[Any] = [(int, TIMESTAMP_US), str, int, str]
+    good = [T0, "BTCUSDT", 7, "m"]
+    assert decode_cursor(encode_cursor("fp", {"trades": 1}, good), "fp", keys).key == good
+    forged: list[tuple[dict[str, int], list[Any]]] = [
+        ({"trades": 1}, [2**63, "BTCUSDT", 7, "m"]),  # past what make_timestamptz takes
+        ({"trades": 1}, [TIMESTAMP_US[1] + 1, "BTCUSDT", 7, "m"]),
+        ({"trades": 1}, [-(2**63), "BTCUSDT", 7, "m"]),
+        ({"trades": 1}, [T0, "BTCUSDT", 2**64, "m"]),
+        ({"trades": 1}, [T0, "BTCUSDT", -(2**63) - 1, "m"]),
+        ({"trades": 2**63}, good),
+        ({"trades": -(2**70)}, good),
+    ]
+    for snapshots, key in forged:
+        text = encode_cursor("fp", snapshots, key)
+        assert code_of(decode_cursor, text, "fp", keys) == "invalid_cursor", key
+    text = encode_cursor("fp", {"trades": 1}, good)
+    for bad in (text + "$", text + "=", "+" + text, "", "a" * 3000):
+        assert code_of(decode_cursor, bad, "fp", keys) == "invalid_cursor", bad
 
 
 # -- identifiers and bound values ---------------------------------------------------------
@@ -298,16 +429,15 @@ def rows_plan(**kw: Any) -> RowsPlan:
     return RowsPlan(**(base | kw))
 
 
-def test_unknown_symbols_and_exchanges_are_refused_by_the_index() -> None:
-    with pytest.raises(QueryError) as info:
-        rows_plan(symbols=("DOGEUSDT",)).prepare(ctx())
-    assert info.value.code == "unknown_symbol"
-    with pytest.raises(QueryError) as info:
-        rows_plan(exchanges=("KRAKEN",)).prepare(ctx())
-    assert info.value.code == "unknown_exchange"
-    with pytest.raises(QueryError) as info:
-        rows_plan(symbols=("BHP",), exchanges=("BINANCE",)).prepare(ctx())
-    assert info.value.code == "unknown_symbol"
+def test_unknown_symbols_and_exchanges_are_not_found_by_the_index() -> None:
+    for plan, code in (
+        (rows_plan(symbols=("DOGEUSDT",)), "unknown_symbol"),
+        (rows_plan(exchanges=("KRAKEN",)), "unknown_exchange"),
+        (rows_plan(symbols=("BHP",), exchanges=("BINANCE",)), "unknown_symbol"),
+    ):
+        with pytest.raises(QueryError) as info:
+            plan.prepare(ctx())
+        assert (info.value.status, info.value.code) == (404, code)
 
 
 NAMES = st.text(
@@ -424,6 +554,49 @@ def test_the_latest_row_is_the_status_and_the_ledger_is_bounded() -> None:
     outage = event("o", "open", 1, kind="outage", window_start=T0, window_end=T0 + 60 * S)
     assert bigger.merged([outage]).overlapping([outage], T0 + 30 * S, T0 + 90 * S) == [outage]
     assert bigger.overlapping([outage], T0 + 60 * S, T0 + 90 * S) == []
+
+
+def test_the_span_cache_stays_bounded_as_gaps_come_and_go(tmp_path: Path) -> None:
+    # Trades with the odd ids 1..401; every even id is a gap between two stored trades.
+    ids = list(range(1, 402, 2))
+    table = pa.table(
+        {
+            "exchange": ["BINANCE"] * len(ids),
+            "symbol": ["BTCUSDT"] * len(ids),
+            "source_sequence": pa.array(ids, pa.int64()),
+            "timestamp": pa.array([T0 + i * S for i in ids], pa.timestamp("us", tz="UTC")),
+        }
+    )
+    pq.write_table(table, tmp_path / "t.parquet")
+    path = str(tmp_path / "t.parquet")
+    trades = TableFiles(
+        "trades",
+        1,
+        1,
+        [entry(path, T0, T0 + 402 * S, {BTC: stats(len(ids), T0, T0 + 402 * S, 1, 401)})],
+        None,
+    )
+    db, (cursor,) = open_database(QueryConfig(), [str(tmp_path)], 1)
+    ledger = Ledger(max_events=10)
+    try:
+        for i in range(1, 201):
+            gap = event(f"gap-{i}", "backfilled", i, first_missing=2 * i, last_missing=2 * i)
+            ledger = ledger.merged([gap])
+            ledger.resolve_spans(cursor, trades, ledger.events.values())
+            assert ledger.cached_spans <= ledger.max_events
+    finally:
+        cursor.close()
+        db.close()
+    # The cache still serves the events held: the trades around gap 200 (ids 399 and 401).
+    assert ledger.span(ledger.events["gap-200"]) == (T0 + 399 * S, T0 + 401 * S)
+    assert len(ledger.events) == 10
+
+
+def test_per_key_concurrency_stays_below_the_workers() -> None:
+    assert QueryConfig().per_key_concurrency == 2 < QueryConfig().workers
+    assert QueryConfig(workers=4, per_key_concurrency=9).per_key_concurrency == 3
+    assert QueryConfig(workers=1).per_key_concurrency == 1
+    assert QueryConfig(workers=8, per_key_concurrency=5).per_key_concurrency == 5
 
 
 # -- execution and writers ----------------------------------------------------------------
