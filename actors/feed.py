@@ -1,9 +1,12 @@
 """FeedHandler: one Binance combined-stream connection -> RecordBatches of Trades and Quotes.
 
-Reconnects with exponential backoff and jitter. The venue cuts every connection after its
-lifetime (24 h) and announces planned closes with `serverShutdown`; in both cases a
-replacement connection is opened first and the old one closed once the new one delivers,
-with records seen on both dropped during the overlap.
+Reconnects with exponential backoff and jitter; the backoff starts over only once a
+connection has delivered market data for `stable_after` seconds. The venue cuts every
+connection after its lifetime (24 h) and announces planned closes with `serverShutdown`; in
+both cases a replacement connection is opened first and the old one closed once the new one
+delivers, with records seen on both dropped during the overlap. A serverShutdown that comes
+soon after connecting is backed off before the replacement opens, so a venue that shuts every
+new connection is not reconnected in a tight loop.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections import OrderedDict
 from typing import Any
 
 import anyio
+import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream
 from opentelemetry import trace
 from websockets.asyncio.client import ClientConnection, connect
@@ -34,6 +38,11 @@ __all__ = ["FeedHandler"]
 log = logging.getLogger(__name__)
 
 _REPLAY_CHUNK = 5_000  # frames read from the journal per worker-thread call
+# A journal record that is not a venue frame: the outage a capture start or reconnect found.
+# No venue frame starts with a NUL byte.
+_OUTAGE_MARK = b"\x00k2d-outage "
+_outage_codec = msgspec.json.Encoder()
+_outage_decoder = msgspec.json.Decoder(Outage)
 _OVERLAP_IDS = 200_000  # message ids remembered while two connections overlap
 _OVERLAP_GRACE = 10.0  # seconds after a handover during which repeats are still dropped
 
@@ -51,11 +60,13 @@ class FeedHandler(Actor[None, RecordBatch]):
         replay_after: JournalPosition | None = None,
         last_capture_us: int | None = None,
         replay: bool = True,
+        down_reason: str = "daemon down",
     ) -> None:
         """With a `journal`, every frame is appended to it before it is parsed, and frames
         journaled after `replay_after` (the last committed position) but before this start
         are replayed first. `last_capture_us` is the receive time of the last frame captured
-        before this start: the silence since then is recorded as an outage."""
+        before this start: the silence since then is recorded as an outage, for
+        `down_reason`."""
         self.name = name
         self.cfg = cfg
         self.pipeline = pipeline
@@ -86,9 +97,13 @@ class FeedHandler(Actor[None, RecordBatch]):
         self._frames = metrics.frames.labels(name)
         self._lag = metrics.feed_lag.labels(name)
         self.backoff = Backoff(cfg.reconnect_initial, cfg.reconnect_max)
+        self._retry_at = 0.0  # monotonic time before which no new connection opens
+        self._opened: dict[ClientConnection, float] = {}  # monotonic time each one opened
+        self._stable_at_us: int | None = None  # receive time from which data resets backoff
+        self._stable_us = int(cfg.stable_after * 1_000_000)
         self._last_frame_us = last_capture_us
         self._outage_since = last_capture_us
-        self._outage_reason = "daemon down"
+        self._outage_reason = down_reason
         self._outages: list[Outage] = []
 
     async def run(
@@ -121,8 +136,11 @@ class FeedHandler(Actor[None, RecordBatch]):
             lambda: list(itertools.islice(frames, _REPLAY_CHUNK))
         ):
             for position, received, frame in chunk:
-                self._active.parse(frame, received, self._pending)
                 self._position = position
+                if frame.startswith(_OUTAGE_MARK):
+                    self._outages.append(_outage_decoder.decode(frame[len(_OUTAGE_MARK) :]))
+                    continue
+                self._active.parse(frame, received, self._pending)
                 if len(self._pending) >= self.pipeline.batch_max_records:
                     await self._emit()
             replayed += len(chunk)
@@ -134,6 +152,10 @@ class FeedHandler(Actor[None, RecordBatch]):
         if replayed:
             log.info("%s: replayed %d journaled frames", self.name, replayed)
 
+    def connections(self) -> int:
+        """Open venue connections (two while a replacement takes over)."""
+        return len(self._sockets)
+
     async def _close_on_stop(self) -> None:
         await self.stop.wait()
         for ws in list(self._sockets):
@@ -143,13 +165,22 @@ class FeedHandler(Actor[None, RecordBatch]):
         ws: ClientConnection | None = None
         while not self.stop.is_set():
             if ws is None:
+                self._shutdown_announced = anyio.Event()
                 ws = await self._connect()
                 if ws is None:
-                    await self._sleep(self.backoff.next_delay())
+                    await self._back_off()
                     continue
             ws = await self._read(ws)
             if ws is None and not self.stop.is_set():
-                await self._sleep(self.backoff.next_delay())
+                await self._back_off()
+
+    async def _back_off(self) -> None:
+        """Wait out the current backoff delay, drawing the next one if none is running (the
+        replacement task may have drawn it before the old connection died)."""
+        now = time.monotonic()
+        if self._retry_at <= now:
+            self._retry_at = now + self.backoff.next_delay()
+        await self._sleep(self._retry_at - now)
 
     async def _connect(self) -> ClientConnection | None:
         try:
@@ -171,20 +202,21 @@ class FeedHandler(Actor[None, RecordBatch]):
             return None
         self.metrics.feed_connects.labels(self.name).inc()
         self._sockets.add(ws)
+        self._opened[ws] = time.monotonic()
         log.info("%s: connected to %s", self.name, self.url)
         return ws
 
     async def _read(self, ws: ClientConnection) -> ClientConnection | None:
         """Read `ws` until it closes; return the successor if one took over."""
         successor: list[tuple[ClientConnection, bytes]] = []
-        self._shutdown_announced = anyio.Event()
+        # Market data from this connection resets the backoff once it has been up a while.
+        self._stable_at_us = now_us() + self._stable_us - int(self._uptime(ws) * 1e6)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._replace_when_due, ws, successor)
             try:
                 while True:
                     frame = await ws.recv(decode=False)
                     await self._handle(frame)
-                    self.backoff.reset()
             except ConnectionClosed as e:
                 if not successor:
                     log.warning("%s: connection closed: %s", self.name, e)
@@ -194,12 +226,20 @@ class FeedHandler(Actor[None, RecordBatch]):
             if not successor:
                 tg.cancel_scope.cancel()  # the replacement task is only connecting or waiting
         self._sockets.discard(ws)
+        self._opened.pop(ws, None)
         if not successor:
             return None
         new, first = successor[0]
+        # The successor's own announcement (even in its first frame) must not be lost.
+        self._shutdown_announced = anyio.Event()
+        self._stable_at_us = None
         await self._handle(first)
         log.info("%s: replacement connection took over", self.name)
         return new
+
+    def _uptime(self, ws: ClientConnection) -> float:
+        opened = self._opened.get(ws)
+        return 0.0 if opened is None else time.monotonic() - opened
 
     async def _replace_when_due(
         self, old: ClientConnection, successor: list[tuple[ClientConnection, bytes]]
@@ -208,11 +248,19 @@ class FeedHandler(Actor[None, RecordBatch]):
         then close `old` once the new one delivers its first frame."""
         with anyio.move_on_after(self.cfg.connection_lifetime - self.cfg.replace_before):
             await self._shutdown_announced.wait()
+        if self._shutdown_announced.is_set() and self._uptime(old) < self.cfg.stable_after:
+            # Shut soon after it opened: the venue may do that to every new connection.
+            log.warning(
+                "%s: venue announced shutdown %.1fs after connecting; backing off",
+                self.name,
+                self._uptime(old),
+            )
+            await self._back_off()
         new: ClientConnection | None = None
         while new is None and not self.stop.is_set():
             new = await self._connect()
             if new is None:
-                await self._sleep(self.backoff.next_delay())
+                await self._back_off()
         if new is None:
             return
         self._overlap_until = float("inf")
@@ -220,11 +268,13 @@ class FeedHandler(Actor[None, RecordBatch]):
             first = await new.recv(decode=False)
         except ConnectionClosed:
             self._sockets.discard(new)
+            self._opened.pop(new, None)
             self._overlap_until = 0.0
             return
         except BaseException:
             # The old connection died first (we are cancelled) or the new one failed.
             self._sockets.discard(new)
+            self._opened.pop(new, None)
             with anyio.CancelScope(shield=True):
                 await new.close()
             if self._overlap_until == float("inf"):
@@ -236,21 +286,25 @@ class FeedHandler(Actor[None, RecordBatch]):
 
     async def _handle(self, frame: bytes) -> None:
         received = now_us()
+        if self._outage_since is not None:
+            outage = Outage(
+                source=self.name,
+                exchange=EXCHANGE,
+                symbols=self.cfg.symbols,
+                streams=("trade", "quote"),
+                start_us=self._outage_since,
+                end_us=received,
+                reason=self._outage_reason,
+            )
+            self._outages.append(outage)
+            self._outage_since = None
+            if self._journal is not None:
+                # Journaled too: should this process die before the outage row commits, the
+                # replay after the next start finds it here (the silence it describes has
+                # no frames of its own to be found by).
+                self._journal.append(received, _OUTAGE_MARK + _outage_codec.encode(outage))
         if self._journal is not None:
             self._position = self._journal.append(received, frame)
-        if self._outage_since is not None:
-            self._outages.append(
-                Outage(
-                    source=self.name,
-                    exchange=EXCHANGE,
-                    symbols=self.cfg.symbols,
-                    streams=("trade", "quote"),
-                    start_us=self._outage_since,
-                    end_us=received,
-                    reason=self._outage_reason,
-                )
-            )
-            self._outage_since = None
         self._last_frame_us = received
         self._frames.inc()
         p = self._pending
@@ -261,6 +315,13 @@ class FeedHandler(Actor[None, RecordBatch]):
         if ctl is not None and ctl.kind == "server_shutdown":
             log.warning("%s: venue announced shutdown; opening a replacement", self.name)
             self._shutdown_announced.set()
+        elif (
+            self._stable_at_us is not None
+            and received >= self._stable_at_us
+            and (nt < len(p.trades) or nq < len(p.quotes))
+        ):
+            self.backoff.reset()
+            self._stable_at_us = None
         if self._overlap_until and (nt < len(p.trades) or nq < len(p.quotes)):
             self._drop_overlap_repeats(nt, nq)
         if len(p) >= self.pipeline.batch_max_records:

@@ -221,6 +221,9 @@ class QueryPool(Actor[Committed, None]):
     def _count_index(self) -> None:
         for t in INDEXED_TABLES:
             self._metrics.query_index_files.labels(t).set(len(self.index.current(t).entries))
+        ledger = self.index.ledger
+        self._metrics.query_ledger_events.set(len(ledger.events))
+        self._metrics.query_ledger_spans.set(ledger.cached_spans)
 
     async def catch_up(self) -> None:
         """Return once every Committed already sent to the inbox is in the index."""

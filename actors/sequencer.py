@@ -180,7 +180,8 @@ class SequenceTracker(Actor[RecordBatch, SequencedBatch]):
         with self._tracer.start_as_current_span("sequence.check", links=links) as span:
             events: list[SequenceEvent] = []
             touched: set[StreamKey] = set()
-            for o in batch.outages:
+            replayed_before = self._committed_before(batch)
+            for o in () if replayed_before else batch.outages:
                 for symbol in o.symbols:
                     for stream in o.streams:
                         key = (o.exchange, symbol, stream)
@@ -204,7 +205,7 @@ class SequenceTracker(Actor[RecordBatch, SequencedBatch]):
                 trades=trades,
                 quotes=quotes,
                 events=events,
-                dead_letters=self._dead_letters(batch),
+                dead_letters=[] if replayed_before else batch.dead_letters,
                 watermarks={stream_key(k): self._books[k].watermark() for k in touched},
                 log_position=self._position(batch),
                 span_context=span.get_span_context(),
@@ -219,11 +220,12 @@ class SequenceTracker(Actor[RecordBatch, SequencedBatch]):
             return None
         return {f"{k}@{self.partition}": v for k, v in batch.log_position.items()}
 
-    def _dead_letters(self, batch: RecordBatch) -> list[Any]:
-        """Records replayed from the journal are deduplicated by sequence; dead letters have
-        none, so those of frames at or before this tracker's committed position are dropped."""
-        if not batch.dead_letters or not batch.log_position:
-            return batch.dead_letters
+    def _committed_before(self, batch: RecordBatch) -> bool:
+        """Whether `batch` was replayed from the journal at or before this tracker's committed
+        position. Its records are deduplicated by sequence; its dead letters and outages
+        have none, so they are dropped here instead of being stored twice."""
+        if not batch.log_position:
+            return False
         committed = self._state.log_position
         for key, pos in batch.log_position.items():
             done = committed.get(f"{key}@{self.partition}")
@@ -235,8 +237,8 @@ class SequenceTracker(Actor[RecordBatch, SequencedBatch]):
                     <= (done.get("segment", 0), done.get("offset", 0))
                 )
             ):
-                return []
-        return batch.dead_letters
+                return True
+        return False
 
     def _check(
         self,

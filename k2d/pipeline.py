@@ -353,7 +353,9 @@ def build_pipeline(
                 journal=rec.journal,
                 replay_after=rec.replay_after,
                 last_capture_us=rec.last_capture_us,
+                down_reason=rec.down_reason,
             )
+            metrics.watch_feed(feed.name, feed.connections)
             children.append(feed_spec("feed-binance", feed))
         for name, factory in sources:
             children.append(feed_spec(name, factory()))
@@ -384,12 +386,15 @@ def build_pipeline(
         to_hub.close()
         return children
 
+    failures: list[str] = []  # what ended the last round, for the next one's outage row
+
     @contextlib.asynccontextmanager
     async def capture_round() -> AsyncIterator[list[ChildSpec]]:
         """Recover, then yield this round's children; on the way out, release what the
         round held (its clone of the pool's stream, the journal) whatever happened."""
+        after = failures[-1] if failures else None
         async with table_lock:
-            rec = await anyio.to_thread.run_sync(recover, cfg, warehouse, limiter=limiter)
+            rec = await anyio.to_thread.run_sync(recover, cfg, warehouse, after, limiter=limiter)
         pool_out = to_pool.clone()
         try:
             if rec.rolled_back:
@@ -407,6 +412,9 @@ def build_pipeline(
                         )
                     )
             yield capture_children(rec, pool_out)
+        except Exception as exc:
+            failures[:] = [_first_failure(exc)]
+            raise
         finally:
             pool_out.close()
             hub_view.hub = None
@@ -504,6 +512,12 @@ async def _journal_retention(
         )
         if deleted:
             log.info("journal retention deleted %d segments", len(deleted))
+
+
+def _first_failure(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _close_journal(journal: Journal) -> None:

@@ -48,10 +48,13 @@ class Recovered:
     last_capture_us: int | None
     # Tables whose part of a cut-short flush was undone, with the snapshot that undid it.
     rolled_back: dict[str, int]
+    # Why capture stopped before this start, for the outage row.
+    down_reason: str = "daemon down"
 
 
-def recover(cfg: Config, warehouse: Warehouse) -> Recovered:
-    """Undo a cut-short flush, then read the committed state and open the journal."""
+def recover(cfg: Config, warehouse: Warehouse, after: str | None = None) -> Recovered:
+    """Undo a cut-short flush, then read the committed state and open the journal. `after`
+    names the failure this recovery follows (None: the process start)."""
     rolled = {t: warehouse.current_snapshot_id(t) for t in warehouse.roll_back_incomplete_flush()}
     state = tracker_state(warehouse, cfg.pipeline.partitions)
     journal = replay_after = None
@@ -63,7 +66,8 @@ def recover(cfg: Config, warehouse: Warehouse) -> Recovered:
     elif state.watermarks:
         # No journal: what was not committed is gone; the outage starts at the last commit.
         last_capture = max(w.last_seen_us for w in state.watermarks.values()) or None
-    return Recovered(state, journal, replay_after, last_capture, rolled)
+    reason = f"capture restarted after: {after}" if after else "daemon down"
+    return Recovered(state, journal, replay_after, last_capture, rolled, reason[:500])
 
 
 def open_journal(

@@ -33,6 +33,8 @@ class ReadyBody(msgspec.Struct, frozen=True):
     status: Readiness
     actors: dict[str, str]
     restarts: dict[str, int]
+    # Why each degraded actor is degraded (disk full, venue ban, commits failing, ...).
+    degraded: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class Meta(msgspec.Struct, frozen=True):
@@ -79,6 +81,7 @@ def ready(api: NamedDependency[ApiState]) -> Response[ReadyBody]:
         status=status,
         actors={name: str(state) for name, state in sorted(api.registry.states.items())},
         restarts=dict(sorted(api.registry.restarts.items())),
+        degraded=dict(sorted(api.registry.reasons.items())),
     )
     return Response(body, status_code=200 if status == "ready" else 503)
 

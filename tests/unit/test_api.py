@@ -93,7 +93,7 @@ async def test_ready_follows_marks_and_actor_states() -> None:
         assert (r.status_code, r.json()["status"]) == (503, "starting")
 
         registry.set_state("feed.binance", ActorState.RUNNING)
-        registry.set_state("writer", ActorState.DEGRADED)
+        registry.set_state("writer", ActorState.DEGRADED, "trades commit failing (disk_full)")
         state.mark_ready()
         r = await h.client.get("/ready")
         assert r.status_code == 200
@@ -101,6 +101,7 @@ async def test_ready_follows_marks_and_actor_states() -> None:
             "status": "ready",
             "actors": {"feed.binance": "running", "writer": "degraded"},
             "restarts": {},
+            "degraded": {"writer": "trades commit failing (disk_full)"},
         }
 
         registry.count_restart("writer")
