@@ -264,6 +264,9 @@ class QueryConfig(_Section, frozen=True):
     refresh_interval: float = 5.0
     # Symbols (and exchanges) one request may name.
     max_symbols: int = 100
+    # Gap and outage events kept in memory for gap reports (closed ones are forgotten first,
+    # oldest first, beyond this): the bound on what the ledger costs the query side.
+    max_ledger_events: int = 200_000
 
     def __post_init__(self) -> None:
         if self.workers < 1 or self.per_key_concurrency < 1:
