@@ -5,6 +5,7 @@ backfilled for an id that is not stored, every lost quote inside an outage."""
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import time
 import urllib.error
@@ -141,6 +142,26 @@ def wait_ready(port: int, timeout: float = 30.0) -> None:
             pass
         time.sleep(0.2)
     raise AssertionError(f"the daemon on port {port} did not become ready")
+
+
+def wait_capturing(port: int, timeout: float = 60.0) -> None:
+    """Until the daemon is ready, connected to the venue and committing trades: before a
+    test closes the market, so the last trades are seen live (a gap is only found when a
+    later trade arrives)."""
+    deadline = time.monotonic() + timeout
+    start_rows: float | None = None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            ready = get_json(port, "/ready").get("status") == "ready"
+            connected = (metric_sum(port, "k2d_feed_connected") or 0) >= 1
+            rows = metric_sum(port, "k2d_rows_committed_total")
+            if ready and connected and rows is not None:
+                if start_rows is None:
+                    start_rows = rows
+                elif rows > start_rows:
+                    return
+        time.sleep(0.2)
+    raise AssertionError(f"the daemon on port {port} did not resume capturing")
 
 
 def wait_gaps_closed(port: int, timeout: float) -> float:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.accounting import account, wait_gaps_closed, wait_ready
+from tests.e2e.accounting import account, wait_capturing, wait_gaps_closed, wait_ready
 from tests.e2e.conftest import daemon, write_config
 from tests.e2e.test_faults import CONFIG, free_port
 
@@ -64,8 +64,8 @@ def test_chaos_of_kills_and_faults_loses_and_duplicates_nothing(
 
     proc = daemon(cfg)
     try:
-        wait_ready(port)
-        time.sleep(3)
+        wait_capturing(port)
+        time.sleep(2)
         manifest = sim.close_market()
         closed_after = wait_gaps_closed(port, timeout=120)
         assert proc.poll() is None

@@ -9,7 +9,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from tests.e2e.accounting import wait_ready
 from tests.e2e.conftest import daemon, read_table, write_config
+from tests.e2e.test_faults import free_port
 
 SYMBOLS = ["BTCUSDT", "ETHUSDT"]
 
@@ -19,6 +21,7 @@ def test_sigterm_drains_and_commits_the_last_batch_within_the_deadline(
 ) -> None:
     sim = simulator("--symbols", ",".join(SYMBOLS), "--rate", "2000", "--seed", "11")
     data = tmp_path / "data"
+    port = free_port()
     # Nothing commits before the drain: the only trades commit is the last batch.
     cfg = write_config(
         tmp_path / "c.toml",
@@ -32,9 +35,11 @@ flush_rows = 10000000
 [shutdown]
 drain_timeout = 20.0
 """,
+        api_port=port,
     )
     proc = daemon(cfg)
-    time.sleep(5)
+    wait_ready(port, timeout=60)
+    time.sleep(3)
     assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -56,6 +61,7 @@ drain_timeout = 20.0
 def test_sigkill_at_random_moments_never_corrupts_a_table(tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--symbols", ",".join(SYMBOLS), "--rate", "3000", "--seed", "12")
     data = tmp_path / "data"
+    port = free_port()
     cfg = write_config(
         tmp_path / "c.toml",
         data,
@@ -65,12 +71,15 @@ def test_sigkill_at_random_moments_never_corrupts_a_table(tmp_path: Path, simula
 [writer]
 flush_interval = 0.3
 """,
+        api_port=port,
     )
     rng = random.Random(5)
     rows_before = 0
     for _ in range(3):
         proc = daemon(cfg)
-        time.sleep(rng.uniform(2.5, 4.5))
+        # Killed while capturing, not while still importing on a loaded machine.
+        wait_ready(port, timeout=60)
+        time.sleep(rng.uniform(0.5, 2.5))
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         rows = read_table(data, "trades").num_rows  # the table opens and scans after a kill
@@ -88,6 +97,7 @@ flush_interval = 0.3
 def test_repeated_crashes_escalate_and_exit_non_zero(tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--symbols", "BTCUSDT", "--rate", "500", "--seed", "13")
     data = tmp_path / "data"
+    port = free_port()
     cfg = write_config(
         tmp_path / "c.toml",
         data,
@@ -96,16 +106,17 @@ def test_repeated_crashes_escalate_and_exit_non_zero(tmp_path: Path, simulator: 
         """
 [writer]
 flush_interval = 0.2
-commit_retries = 1
 [supervisor]
 max_restarts = 2
 period = 60.0
 backoff_initial = 0.05
 backoff_max = 0.1
 """,
+        api_port=port,
     )
     proc = daemon(cfg)
-    time.sleep(4)
+    wait_ready(port, timeout=60)
+    time.sleep(1)
     assert proc.poll() is None
     # The warehouse disappears under the running daemon: every commit now fails.
     # (Renamed, not deleted: the daemon keeps writing files while rmtree would walk.)

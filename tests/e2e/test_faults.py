@@ -23,7 +23,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.accounting import account, get_json, wait_gaps_closed, wait_ready
+from tests.e2e.accounting import (
+    account,
+    get_json,
+    wait_capturing,
+    wait_gaps_closed,
+    wait_ready,
+)
 from tests.e2e.conftest import SimProcess, daemon, write_config
 
 SYMBOLS = ["BTCUSDT", "ETHUSDT"]
@@ -116,6 +122,7 @@ def run_fault(
         t0 = time.monotonic()
         what = during(sim, proc) if during is not None else ""
         time.sleep(max(0.0, seconds - (time.monotonic() - t0)))
+        wait_capturing(port)
         manifest = sim.close_market()
         closed_after = wait_gaps_closed(port, timeout=120)
         assert proc.poll() is None, "the daemon died instead of recovering"
@@ -246,7 +253,16 @@ def test_a_full_disk_degrades_the_daemon_which_resumes_when_space_returns(
         return "data_dir on a 48 MB tmpfs filled to ENOSPC for 8 s, then freed"
 
     with tmpfs(tmp_path / "small", "48m") as data:
-        r = run_fault(tmp_path, simulator, "disk full", during=fill, data=data, seconds=16)
+        r = run_fault(
+            tmp_path,
+            simulator,
+            "disk full",
+            during=fill,
+            data=data,
+            seconds=16,
+            # The start-up free-space check would refuse a filesystem this small.
+            env={"K2D_STORAGE__MIN_FREE_BYTES": "0"},
+        )
     assert "degraded" in r["states"]
     assert "is degraded: disk_full" in r["log"] or "commit failing (disk_full)" in r["log"]
 
@@ -289,6 +305,7 @@ def test_the_journal_directory_turned_read_only_for_ten_seconds(
             env={
                 "K2D_FAILPOINTS": "journal.write=20:erofs",
                 "K2D_JOURNAL__DIRECTORY": str(journal),
+                "K2D_STORAGE__MIN_FREE_BYTES": "0",
             },
             during=read_only,
             seconds=18,

@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from tests.e2e.accounting import wait_gaps_closed
+from tests.e2e.accounting import wait_capturing, wait_gaps_closed
 from tests.e2e.conftest import daemon, read_table, write_config
 
 SYMBOLS = ["BTCUSDT", "ETHUSDT"]
@@ -69,7 +69,8 @@ rerequest_after = 3.0
         proc.wait(timeout=30)
         kills += 1
     proc = daemon(cfg)
-    time.sleep(5)
+    wait_capturing(port)
+    time.sleep(3)
     manifest = sim.close_market()  # final trades and serverShutdown; REST stays up
     # Bounded, not timed: the figure is printed (and reported in the closing note).
     closed_after = wait_gaps_closed(port, timeout=120)
