@@ -323,9 +323,46 @@ class MaintenanceConfig(_Section, frozen=True):
 
 
 class KafkaConfig(_Section, frozen=True):
+    # Kafka mode is not wired into the pipeline yet (issue 13): `enabled = true` is an error,
+    # so nobody believes data goes through Kafka. The adapters in k2d/kafka/ read the rest.
     enabled: bool = False
     bootstrap_servers: str = "127.0.0.1:9092"
-    topic_prefix: str = "k2d"
+    trades_topic: str = "k2.trades.v2"
+    quotes_topic: str = "k2.quotes.v2"
+    # Partitions of each topic created at start (an existing topic is used as it is).
+    partitions: int = 4
+    replication_factor: int = 1
+    linger_ms: int = 5
+    # Producer batch per partition, bytes.
+    batch_bytes: int = 1024 * 1024
+    # Bound on one send (or one batch of sends) until the broker acknowledges, seconds.
+    send_timeout: float = 30.0
+    # Bound on any one request to the broker (metadata, produce, fetch, admin), seconds.
+    request_timeout: float = 30.0
+    # Records one consumer poll returns at most.
+    max_poll_records: int = 10_000
+
+    def __post_init__(self) -> None:
+        # Raised as ConfigError (not ValueError, which msgspec would report against the
+        # whole `kafka` section) so each problem names its key.
+        problems = [
+            f"kafka.{key}: must be greater than 0, got {getattr(self, key)}"
+            for key in (
+                "partitions",
+                "replication_factor",
+                "batch_bytes",
+                "send_timeout",
+                "request_timeout",
+                "max_poll_records",
+            )
+            if getattr(self, key) <= 0
+        ]
+        if self.linger_ms < 0:
+            problems.append(f"kafka.linger_ms: must be 0 or more, got {self.linger_ms}")
+        if self.enabled:
+            problems.append("kafka.enabled: Kafka mode is not implemented yet (issue 13)")
+        if problems:
+            raise ConfigError(problems)
 
 
 class Config(_Section, frozen=True):

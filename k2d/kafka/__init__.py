@@ -1,0 +1,38 @@
+"""Kafka adapter: the Avro codec for schemas/*.avsc and small aiokafka producer/consumer
+adapters. Kafka mode itself is not wired into the pipeline yet (issue 13)."""
+
+from k2d.kafka.codec import (
+    AvroCodec,
+    CorruptRecordError,
+    MarketRecord,
+    UnknownSchemaError,
+    schema_fingerprint,
+)
+from k2d.kafka.consumer import Consumer, Delivery, OnAssigned, OnRevoked, TopicPartition
+from k2d.kafka.producer import (
+    KafkaSendTimeout,
+    KafkaTopicError,
+    Producer,
+    ensure_topics,
+    record_key,
+    trace_headers,
+)
+
+__all__ = [
+    "AvroCodec",
+    "Consumer",
+    "CorruptRecordError",
+    "Delivery",
+    "KafkaSendTimeout",
+    "KafkaTopicError",
+    "MarketRecord",
+    "OnAssigned",
+    "OnRevoked",
+    "Producer",
+    "TopicPartition",
+    "UnknownSchemaError",
+    "ensure_topics",
+    "record_key",
+    "schema_fingerprint",
+    "trace_headers",
+]

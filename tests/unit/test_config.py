@@ -102,3 +102,28 @@ def test_check_config_cli_prints_key_and_exits_2(tmp_path: Path) -> None:
     )
     assert good.returncode == 0, good.stderr
     assert "[feeds.binance]" in good.stdout
+
+
+def test_kafka_mode_is_refused_until_it_is_wired() -> None:
+    # Issue 13: a user who sets it must not believe data goes through Kafka.
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={"K2D_KAFKA__ENABLED": "true"})
+    assert info.value.problems == ["kafka.enabled: Kafka mode is not implemented yet (issue 13)"]
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={}, overrides={"kafka": {"topic_prefix": "k2d"}})
+    assert "kafka.topic_prefix: unknown key" in info.value.problems
+
+
+def test_kafka_topics_default_and_bounds_are_named() -> None:
+    kafka = load_config(ROOT / "config.toml", environ={}).kafka
+    assert (kafka.enabled, kafka.trades_topic, kafka.quotes_topic) == (
+        False,
+        "k2.trades.v2",
+        "k2.quotes.v2",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={}, overrides={"kafka": {"partitions": 0, "send_timeout": -1}})
+    assert info.value.problems == [
+        "kafka.partitions: must be greater than 0, got 0",
+        "kafka.send_timeout: must be greater than 0, got -1.0",
+    ]
