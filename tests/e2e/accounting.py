@@ -132,7 +132,7 @@ def metric_sum(port: int, name: str) -> float | None:
     )
 
 
-def wait_ready(port: int, timeout: float = 30.0) -> None:
+def wait_ready(port: int, timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -144,7 +144,7 @@ def wait_ready(port: int, timeout: float = 30.0) -> None:
     raise AssertionError(f"the daemon on port {port} did not become ready")
 
 
-def wait_capturing(port: int, timeout: float = 60.0) -> None:
+def wait_capturing(port: int, timeout: float = 90.0) -> None:
     """Until the daemon is ready, connected to the venue and committing trades: before a
     test closes the market, so the last trades are seen live (a gap is only found when a
     later trade arrives)."""

@@ -54,7 +54,12 @@ def test_chaos_of_kills_and_faults_loses_and_duplicates_nothing(
         with log.open("w") as out:
             proc = daemon(cfg, env={"K2D_FAILPOINTS": fault}, stdout=out)
             wait_ready(port)
-            time.sleep(rng.uniform(1.5, 3.5))
+            # The fault fires after some passes (sooner or later on a loaded machine); the
+            # kill comes at a random moment after it, or after 20 s if it never came.
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and "fires (pass" not in log.read_text():
+                time.sleep(0.1)
+            time.sleep(rng.uniform(0.2, 2.0))
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
         kills += 1
