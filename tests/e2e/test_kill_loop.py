@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from tests.e2e.accounting import wait_capturing, wait_gaps_closed
+from tests.e2e.accounting import wait_capturing, wait_gaps_closed, wait_ready
 from tests.e2e.conftest import daemon, read_table, write_config
 
 SYMBOLS = ["BTCUSDT", "ETHUSDT"]
@@ -64,7 +64,9 @@ rerequest_after = 3.0
     kills = 0
     for _ in range(KILLS):
         proc = daemon(cfg)
-        time.sleep(rng.uniform(1.5, 4.0))
+        # Killed while capturing (not while still importing on a loaded machine).
+        wait_ready(port)
+        time.sleep(rng.uniform(0.5, 3.0))
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         kills += 1
