@@ -72,7 +72,7 @@ def test_chaos_of_kills_and_faults_loses_and_duplicates_nothing(
         wait_capturing(port)
         time.sleep(2)
         manifest = sim.close_market()
-        closed_after = wait_gaps_closed(port, timeout=120)
+        closed_after = wait_gaps_closed(port, timeout=240)
         assert proc.poll() is None
     finally:
         proc.send_signal(signal.SIGTERM)

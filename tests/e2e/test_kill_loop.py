@@ -75,7 +75,7 @@ rerequest_after = 3.0
     time.sleep(3)
     manifest = sim.close_market()  # final trades and serverShutdown; REST stays up
     # Bounded, not timed: the figure is printed (and reported in the closing note).
-    closed_after = wait_gaps_closed(port, timeout=120)
+    closed_after = wait_gaps_closed(port, timeout=240)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out[-3000:]
