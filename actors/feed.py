@@ -105,6 +105,12 @@ class FeedHandler(Actor[None, RecordBatch]):
         self._outage_since = last_capture_us
         self._outage_reason = down_reason
         self._outages: list[Outage] = []
+        # Journal appends since the last batch went out, for its journal.append span.
+        self._journaled = 0
+        self._journaled_bytes = 0
+        self._journal_ns = 0  # time spent inside Journal.append
+        self._journal_since_ns = 0  # wall clock at the first of them
+        self._journal_from: JournalPosition | None = None
 
     async def run(
         self, inbox: MemoryObjectReceiveStream[None] | None, outbox: Outbox[RecordBatch]
@@ -304,7 +310,14 @@ class FeedHandler(Actor[None, RecordBatch]):
                 # no frames of its own to be found by).
                 self._journal.append(received, _OUTAGE_MARK + _outage_codec.encode(outage))
         if self._journal is not None:
+            if not self._journaled:
+                self._journal_since_ns = time.time_ns()
+                self._journal_from = self._position
+            t0 = time.perf_counter_ns()
             self._position = self._journal.append(received, frame)
+            self._journal_ns += time.perf_counter_ns() - t0
+            self._journaled += 1
+            self._journaled_bytes += len(frame)
         self._last_frame_us = received
         self._frames.inc()
         p = self._pending
@@ -361,7 +374,11 @@ class FeedHandler(Actor[None, RecordBatch]):
             self._pending = ParsedFrames()
             self._active.finish(p)
             received = now_us()
-            with self._tracer.start_as_current_span("feed.receive") as span:
+            # With a journal, the batch's span starts at its first frame's append.
+            started = self._journal_since_ns if self._journaled else None
+            with self._tracer.start_as_current_span("feed.receive", start_time=started) as span:
+                if self._journaled:
+                    self._journal_span()
                 span.set_attribute("k2d.feed", self.name)
                 span.set_attribute("k2d.trades", len(p.trades))
                 span.set_attribute("k2d.quotes", len(p.quotes))
@@ -388,6 +405,30 @@ class FeedHandler(Actor[None, RecordBatch]):
                 self._lag.set((received - p.max_event_us) / 1e6)
             await self._outbox.send(batch)
 
+    def _journal_span(self) -> None:
+        """One journal.append span per batch (a span per frame would cost more than the
+        append): from the first frame's append to now, with the time spent appending."""
+        span = self._tracer.start_span(
+            "journal.append",
+            start_time=self._journal_since_ns,
+            attributes={
+                "k2d.feed": self.name,
+                "k2d.journal.frames": self._journaled,
+                "k2d.journal.bytes": self._journaled_bytes,
+                "k2d.journal.append_ms": self._journal_ns / 1e6,
+                # Log positions as segment:offset, after the last record before / in the batch.
+                "k2d.journal.from": _position_text(self._journal_from),
+                "k2d.journal.to": _position_text(self._position),
+            },
+        )
+        span.end()
+        self._journaled = self._journaled_bytes = self._journal_ns = 0
+        self._journal_from = None
+
     async def _sleep(self, seconds: float) -> None:
         with anyio.move_on_after(seconds):
             await self.stop.wait()
+
+
+def _position_text(position: JournalPosition | None) -> str:
+    return "-" if position is None else f"{position.segment}:{position.offset}"

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.from_thread
 import anyio.to_thread
+from opentelemetry import trace
 from pyiceberg.exceptions import NoSuchTableError
 
 from k2d.messages import Committed
@@ -58,9 +59,11 @@ class Maintainer(Actor[None, Committed]):
         stop: anyio.Event | None = None,
         clock: Callable[[], float] = time.time,
         lock: anyio.Lock | None = None,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         """`lock` is held for each round; the capture chain's recovery holds it too, so a
-        round never rewrites the files of a flush that recovery is about to undo."""
+        round never rewrites the files of a flush that recovery is about to undo. Each
+        round is a span, with a child per rewrite and expiry."""
         self._wh = warehouse
         self._cfg = cfg
         self._metrics = metrics
@@ -68,6 +71,7 @@ class Maintainer(Actor[None, Committed]):
         self._stop = stop
         self._clock = clock
         self._lock = lock or anyio.Lock()
+        self._tracer = tracer or trace.get_tracer("k2d")
         self._outbox: Outbox[Committed] | None = None
         self.last_report: MaintenanceReport | None = None
 
@@ -113,18 +117,23 @@ class Maintainer(Actor[None, Committed]):
     ) -> MaintenanceReport:
         async with self._lock:
             abort = threading.Event()
-            maintenance = TableMaintenance(self._wh, self._cfg, clock=self._clock, abort=abort)
-            report = await self._in_thread(
-                lambda: maintenance.run(
-                    tables,
-                    before=before,
-                    on_replace=self._announce,
-                    compact=full,
-                    compact_open=self._cfg.compact_open_partitions,
-                    sweep_orphans=full,
-                ),
-                abort,
+            maintenance = TableMaintenance(
+                self._wh, self._cfg, clock=self._clock, abort=abort, tracer=self._tracer
             )
+            attributes: dict[str, bool | list[str]] = {"k2d.full": full, "k2d.tables": list(tables)}
+            # The worker thread runs in a copy of this context: its spans are children.
+            with self._tracer.start_as_current_span("maintenance.round", attributes=attributes):
+                report = await self._in_thread(
+                    lambda: maintenance.run(
+                        tables,
+                        before=before,
+                        on_replace=self._announce,
+                        compact=full,
+                        compact_open=self._cfg.compact_open_partitions,
+                        sweep_orphans=full,
+                    ),
+                    abort,
+                )
         self._record(report)
         if full:
             self.last_report = report

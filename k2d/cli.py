@@ -1,4 +1,5 @@
-"""Command line: run, demo, simulate, load, compact, journal inspect, check-config, version."""
+"""Command line: run, demo, simulate, load, compact, journal inspect, traces, backup, restore,
+check-config, version."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def _config_path(arg: Path | None) -> Path | None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from k2d import batchload, simulator
+    from k2d import backup, batchload, simulator, traces
     from k2d import compact as compact_cli
 
     parser = argparse.ArgumentParser(prog="k2d", description="Market-data capture daemon.")
@@ -84,6 +85,16 @@ def _parser() -> argparse.ArgumentParser:
     inspect = jsub.add_parser("inspect", help="records, time range and damage of a segment")
     inspect.add_argument("path", type=Path, help="a segment file (*.k2j)")
 
+    traces.add_arguments(
+        sub.add_parser("traces", help="spans of this and earlier runs, from the trace store")
+    )
+    backup.add_backup_arguments(
+        sub.add_parser("backup", help="copy the catalog and the tables' files, also while running")
+    )
+    backup.add_restore_arguments(
+        sub.add_parser("restore", help="restore a backup into an empty (or stopped) data dir")
+    )
+
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -105,6 +116,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         from k2d import batchload
 
         return batchload.run_from_args(args)
+    if args.verb == "traces":
+        from k2d import traces
+
+        return traces.run_from_args(args)
+    if args.verb == "backup":
+        from k2d import backup
+
+        return backup.run_backup(args)
+    if args.verb == "restore":
+        from k2d import backup
+
+        return backup.run_restore(args)
     if args.verb == "journal":
         from k2d.journal import format_report, inspect
 

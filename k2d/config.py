@@ -13,7 +13,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -52,6 +52,9 @@ class StorageConfig(_Section, frozen=True):
     warehouse: str = ""
     namespace: str = "market"
     sqlite_busy_timeout_ms: int = 30_000
+    # A start with less free space than this under data_dir (or the journal directory) is
+    # refused (exit 73): a capture that would fill the disk within minutes should not begin.
+    min_free_bytes: Annotated[int, msgspec.Meta(ge=0)] = 256 * 1024 * 1024
 
     def data_path(self) -> Path:
         return Path(self.data_dir).expanduser().resolve()
@@ -154,10 +157,48 @@ class ShutdownConfig(_Section, frozen=True):
 
 class TelemetryConfig(_Section, frozen=True):
     service_name: str = "k2d"
-    # OTLP/HTTP endpoint; empty keeps spans in an in-memory ring only.
+    # OTLP/HTTP endpoint (http://host:4318, or the full .../v1/traces URL); empty: no export.
     otlp_endpoint: str = ""
+    # Seconds one OTLP export request may take before it is abandoned (the spans dropped).
+    otlp_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    # Finished spans waiting for each exporter (the trace store, OTLP); beyond it new spans
+    # are dropped and counted, never waited for.
+    max_queue_size: Annotated[int, msgspec.Meta(ge=1)] = 2_048
+    # Spans per export (one OTLP request, one line of the trace store) ...
+    export_batch_size: Annotated[int, msgspec.Meta(ge=1)] = 512
+    # ... sent at least this often, seconds.
+    export_interval: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    # Share of traces kept, decided by trace id (a remote parent's sampled flag wins) ...
+    sample_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
+    # ... while a span that ended in error or ran at least this long is always kept.
+    slow_span_seconds: Annotated[float, msgspec.Meta(ge=0)] = 1.0
+    # Finished spans kept in memory when there is no trace store; also the most spans one
+    # /v1/traces answer holds.
     span_ring_size: int = 2_048
+    # Keep finished spans in a rotating store of OTLP JSON lines, read by /v1/traces and
+    # `k2d traces`, so spans of earlier runs stay inspectable.
+    trace_store: bool = True
+    # Directory of the trace store; empty = data_dir/traces.
+    trace_dir: str = ""
+    # A store file rotates at this size; the oldest go beyond trace_files files.
+    trace_file_bytes: Annotated[int, msgspec.Meta(ge=4_096)] = 16 * 1024 * 1024
+    trace_files: Annotated[int, msgspec.Meta(ge=1)] = 8
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.export_batch_size > self.max_queue_size:
+            raise ValueError(
+                f"export_batch_size ({self.export_batch_size}) must not exceed max_queue_size "
+                f"({self.max_queue_size})"
+            )
+
+    def trace_path(self, storage: StorageConfig) -> Path | None:
+        """Directory of the trace store, or None when it is off."""
+        if not self.trace_store:
+            return None
+        if self.trace_dir:
+            return Path(self.trace_dir).expanduser().resolve()
+        return storage.data_path() / "traces"
 
 
 class BinanceFeedConfig(_Section, frozen=True):

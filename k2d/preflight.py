@@ -1,7 +1,8 @@
-"""Start-up checks: the data directory, the journal directory and the catalog, before any
-actor starts. Each failure is one clear line and a sysexits code, never a traceback:
-73 (EX_CANTCREAT) when the machine refuses to write (read-only, full, no permission, a
-catalog locked by another process), 78 (EX_CONFIG) when the configuration points at
+"""Start-up checks: the data directory, the journal directory (each writable, with at least
+`storage.min_free_bytes` free) and the catalog, before any actor starts. Each failure is
+one clear line and a sysexits code, never a traceback: 73 (EX_CANTCREAT) when the machine
+refuses to write (read-only, full or nearly full, no permission, a catalog locked by
+another process), 78 (EX_CONFIG) when the configuration points at
 something unusable (a data_dir that is a file, a catalog URL that does not open).
 
 While the daemon runs, the same faults are waited out instead (DEGRADED, retried with
@@ -43,13 +44,38 @@ class StartupError(Exception):
 
 
 def check_directories(cfg: Config) -> None:
-    """Create the data (and journal) directories and prove each takes a synced write."""
+    """Create the data (and journal) directories, prove each takes a synced write and has
+    at least storage.min_free_bytes free."""
     data = cfg.storage.data_path()
     dirs = [("storage.data_dir", data)]
     if cfg.journal.enabled and cfg.feeds.binance.enabled:
         dirs.append(("journal.directory", cfg.journal.path(cfg.storage)))
     for key, path in dirs:
         _probe(key, path)
+        _free_space(key, path, cfg.storage.min_free_bytes)
+
+
+def _free_space(key: str, path: Path, least: int) -> None:
+    """A start on a nearly full disk is refused: it would be degraded within minutes."""
+    if least <= 0:
+        return
+    try:
+        st = os.statvfs(path)
+    except OSError as exc:
+        raise StartupError(
+            EXIT_CANTCREAT, f"{key}: cannot read the free space of {path}: {exc.strerror}"
+        ) from None
+    free = st.f_bavail * st.f_frsize
+    if free < least:
+        raise StartupError(
+            EXIT_CANTCREAT,
+            f"{key}: only {_mib(free)} free on {path}, below storage.min_free_bytes "
+            f"({_mib(least)}); free some space or lower the threshold",
+        )
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1_048_576:.1f} MiB"
 
 
 def _probe(key: str, path: Path) -> None:

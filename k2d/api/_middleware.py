@@ -56,11 +56,7 @@ class RequestMiddleware:
             f"http {method}",
             context=parent,
             kind=SpanKind.SERVER,
-            attributes={
-                "http.request.method": method,
-                "url.path": scope["path"],
-                "k2d.request_id": request_id,
-            },
+            attributes=_request_attributes(scope, headers, method, request_id),
         )
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         status = 500
@@ -91,6 +87,7 @@ class RequestMiddleware:
             span.set_attribute("http.route", route)
             span.set_attribute("http.response.status_code", status)
             if status >= 500:
+                span.set_attribute("error.type", str(status))
                 span.set_status(Status(StatusCode.ERROR, f"HTTP {status}"))
             span.end()
             otel_context.detach(token)
@@ -126,6 +123,31 @@ class RequestMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _request_attributes(
+    scope: Scope, headers: dict[str, str], method: str, request_id: str
+) -> dict[str, str | int]:
+    """OpenTelemetry's HTTP server semantic conventions (http.route and the status code are
+    added once the route is matched and the response starts)."""
+    attributes: dict[str, str | int] = {
+        "http.request.method": method,
+        "url.path": scope["path"],
+        "url.scheme": str(scope.get("scheme", "http")),
+        "network.protocol.version": str(scope.get("http_version", "1.1")),
+        "k2d.request_id": request_id,
+    }
+    server, client = scope.get("server"), scope.get("client")
+    if server:
+        attributes["server.address"] = str(server[0])
+        if server[1] is not None:
+            attributes["server.port"] = int(server[1])
+    if client:
+        attributes["client.address"] = str(client[0])
+    agent = headers.get("user-agent")
+    if agent:
+        attributes["user_agent.original"] = agent[:256]
+    return attributes
 
 
 def _too_large_detail(limit: int) -> str:

@@ -50,7 +50,11 @@ class TracesMeta(msgspec.Struct, frozen=True):
     generated_at: str
     count: int
     limit: int
+    # The most spans one answer holds (telemetry.span_ring_size).
     ring_size: int
+    # "store": the trace store on disk (this run's spans and earlier runs'); "memory": the
+    # in-memory ring of this process (the store is off).
+    source: str
 
 
 class TracesBody(msgspec.Struct, frozen=True):
@@ -101,7 +105,8 @@ async def stats(api: NamedDependency[ApiState]) -> StatsBody:
 @get(
     "/traces",
     tags=["ops"],
-    sync_to_thread=False,
+    # Reads the trace store's files: in a worker thread, off the event loop.
+    sync_to_thread=True,
     responses={
         400: ResponseSpec(
             data_container=ErrorBody,
@@ -121,12 +126,13 @@ def traces(
     limit: Annotated[
         str | None,
         Parameter(
-            description="Spans to return, newest first (default 100, at most the ring size, "
+            description="Spans to return, newest first (default 100, at most "
             "telemetry.span_ring_size)",
         ),
     ] = None,
 ) -> TracesBody:
-    """The most recent finished spans from the in-memory ring."""
+    """The spans that ended last, newest first: from the trace store, which keeps earlier
+    runs' spans too (or the in-memory ring when telemetry.trace_store is off)."""
     try:
         asked = parse_integer(limit, "limit")
     except QueryError as exc:
@@ -142,7 +148,13 @@ def traces(
             f"query parameter 'limit' must be between 1 and {ring}, got {n}",
         )
     spans = api.tracing.recent_spans(n)
-    meta = TracesMeta(generated_at=utc_now_iso(), count=len(spans), limit=n, ring_size=ring)
+    meta = TracesMeta(
+        generated_at=utc_now_iso(),
+        count=len(spans),
+        limit=n,
+        ring_size=ring,
+        source="memory" if api.tracing.store is None else "store",
+    )
     return TracesBody(data=spans, meta=meta)
 
 

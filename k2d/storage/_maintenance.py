@@ -30,6 +30,7 @@ import msgspec
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+from opentelemetry import trace
 from pyarrow.fs import FileSelector, FileSystem, FileType
 from pyiceberg.exceptions import CommitFailedException, ValidationException
 
@@ -353,6 +354,7 @@ class TableMaintenance:
 
     `clock` (seconds since the epoch) decides which partitions are closed and which
     snapshots are old; `abort`, once set, stops work at the next safe point (no commit).
+    Each rewrite (compaction, retention, manifest merge) and each expiry is a span.
     """
 
     def __init__(
@@ -362,11 +364,13 @@ class TableMaintenance:
         *,
         clock: Callable[[], float] = time.time,
         abort: threading.Event | None = None,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self._wh = warehouse
         self._cfg = cfg
         self._clock = clock
         self._abort = abort or threading.Event()
+        self._tracer = tracer or trace.get_tracer("k2d")
 
     def run(
         self,
@@ -625,6 +629,34 @@ class TableMaintenance:
     ) -> Compaction:
         """Rewrite one partition's files sorted into files near target_file_bytes, and
         commit the swap once row count and checksums of old and new files agree."""
+        attributes: dict[str, str | int] = {
+            "db.system": "iceberg",
+            "k2d.table": name,
+            "k2d.partition.day": _day_label(part.day),
+            "k2d.files_before": len(part.files),
+            "k2d.bytes_before": sum(f.file_size_in_bytes for f in part.files),
+        }
+        with self._tracer.start_as_current_span(
+            "maintenance.compact", attributes=attributes
+        ) as span:
+            result = self._compact_partition(name, part, on_replace)
+            span.set_attributes(
+                {
+                    "k2d.files_after": result.files_after,
+                    "k2d.bytes_after": result.bytes_after,
+                    "k2d.rows": result.rows,
+                    "k2d.snapshot_id": result.snapshot_id,
+                    "k2d.retries": result.retries,
+                }
+            )
+            return result
+
+    def _compact_partition(
+        self,
+        name: str,
+        part: _PartitionFiles,
+        on_replace: Callable[[FilesReplaced], None] | None,
+    ) -> Compaction:
         start = time.perf_counter()
         table = self._wh.load_table(name)
         io = table.io
@@ -800,6 +832,18 @@ class TableMaintenance:
     def rewrite_manifests(self, name: str) -> tuple[int, int] | None:
         """Merge the current snapshot's data manifests when there are more than max_manifests;
         returns (before, after)."""
+        with self._tracer.start_as_current_span(
+            "maintenance.rewrite_manifests",
+            attributes={"db.system": "iceberg", "k2d.table": name},
+        ) as span:
+            done = self._rewrite_manifests(name)
+            if done is not None:
+                span.set_attributes(
+                    {"k2d.manifests_before": done[0], "k2d.manifests_after": done[1]}
+                )
+            return done
+
+    def _rewrite_manifests(self, name: str) -> tuple[int, int] | None:
         table = self._wh.load_table(name)
         snapshot = table.current_snapshot()
         if snapshot is None:
@@ -833,6 +877,25 @@ class TableMaintenance:
         on_replace: Callable[[FilesReplaced], None] | None = None,
     ) -> Retention | None:
         """Drop, in one delete commit, the partitions whose day ended `days` days ago."""
+        with self._tracer.start_as_current_span(
+            "maintenance.retention",
+            attributes={"db.system": "iceberg", "k2d.table": name, "k2d.retention_days": days},
+        ) as span:
+            done = self._drop_old_partitions(name, days, on_replace)
+            if done is not None:
+                span.set_attributes(
+                    {
+                        "k2d.partitions": done.partitions,
+                        "k2d.files": done.files,
+                        "k2d.rows": done.rows,
+                        "k2d.snapshot_id": done.snapshot_id,
+                    }
+                )
+            return done
+
+    def _drop_old_partitions(
+        self, name: str, days: float, on_replace: Callable[[FilesReplaced], None] | None
+    ) -> Retention | None:
         table = self._wh.load_table(name)
         snapshot = table.current_snapshot()
         if snapshot is None:
@@ -913,6 +976,21 @@ class TableMaintenance:
         """Expire old snapshots of `name`, then delete the files no remaining snapshot
         references (and, with `sweep_orphans`, files older than orphan_file_age that no
         snapshot references, such as those of a commit a crash cut short)."""
+        with self._tracer.start_as_current_span(
+            "maintenance.expire", attributes={"db.system": "iceberg", "k2d.table": name}
+        ) as span:
+            result = self._expire(name, sweep_orphans)
+            span.set_attributes(
+                {
+                    "k2d.snapshots_expired": result.snapshots_expired,
+                    "k2d.snapshots_left": result.snapshots_left,
+                    "k2d.data_files_deleted": result.data_files_deleted,
+                    "k2d.orphans_deleted": result.orphans_deleted,
+                }
+            )
+            return result
+
+    def _expire(self, name: str, sweep_orphans: bool) -> Expiry:
         start = time.perf_counter()
         cfg = self._cfg
         backoff = Backoff(cfg.commit_backoff_initial, cfg.commit_backoff_max)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import anyio
 import httpx
 import msgspec
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from k2d.runtime import Backoff
 from k2d.venues.binance import HistoryPage, decode_history, historical_trades_url
@@ -50,6 +51,7 @@ _MAX_RETRY_AFTER = 3 * 86_400.0  # Binance's longest ban
 _DETAIL_CHARS = 200
 # A venue-imposed wait longer than this is reported (on_blocked): the backfiller is degraded.
 BLOCKED_REPORT_AFTER = 5.0
+_PROPAGATOR = TraceContextTextMapPropagator()
 
 
 class BinanceRestError(Exception):
@@ -233,8 +235,12 @@ class BinanceRest:
         failure = "no attempt made"
         for attempt in range(1, self._max_attempts + 1):
             window = await self._budget.acquire(self._weight)
+            # W3C traceparent of the current span (backfill.fetch): a venue or proxy that
+            # traces can join its request to ours.
+            headers: dict[str, str] = {}
+            _PROPAGATOR.inject(headers)
             try:
-                response = await self._client.get(url)
+                response = await self._client.get(url, headers=headers)
             except httpx.RequestError as exc:
                 self._budget.release(window, self._weight, None, None, None)
                 self._count("error")

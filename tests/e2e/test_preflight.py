@@ -99,3 +99,23 @@ def test_a_full_data_dir_is_refused_with_73(tmp_path: Path) -> None:
         proc = start(tmp_path, mounted / "data")
     assert proc.returncode == 73
     assert "no space left" in refusal(proc)
+
+
+def test_less_free_space_than_storage_min_free_bytes_is_refused_with_73(tmp_path: Path) -> None:
+    proc = start(tmp_path, tmp_path / "data", f"min_free_bytes = {2**62}")
+    assert proc.returncode == 73
+    line = refusal(proc)
+    assert "storage.data_dir" in line and "below storage.min_free_bytes" in line
+
+
+def test_a_small_filesystem_is_refused_by_default_and_started_on_below_the_threshold(
+    tmp_path: Path,
+) -> None:
+    with small_fs(tmp_path / "small") as mounted:
+        refused = start(tmp_path, mounted / "data")  # 4 MiB free < 256 MiB by default
+        started = start(tmp_path, mounted / "data", "min_free_bytes = 1048576")
+    assert refused.returncode == 73
+    assert "MiB free" in refusal(refused) and "storage.min_free_bytes (256.0 MiB)" in refusal(
+        refused
+    )
+    assert started.returncode == 0, (started.stdout + started.stderr)[-2000:]
