@@ -439,7 +439,9 @@ def build_pipeline(
         # Maintainer that runs: an unclosed one would keep the pool's inbox (and the drain)
         # open.
         def make_maintainer() -> Maintainer:
-            m = Maintainer(warehouse, cfg.maintenance, metrics, stop=feeds_stop, lock=table_lock)
+            m = Maintainer(
+                warehouse, cfg.maintenance, metrics, stop=feeds_stop, lock=table_lock, tracer=tracer
+            )
             maintainer[:] = [m]
             return m
 
