@@ -111,6 +111,8 @@ async def run_daemon(
             expected_actors=set(pipeline.actor_names),
             query_pool=pipeline.query_pool,
             live_hub=pipeline.live_hub,
+            fanout=pipeline.live_hub.fanout,
+            stream=cfg.stream,
             run_maintenance=_maintenance_runner(pipeline) if cfg.maintenance.enabled else None,
             config=cfg.api,
         ),

@@ -33,6 +33,7 @@ __all__ = [
     "SequencerConfig",
     "ShutdownConfig",
     "StorageConfig",
+    "StreamConfig",
     "SupervisorConfig",
     "TelemetryConfig",
     "WriterConfig",
@@ -406,6 +407,31 @@ class KafkaConfig(_Section, frozen=True):
             raise ConfigError(problems)
 
 
+class StreamConfig(_Section, frozen=True):
+    """The WebSocket stream (/v1/stream) and replay: limits per connection and in total."""
+
+    enabled: bool = True
+    # Open stream connections in total, and per client (API key, else address).
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 1_000
+    max_connections_per_key: Annotated[int, msgspec.Meta(ge=1)] = 50
+    # Channels one connection may subscribe to at once.
+    max_subscriptions: Annotated[int, msgspec.Meta(ge=1)] = 100
+    # Largest client message, bytes.
+    max_message_bytes: Annotated[int, msgspec.Meta(ge=64)] = 4_096
+    # A connection's send queue: past either bound it is closed as a slow consumer.
+    queue_messages: Annotated[int, msgspec.Meta(ge=8)] = 1_000
+    queue_bytes: Annotated[int, msgspec.Meta(ge=65_536)] = 8 * 1024 * 1024
+    # Live rows held for a subscription while its history (`since`) is read and sent.
+    join_buffer_bytes: Annotated[int, msgspec.Meta(ge=1)] = 64 * 1024 * 1024
+    # How far back `since` may reach, seconds.
+    max_since_seconds: Annotated[float, msgspec.Meta(gt=0)] = 86_400.0
+    # Rows per history page read through the query pool (catch-up and replay).
+    page_rows: Annotated[int, msgspec.Meta(ge=1)] = 5_000
+    # A close frame that cannot be written in this long (the peer reads nothing) is given
+    # up on, and the TCP connection closed, seconds.
+    close_timeout: Annotated[float, msgspec.Meta(gt=0)] = 3.0
+
+
 class Config(_Section, frozen=True):
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     writer: WriterConfig = msgspec.field(default_factory=WriterConfig)
@@ -422,6 +448,7 @@ class Config(_Section, frozen=True):
     query: QueryConfig = msgspec.field(default_factory=QueryConfig)
     maintenance: MaintenanceConfig = msgspec.field(default_factory=MaintenanceConfig)
     kafka: KafkaConfig = msgspec.field(default_factory=KafkaConfig)
+    stream: StreamConfig = msgspec.field(default_factory=StreamConfig)
 
 
 class ConfigError(Exception):

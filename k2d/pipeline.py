@@ -46,7 +46,7 @@ from opentelemetry import trace
 
 from actors.backfill import Backfiller
 from actors.feed import FeedHandler
-from actors.live_hub import LiveHub
+from actors.live_hub import Fanout, LiveHub
 from actors.maintenance import Maintainer
 from actors.query_pool import QueryPool
 from actors.sequencer import SequenceTracker
@@ -142,6 +142,8 @@ class CurrentHub:
     hub (and the uncommitted rows in it) along, as a killed process would."""
 
     hub: LiveHub | None = None
+    # The stream's subscribers: made once, published to by every round's hub.
+    fanout: Fanout | None = None
 
     def recent_trades(
         self, exchange: str, symbol: str, since_us: int = 0, *, uncommitted_only: bool = False
@@ -244,6 +246,7 @@ def build_pipeline(
     feeds_stop = anyio.Event()
     limiter = anyio.CapacityLimiter(_INGEST_THREADS)
     hub_view = CurrentHub()
+    hub_view.fanout = Fanout(tracer)
     commits = CommitLog()
     # Serialises table maintenance with the capture chain's recovery: a round never
     # rewrites the files of a cut-short flush before recovery has undone it.
@@ -318,7 +321,7 @@ def build_pipeline(
             for s, _ in backfill_results:
                 s.close()
             to_backfiller.close()
-        hub = LiveHub(cfg.live, metrics)
+        hub = LiveHub(cfg.live, metrics, hub_view.fanout)
         hub_view.hub = hub
         children.append(
             ChildSpec.for_actor("live_hub", _made(hub), hub_inbox, Outbox("none"), registry)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from litestar import Litestar, Response, Router
+import msgspec
+from litestar import Litestar, Response, Router, get
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.types import ControllerRouterHandler
@@ -13,12 +15,14 @@ from opentelemetry import trace
 from k2d import __version__
 from k2d.api._access import AccessControl
 from k2d.api._admin import admin_router
+from k2d.api._asyncapi import asyncapi_document
 from k2d.api._contract import ContractJsonRender
 from k2d.api._errors import error_response, exception_handlers
 from k2d.api._middleware import RequestMiddleware
 from k2d.api._ops import OPS_HANDLERS, V1_OPS_HANDLERS
 from k2d.api._query_routes import query_router
 from k2d.api._state import ApiState
+from k2d.api._stream import stream_handlers
 
 __all__ = ["create_app"]
 
@@ -37,11 +41,14 @@ def create_app(
     def provide_api() -> ApiState:
         return state
 
-    # One AccessControl for every /v1 route: one rate-limit bucket per client across them.
+    # One AccessControl for every /v1 route: one rate-limit bucket per client across them
+    # (the stream's handshake is checked by the same instance).
+    access = AccessControl(state.config)
+    streams = stream_handlers(state, access) if state.stream.enabled else []
     v1 = Router(
         "/v1",
-        route_handlers=[query_router(), *V1_OPS_HANDLERS, admin_router(state)],
-        middleware=[AccessControl(state.config)],
+        route_handlers=[query_router(), *V1_OPS_HANDLERS, admin_router(state), *streams],
+        middleware=[access],
     )
     app = Litestar(
         route_handlers=[*OPS_HANDLERS, v1, *route_handlers],
@@ -70,7 +77,7 @@ def _openapi_config(state: ApiState) -> OpenAPIConfig:
     with the constraints the server enforces written in (k2d/api/_contract.py)."""
     router = Router(
         SCHEMA_PATH,
-        route_handlers=[],
+        route_handlers=[_asyncapi(state)],
         include_in_schema=False,
         after_request=_json_not_found,
     )
@@ -81,6 +88,18 @@ def _openapi_config(state: ApiState) -> OpenAPIConfig:
         render_plugins=[ContractJsonRender(state)],
         openapi_router=router,
     )
+
+
+def _asyncapi(state: ApiState) -> Any:
+    """/schema/asyncapi.json: the stream protocol (k2d/api/_asyncapi.py)."""
+    keys = bool(state.config.api_keys or state.config.admin_api_keys)
+    body = msgspec.json.encode(asyncapi_document(state.stream, keys=keys))
+
+    @get("/asyncapi.json", media_type="application/json", sync_to_thread=False)
+    def asyncapi() -> Response[bytes]:
+        return Response(body, media_type="application/json")
+
+    return asyncapi
 
 
 async def _json_not_found(response: Response[object]) -> Response[object]:

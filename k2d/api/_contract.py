@@ -62,8 +62,18 @@ _EPOCH: Schema = {
     ]
 }
 # Operations whose symbol is required: one symbol at least, in a list or alone.
-_NEEDS_SYMBOL = {"/v1/trades/recent", "/v1/ohlcv/{interval}", "/v1/completeness"}
-_COLUMNS_OF = {"/v1/trades": TRADES, "/v1/trades/recent": TRADES, "/v1/quotes": QUOTES}
+_NEEDS_SYMBOL = {
+    "/v1/trades/recent",
+    "/v1/quotes/recent",
+    "/v1/ohlcv/{interval}",
+    "/v1/completeness",
+}
+_COLUMNS_OF = {
+    "/v1/trades": TRADES,
+    "/v1/trades/recent": TRADES,
+    "/v1/quotes": QUOTES,
+    "/v1/quotes/recent": QUOTES,
+}
 
 
 def _enum(values: Any) -> Schema:

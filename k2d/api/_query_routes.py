@@ -502,6 +502,109 @@ async def recent_trades(
 ) -> Stream:
     """The last minutes of trades: committed rows merged with the ones the live hub holds
     but the writer has not committed yet, each message_id once."""
+    return await _recent(
+        api,
+        request,
+        TRADES,
+        symbol=symbol,
+        exchange=exchange,
+        window=window,
+        limit=limit,
+        order=order,
+        columns=columns,
+        fmt=fmt,
+    )
+
+
+_QUOTE_EXAMPLE = {
+    "message_id": "BINANCE:BTCUSDT:quote:5001",
+    "symbol": "BTCUSDT",
+    "exchange": "BINANCE",
+    "asset_class": "crypto",
+    "timestamp": "2024-03-01T12:00:00.120000Z",
+    "bid_price": "61234.40000000",
+    "bid_quantity": "1.50000000",
+    "ask_price": "61234.50000000",
+    "ask_quantity": "0.30000000",
+    "currency": "USDT",
+    "source_sequence": 5001,
+    "ingestion_timestamp": "2024-03-01T12:00:00.121000Z",
+    "platform_sequence": 91,
+    "vendor_data": None,
+    "provenance": "live",
+}
+
+
+@get(
+    "/quotes/recent",
+    operation_class=TabularOperation,
+    responses=responses(
+        QuotesPage,
+        {
+            "data": [_QUOTE_EXAMPLE],
+            "meta": _meta_example(
+                table="quotes", gaps=[], live_rows=12, truncated=False, next_cursor=None
+            ),
+        },
+        [
+            ("missing_symbol", "symbol is required"),
+            ("invalid_window", "window must look like 30s, 15m, 2h or 1d, got 'soon'"),
+            ("window_too_large", "window 40d is longer than 2.6784e+06s"),
+            *_ROWS_400[:3],
+        ],
+        not_found=_ROWS_404[:2],
+    ),
+)
+async def recent_quotes(
+    api: NamedDependency[ApiState],
+    request: Request[Any, Any, Any],
+    symbol: RequiredSymbols = None,
+    exchange: Exchanges = None,
+    window: Annotated[
+        str | None,
+        Parameter(
+            description="How far back from now: 30s, 15m (default), 2h, 1d; at most "
+            "query.max_window_seconds",
+            examples=[Example(summary="15 minutes", value="15m")],
+        ),
+    ] = None,
+    limit: Limit = None,
+    order: Order = None,
+    columns: Annotated[
+        list[str] | None,
+        Parameter(description="Columns to return (allow-listed; default all)"),
+    ] = None,
+    fmt: Fmt = None,
+) -> Stream:
+    """The last minutes of quotes, merged with the live hub's uncommitted ones as
+    /v1/trades/recent does for trades."""
+    return await _recent(
+        api,
+        request,
+        QUOTES,
+        symbol=symbol,
+        exchange=exchange,
+        window=window,
+        limit=limit,
+        order=order,
+        columns=columns,
+        fmt=fmt,
+    )
+
+
+async def _recent(
+    api: ApiState,
+    request: Request[Any, Any, Any],
+    table: str,
+    *,
+    symbol: Any,
+    exchange: Any,
+    window: str | None,
+    limit: str | None,
+    order: str | None,
+    columns: Any,
+    fmt: str | None,
+) -> Stream:
     pool = _pool(api)
     cfg = pool.cfg
     with _as_api_errors():
@@ -513,7 +616,7 @@ async def recent_trades(
         span = parse_duration(window or "15m", cfg.max_window_seconds)
         limit_rows = parse_limit(_int(limit, "limit"), cfg.default_limit, cfg.max_rows)
         desc = parse_order(order)
-        cols = parse_columns(columns, list(TABLE_COLUMNS[TRADES]))
+        cols = parse_columns(columns, list(TABLE_COLUMNS[table]))
         try:
             with anyio.fail_after(cfg.timeout):
                 # Everything the live hub counts as committed is in the index after this.
@@ -530,10 +633,11 @@ async def recent_trades(
             live_keys = {
                 k for k in hub.symbols() if k[1] in symbols and (not exchanges or k[0] in exchanges)
             }
+            read = hub.recent_trades if table == TRADES else hub.recent_quotes
             for ex, sym in sorted(live_keys):
-                live.extend(hub.recent_trades(ex, sym, now - span, uncommitted_only=True))
+                live.extend(read(ex, sym, now - span, uncommitted_only=True))
         plan = RecentPlan(
-            endpoint="trades.recent",
+            endpoint=f"{table}.recent",
             symbols=symbols,
             exchanges=exchanges,
             window=Window(now - span, now + _FUTURE_SLACK_US),
@@ -542,6 +646,7 @@ async def recent_trades(
             columns=cols,
             live=tuple(live),
             live_keys=frozenset(live_keys),
+            table=table,
         )
     return await _answer(api, request, plan, out)
 
@@ -1029,6 +1134,7 @@ QUERY_HANDLERS = (
     quotes,
     trades_query,
     recent_trades,
+    recent_quotes,
     ohlcv,
     symbols,
     snapshots,

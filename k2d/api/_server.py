@@ -44,6 +44,9 @@ class ApiServer:
             # The client address is the peer's; X-Forwarded-For counts only from the
             # trusted proxies in api.trusted_proxies (k2d/api/_access.py decides).
             proxy_headers=False,
+            # /v1/stream encodes each batch once for every subscriber; per-message deflate
+            # would compress it again per client, undoing that.
+            ws_per_message_deflate=False,
         )
         self._server = _Server(config)
         self._done = anyio.Event()

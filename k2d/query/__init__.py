@@ -26,6 +26,7 @@ from k2d.query._params import (
     Interval,
     SnapshotSel,
     Window,
+    check_window,
     duration_pattern,
     exchange_pattern,
     int_range_pattern,
@@ -68,6 +69,7 @@ from k2d.query._plans import (
     SnapshotsPlan,
     SummaryPlan,
     SymbolsPlan,
+    WindowPlan,
     iso,
 )
 from k2d.query._render import Column, Kind
@@ -126,6 +128,8 @@ __all__ = [
     "SymbolsPlan",
     "TableFiles",
     "Window",
+    "WindowPlan",
+    "check_window",
     "decode_cursor",
     "duration_pattern",
     "encode_cursor",

@@ -40,6 +40,7 @@ __all__ = [
     "Interval",
     "SnapshotSel",
     "Window",
+    "check_window",
     "duration_pattern",
     "exchange_pattern",
     "int_range_pattern",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 import pyarrow as pa
 
-from k2d.model import Trade
+from k2d.model import Quote, Trade
 from k2d.query._cursor import fingerprint
 from k2d.query._errors import QueryError
 from k2d.query._execute import Key, PlanContext, Prepared, keyset
@@ -25,7 +25,7 @@ from k2d.query._files import FileEntry, SymbolKey, TableFiles
 from k2d.query._ledger import LedgerEvent
 from k2d.query._params import Interval, SnapshotSel, Window
 from k2d.query._render import Column, Kind, ident
-from k2d.storage import QUOTES, TABLE_NAMES, TABLES, TRADES, trades_to_arrow
+from k2d.storage import QUOTES, TABLE_NAMES, TABLES, TRADES, quotes_to_arrow, trades_to_arrow
 
 __all__ = [
     "COMPLETENESS_COLUMNS",
@@ -44,6 +44,7 @@ __all__ = [
     "SnapshotsPlan",
     "SummaryPlan",
     "SymbolsPlan",
+    "WindowPlan",
     "iso",
 ]
 
@@ -58,6 +59,10 @@ _ROW_KEYS = (
 # The row order: event time, then symbol, then venue sequence (absent: first), then id.
 _ROW_KEY_EXPRS = ('"timestamp"', '"symbol"', "coalesce(source_sequence, -1)", '"message_id"')
 _STREAM_OF = {TRADES: "trade", QUOTES: "quote"}
+_LIVE_ARROW: dict[str, Callable[[Any], pa.Table]] = {
+    TRADES: trades_to_arrow,
+    QUOTES: quotes_to_arrow,
+}
 _MAX_META_GAPS = 1_000
 
 
@@ -298,7 +303,8 @@ class RowsPlan:
 
 @dataclass(frozen=True)
 class RecentPlan:
-    """GET /v1/trades/recent: committed trades merged with the live hub's uncommitted ones."""
+    """GET /v1/trades/recent and /v1/quotes/recent: committed rows merged with the live
+    hub's uncommitted ones."""
 
     endpoint: str
     symbols: tuple[str, ...]
@@ -307,18 +313,20 @@ class RecentPlan:
     limit: int
     desc: bool
     columns: tuple[str, ...]
-    live: tuple[Trade, ...] = ()
+    live: tuple[Trade, ...] | tuple[Quote, ...] = ()
     live_keys: frozenset[SymbolKey] = frozenset()
+    table: str = TRADES
 
     def prepare(self, ctx: PlanContext) -> Prepared:
-        files = ctx.files(TRADES, SnapshotSel())
-        keys = _known_keys(ctx, TRADES, files, self.exchanges, self.symbols, self.live_keys)
+        table = self.table
+        files = ctx.files(table, SnapshotSel())
+        keys = _known_keys(ctx, table, files, self.exchanges, self.symbols, self.live_keys)
         entries = files.select(
             self.window.start, self.window.end, exchanges=self.exchanges, keys=keys
         )
         relations: dict[str, pa.Table] = {}
-        source, params = _source(TRADES, entries, relations)
-        relations["__live"] = trades_to_arrow(list(self.live))
+        source, params = _source(table, entries, relations)
+        relations["__live"] = _LIVE_ARROW[table](list(self.live))
         clauses, values = _time_filter(self.window)
         where = [clauses]
         filter_params = list(values)
@@ -338,23 +346,94 @@ class RecentPlan:
             f"UNION ALL BY NAME SELECT {select} FROM {ident('__live')} WHERE {cond})"
         )
         meta: dict[str, Any] = {
-            "table": TRADES,
+            "table": table,
             "snapshot_id": files.snapshot_id,
             "window": _window_meta(self.window),
             "live_rows": len(self.live),
-            **_meta_gaps(ctx, "trade", keys, self.exchanges, self.window),
+            **_meta_gaps(ctx, _STREAM_OF[table], keys, self.exchanges, self.window),
         }
         return Prepared(
             sql=sql,
             params=[*params, *filter_params, *filter_params],
-            columns=tuple(TABLE_COLUMNS[TRADES][c] for c in self.columns),
+            columns=tuple(TABLE_COLUMNS[table][c] for c in self.columns),
             keys=_ROW_KEYS,
             limit=self.limit,
             desc=self.desc,
             relations=relations,
             meta=meta,
             dedupe="message_id",
-            filename="trades",
+            filename=table,
+        )
+
+
+RowKey = tuple[int, str, int, str]
+"""A row's place in (timestamp us, symbol, source_sequence or -1, message_id) order."""
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """One page of the trades or quotes of some (exchange, symbol) pairs in a window, in
+    (timestamp, symbol, source_sequence, message_id) order, strictly after `after`: the
+    history a stream sends (a subscription's `since`, merged with the live hub's
+    uncommitted rows, each message_id once) and the pages of a replay. Pairs with nothing
+    stored are no error: their pages are empty. The first page (`after` None) carries the
+    ledger's gaps and outages meeting the window in its meta."""
+
+    endpoint: str
+    table: str
+    keys: tuple[SymbolKey, ...]
+    window: Window
+    limit: int
+    after: RowKey | None = None
+    live: tuple[Trade, ...] | tuple[Quote, ...] = ()
+
+    def prepare(self, ctx: PlanContext) -> Prepared:
+        table = self.table
+        files = ctx.files(table, SnapshotSel())
+        keys = list(self.keys)
+        entries = files.select(self.window.start, self.window.end, keys=keys)
+        relations: dict[str, pa.Table] = {}
+        source, src_params = _source(table, entries, relations)
+        time_clause, values = _time_filter(self.window)
+        clauses, params = [time_clause], list(values)
+        pairs = " OR ".join('("exchange" = ? AND "symbol" = ?)' for _ in keys)
+        clauses.append(f"({pairs})" if keys else "FALSE")
+        for ex, sym in keys:
+            params.extend((ex, sym))
+        if self.after is not None:
+            # The plain bound lets DuckDB skip row groups; the row comparison is exact.
+            clauses.append('"timestamp" >= make_timestamptz(?)')
+            params.append(self.after[0])
+            clause, values = keyset(_ROW_KEY_EXPRS, _ROW_KEYS, list(self.after), False)
+            clauses.append(clause)
+            params.extend(values)
+        cond = " AND ".join(clauses)
+        columns = list(TABLE_COLUMNS[table])
+        select = ", ".join(ident(c) for c in columns)
+        sql = f"SELECT {select} FROM {source} WHERE {cond}"
+        all_params = [*src_params, *params]
+        if self.live:
+            relations["__live"] = _LIVE_ARROW[table](list(self.live))
+            sql += f" UNION ALL BY NAME SELECT {select} FROM {ident('__live')} WHERE {cond}"
+            all_params.extend(params)
+        sql = f"SELECT *, coalesce(source_sequence, -1) AS k_seq FROM ({sql})"
+        meta: dict[str, Any] = {
+            "table": table,
+            "snapshot_id": files.snapshot_id,
+            "window": _window_meta(self.window),
+        }
+        if self.after is None:
+            meta.update(_meta_gaps(ctx, _STREAM_OF[table], keys, (), self.window))
+        return Prepared(
+            sql=sql,
+            params=all_params,
+            columns=tuple(TABLE_COLUMNS[table].values()),
+            keys=_ROW_KEYS,
+            limit=self.limit,
+            relations=relations,
+            meta=meta,
+            dedupe="message_id",
+            filename=table,
         )
 
 

@@ -12,7 +12,7 @@ from k2d.query._errors import QueryError
 
 if TYPE_CHECKING:
     from k2d.config import QueryConfig
-    from k2d.model import Trade
+    from k2d.model import Quote, Trade
     from k2d.query._execute import Head, Plan
     from k2d.query._params import Format
 
@@ -67,10 +67,14 @@ class QueryService(Protocol):
 
 
 class RecentSource(Protocol):
-    """The LiveHub, as the recent-trades route sees it."""
+    """The LiveHub, as the recent-rows routes (and a stream's catch-up) see it."""
 
     def recent_trades(
         self, exchange: str, symbol: str, since_us: int = 0, *, uncommitted_only: bool = False
     ) -> list[Trade]: ...
+
+    def recent_quotes(
+        self, exchange: str, symbol: str, since_us: int = 0, *, uncommitted_only: bool = False
+    ) -> list[Quote]: ...
 
     def symbols(self) -> list[tuple[str, str]]: ...

@@ -17,6 +17,7 @@ __all__ = ["Metrics"]
 
 _COMMIT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _QUERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class _RuntimeCollector(Collector):
@@ -345,6 +346,58 @@ class Metrics:
         self.query_index_replans = Counter(
             "k2d_query_index_replans_total",
             "Full re-plans of the query file index (start, replace commits, missed commits)",
+            registry=r,
+        )
+        # The WebSocket stream (/v1/stream) and replay.
+        self.ws_clients = Gauge("k2d_ws_clients", "Open WebSocket stream connections", registry=r)
+        self.ws_subscriptions = Gauge(
+            "k2d_ws_subscriptions", "Channels subscribed by open stream connections", registry=r
+        )
+        self.ws_messages = Counter(
+            "k2d_ws_messages_total",
+            "Messages sent to stream clients, by type (trades, quotes, gap, ack, error, ...)",
+            ["type"],
+            registry=r,
+        )
+        self.ws_bytes = Counter(
+            "k2d_ws_bytes_total", "Bytes of the messages sent to stream clients", registry=r
+        )
+        self.ws_rows = Counter(
+            "k2d_ws_rows_total",
+            "Rows sent to stream clients, by source (live, history, replay)",
+            ["source"],
+            registry=r,
+        )
+        self.ws_encoded = Counter(
+            "k2d_ws_encoded_batches_total",
+            "Channel batches encoded for the stream (once per channel and encoding, whatever "
+            "the number of subscribers)",
+            ["encoding"],
+            registry=r,
+        )
+        self.ws_publish_lag = Histogram(
+            "k2d_ws_publish_lag_seconds",
+            "From the feed receiving a frame to its rows being published to the stream "
+            "(the pipeline's share of a stream's latency; the oldest row of each batch)",
+            buckets=_LAG_BUCKETS,
+            registry=r,
+        )
+        self.ws_queue_seconds = Histogram(
+            "k2d_ws_queue_seconds",
+            "From a batch being queued for a stream client to its message being written to "
+            "the client's socket (the fan-out's share of a stream's latency)",
+            buckets=_LAG_BUCKETS,
+            registry=r,
+        )
+        self.ws_slow_closed = Counter(
+            "k2d_ws_slow_closed_total",
+            "Stream connections closed for falling behind their send queue (close code 4408)",
+            registry=r,
+        )
+        self.ws_refused = Counter(
+            "k2d_ws_refused_total",
+            "Stream connections closed for a refused key or a limit, by error code",
+            ["code"],
             registry=r,
         )
         if runtime is not None:
