@@ -61,7 +61,11 @@ def recover(cfg: Config, warehouse: Warehouse, after: str | None = None) -> Reco
     last_capture: int | None = None
     if cfg.journal.enabled and cfg.feeds.binance.enabled:
         journal, replay_after = open_journal(cfg, state.log_position)
-        last = last_record(journal.directory, FEED)
+        try:
+            last = last_record(journal.directory, FEED)
+        except BaseException:
+            journal.close()  # or its lock would refuse the next recovery's open
+            raise
         last_capture = last[1] if last else None
     elif state.watermarks:
         # No journal: what was not committed is gone; the outage starts at the last commit.
