@@ -88,6 +88,7 @@ class FeedHandler(Actor[None, RecordBatch]):
         self._active = self.parser
         self._pending = ParsedFrames()
         self._pending_since = 0.0
+        self._batch_started = anyio.Event()  # set when a frame starts an empty batch
         self._lock = anyio.Lock()
         self._outbox: Outbox[RecordBatch] | None = None
         self._sockets: set[ClientConnection] = set()
@@ -125,6 +126,7 @@ class FeedHandler(Actor[None, RecordBatch]):
             await self._connections()
             # No cancel here: a cancelled send would lose the batch it carried.
             self._closing.set()
+            self._batch_started.set()
         await self._emit()
 
     async def _replay(self, journal: Journal, until: JournalPosition) -> None:
@@ -323,6 +325,7 @@ class FeedHandler(Actor[None, RecordBatch]):
         p = self._pending
         if not p:
             self._pending_since = time.monotonic()
+            self._batch_started.set()
         nt, nq = len(p.trades), len(p.quotes)
         ctl = self.parser.parse(frame, received, p)
         if ctl is not None and ctl.kind == "server_shutdown":
@@ -358,11 +361,17 @@ class FeedHandler(Actor[None, RecordBatch]):
             seen.popitem(last=False)
 
     async def _flush_by_age(self) -> None:
+        """Emits a batch batch_max_age after its first frame, to the millisecond: this delay
+        is most of a row's way from the socket to a stream subscriber."""
         age = self.pipeline.batch_max_age
         while not self._closing.is_set():
-            with anyio.move_on_after(age / 2):
-                await self._closing.wait()
-            if self._pending and time.monotonic() - self._pending_since >= age:
+            await self._batch_started.wait()
+            self._batch_started = anyio.Event()
+            if not self._pending:
+                continue
+            started = self._pending_since
+            await anyio.sleep(max(0.0, started + age - time.monotonic()))
+            if self._pending and self._pending_since == started:
                 await self._emit()
 
     async def _emit(self) -> None:

@@ -39,6 +39,8 @@ from typing import Any
 
 import msgspec
 
+from k2d.config import PipelineConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 CHANNELS = ["trades:BINANCE:BTCUSDT", "trades:BINANCE:ETHUSDT"]
 
@@ -244,6 +246,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=15.0, help="each phase")
     ap.add_argument("--batch-max-age", type=float, default=None, help="pipeline.batch_max_age")
     ap.add_argument("--queue-bytes", type=int, default=None, help="stream.queue_bytes")
+    ap.add_argument("--daemon-log", type=Path, default=None, help="keep the daemon's log here")
     args = ap.parse_args()
 
     py = sys.executable
@@ -297,7 +300,7 @@ rest_url = "http://127.0.0.1:{sim_port}"
 symbols = ["BTCUSDT", "ETHUSDT"]
 {extra}"""
         )
-        log = (tmp / "daemon.log").open("w")
+        log = (args.daemon_log or tmp / "daemon.log").open("w")
         daemon = subprocess.Popen(
             [py, "-m", "k2d", "run", "--config", str(cfg)],
             stdout=log,
@@ -402,10 +405,11 @@ symbols = ["BTCUSDT", "ETHUSDT"]
         closed.update({int(k): v for k, v in r["closed"].items()})
     decoding = len([i for i in range(args.clients) if i % args.decode_every == 0])
     print(f"machine: {machine()}")
+    default_age = f"default ({PipelineConfig().batch_max_age})"
     print(
         f"setup: {args.clients} clients on {', '.join(CHANNELS)}; simulator {args.rate:,.0f} "
         f"trades/s (and quotes); pipeline.batch_max_age "
-        f"{args.batch_max_age if args.batch_max_age is not None else 'default (0.05)'}; "
+        f"{args.batch_max_age if args.batch_max_age is not None else default_age}; "
         f"{decoding} decoding clients; {args.processes} client processes"
     )
     for phase, name in enumerate(("all reading", f"{args.stall} stalled")):

@@ -125,7 +125,8 @@ async def run_daemon(
         async with anyio.create_task_group() as tg:
             server = None
             if cfg.api.enabled:
-                server = serve(create_app(daemon.api), cfg.api)
+                heartbeat = (cfg.stream.heartbeat_interval, cfg.stream.heartbeat_timeout)
+                server = serve(create_app(daemon.api), cfg.api, heartbeat)
                 await tg.start(server.run)
                 daemon.api_port = server.port
                 log.info("API listening on http://%s:%d", cfg.api.host, server.port)

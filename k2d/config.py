@@ -89,7 +89,7 @@ class PipelineConfig(_Section, frozen=True):
     stream_size: int = 16
     # Batches of records from a feed: at most this many records, at most this old (seconds).
     batch_max_records: int = 2_000
-    batch_max_age: float = 0.05
+    batch_max_age: float = 0.01
 
 
 class SequencerConfig(_Section, frozen=True):
@@ -419,8 +419,14 @@ class StreamConfig(_Section, frozen=True):
     # Largest client message, bytes.
     max_message_bytes: Annotated[int, msgspec.Meta(ge=64)] = 4_096
     # A connection's send queue: past either bound it is closed as a slow consumer.
+    # 2 MiB is under a second of two busy symbols' trades: with what the kernel buffers
+    # first, a client that stops reading is closed within 5 s.
     queue_messages: Annotated[int, msgspec.Meta(ge=8)] = 1_000
-    queue_bytes: Annotated[int, msgspec.Meta(ge=65_536)] = 8 * 1024 * 1024
+    queue_bytes: Annotated[int, msgspec.Meta(ge=65_536)] = 2 * 1024 * 1024
+    # Heartbeat: a ping every heartbeat_interval; a peer that has not answered one within
+    # heartbeat_timeout is dead and its connection closed (1011), seconds.
+    heartbeat_interval: Annotated[float, msgspec.Meta(gt=0)] = 20.0
+    heartbeat_timeout: Annotated[float, msgspec.Meta(gt=0)] = 20.0
     # Live rows held for a subscription while its history (`since`) is read and sent.
     join_buffer_bytes: Annotated[int, msgspec.Meta(ge=1)] = 64 * 1024 * 1024
     # How far back `since` may reach, seconds.

@@ -285,7 +285,9 @@ def build_pipeline(
             return rec.trackers
 
         for p, (_, inbox) in enumerate(tracker_inboxes):
-            out = Outbox[Any](f"sequencer-{p}.outbox", to_writer.clone(), to_hub.clone())
+            # The hub first: a live subscriber's row does not wait while the writer's inbox
+            # is full, and the hub holds a batch before the writer can commit it.
+            out = Outbox[Any](f"sequencer-{p}.outbox", to_hub.clone(), to_writer.clone())
             tracker = SequenceTracker(
                 p,
                 cfg.sequencer,

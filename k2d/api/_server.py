@@ -31,8 +31,12 @@ class _Server(uvicorn.Server):
 class ApiServer:
     """Serves one app on one socket; run() in a task group, stop() to drain and close."""
 
-    def __init__(self, app: Litestar, cfg: ApiConfig) -> None:
+    def __init__(
+        self, app: Litestar, cfg: ApiConfig, heartbeat: tuple[float, float] | None = None
+    ) -> None:
+        """`heartbeat`: (interval, timeout) of the WebSocket pings that find dead peers."""
         self.cfg = cfg
+        interval, timeout = heartbeat or (20.0, 20.0)
         config = uvicorn.Config(
             app,
             host=cfg.host,
@@ -47,6 +51,9 @@ class ApiServer:
             # /v1/stream encodes each batch once for every subscriber; per-message deflate
             # would compress it again per client, undoing that.
             ws_per_message_deflate=False,
+            # A peer that does not answer a ping within the timeout is closed (1011).
+            ws_ping_interval=interval,
+            ws_ping_timeout=timeout,
         )
         self._server = _Server(config)
         self._done = anyio.Event()
@@ -105,6 +112,6 @@ class ApiServer:
             await self._done.wait()
 
 
-def serve(app: Litestar, cfg: ApiConfig) -> ApiServer:
+def serve(app: Litestar, cfg: ApiConfig, heartbeat: tuple[float, float] | None = None) -> ApiServer:
     """An ApiServer for `app`; start it with `await tg.start(server.run)`."""
-    return ApiServer(app, cfg)
+    return ApiServer(app, cfg, heartbeat)

@@ -77,6 +77,8 @@ CLOSE_CONNECTIONS = 4429
 CLOSE_FULL = 4503
 CLOSE_CODES: dict[int, tuple[str, str]] = {
     CLOSE_NORMAL: ("", "normal closure (the client's)"),
+    # uvicorn closes with this one; the daemon's stream.heartbeat_* say when.
+    1011: ("", "no answer to the server's ping within stream.heartbeat_timeout (a dead peer)"),
     CLOSE_RESTART: ("", "the server is stopping (SIGTERM); reconnect, with `since`"),
     CLOSE_UNAUTHORIZED: ("unauthorized", "no valid API key in X-API-Key"),
     CLOSE_SLOW: ("slow_consumer", "the client fell behind its send queue"),

@@ -54,6 +54,9 @@ max_subscriptions = 4
 queue_bytes = 524288
 join_buffer_bytes = 1048576
 close_timeout = 10.0
+# A dead peer is found within 1 + 6 s; the stalled client below goes first, by its queue.
+heartbeat_interval = 1.0
+heartbeat_timeout = 6.0
 """
 
 
@@ -347,3 +350,29 @@ async def test_a_limit_from_the_config_closes_with_its_code(running: Daemon) -> 
     assert info.value.rcvd is not None and info.value.rcvd.code == 4422
     last = decode_server(c.raw[-1])
     assert isinstance(last, Error) and last.code == "too_many_subscriptions"
+
+
+async def test_a_peer_that_answers_no_ping_is_closed(running: Daemon) -> None:
+    """A dead peer: the handshake, then silence (no pong, no close). The heartbeat finds it."""
+    clients = running.metric("k2d_ws_clients")
+    with socket.create_connection(("127.0.0.1", running.port), timeout=20) as raw:
+        raw.sendall(
+            b"GET /v1/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        assert raw.recv(4096).startswith(b"HTTP/1.1 101")
+        opened = time.monotonic()
+        received = b""
+        while chunk := await anyio.to_thread.run_sync(raw.recv, 65536):
+            received += chunk
+        closed_after = time.monotonic() - opened
+    # What came before the end: pings (opcode 0x9), then a close (0x8) with 1011.
+    assert received[:1] == b"\x89", received[:16]
+    close_at = received.rfind(b"\x88")
+    assert close_at >= 0 and received[close_at + 2 : close_at + 4] == (1011).to_bytes(2, "big")
+    assert closed_after < 12.0, closed_after
+    deadline = time.monotonic() + 5
+    while running.metric("k2d_ws_clients") > clients and time.monotonic() < deadline:
+        await anyio.sleep(0.1)
+    assert running.metric("k2d_ws_clients") <= clients
