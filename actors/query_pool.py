@@ -9,6 +9,11 @@ planning, the query and streaming the answer: when it passes, the cursor is inte
 The inbox is the stream of Committed messages (writer appends, maintenance replaces): each
 is folded into the file index in a thread on a cursor of its own, so index updates never
 wait behind queries.
+
+Each request is one `query.execute` span with OpenTelemetry's database attributes, a child of
+the span that was current when the request was admitted (the HTTP request's server span, a
+stream's join or replay): its context travels with the request to the worker, whose task
+outlives any one request.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 import duckdb
+from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from k2d.messages import Committed
 from k2d.query import (
@@ -62,6 +69,8 @@ _HEAD_GRACE = 2.0
 _END_GRACE = 1.0
 _RETRY_AFTER = {"Retry-After": "1"}
 _OUTCOMES = {400: "invalid", 429: "too_many", 504: "timeout"}
+# Outcomes that mark the span as failed (a refused or invalid request did not fail).
+_FAILED = frozenset({"timeout", "error"})
 
 _Msg = Head | bytes | QueryError | None
 
@@ -74,8 +83,12 @@ class _Job:
     deadline: float
     send: MemoryObjectSendStream[_Msg]
     admitted: float = field(default_factory=time.perf_counter)
+    # The context of the admitting handler: its span is the parent of query.execute.
+    context: otel_context.Context = field(default_factory=otel_context.get_current)
     outcome: str = "ok"
     released: bool = False
+    error: QueryError | None = None
+    opened: Opened | None = None
 
 
 @dataclass(eq=False)
@@ -300,10 +313,20 @@ class QueryPool(Actor[Committed, None]):
                 try:
                     with self._tracer.start_as_current_span(
                         "query.execute",
-                        attributes={"endpoint": job.plan.endpoint, "format": job.fmt.value},
+                        context=job.context,
+                        kind=SpanKind.CLIENT,
+                        attributes={
+                            "db.system": "duckdb",  # the name before semconv 1.30
+                            "db.system.name": "duckdb",
+                            "db.operation.name": "SELECT",
+                            "k2d.endpoint": job.plan.endpoint,
+                            "k2d.format": job.fmt.value,
+                        },
                     ) as span:
-                        await self._serve(worker, job)
-                        span.set_attribute("outcome", job.outcome)
+                        try:
+                            await self._serve(worker, job)
+                        finally:
+                            _annotate(span, job)
                 finally:
                     self._release(job)
 
@@ -340,6 +363,7 @@ class QueryPool(Actor[Committed, None]):
             except QueryError as exc:
                 self._fail(job, exc)
                 return
+            job.opened = opened
             try:
                 if not await self._deliver(job, opened.head):
                     return
@@ -353,6 +377,7 @@ class QueryPool(Actor[Committed, None]):
                 chunk = await self._call(worker, job.deadline, opened.next_chunk)
             except QueryError as exc:
                 job.outcome = _OUTCOMES.get(exc.status, "error")
+                job.error = exc
                 tail = opened.abort(exc.code, exc.detail)
                 if tail:
                     # JSON closes its document with the error in it and ends cleanly.
@@ -372,6 +397,7 @@ class QueryPool(Actor[Committed, None]):
 
     def _fail(self, job: _Job, exc: QueryError) -> None:
         job.outcome = _OUTCOMES.get(exc.status, "error")
+        job.error = exc
         self._release_key(job)
         # The stream is empty before the head: this never blocks.
         with contextlib.suppress(
@@ -416,6 +442,23 @@ class QueryPool(Actor[Committed, None]):
         if error is not None:
             raise _query_error(error, timed_out) from error
         return result  # type: ignore[no-any-return]
+
+
+def _annotate(span: trace.Span, job: _Job) -> None:
+    """What the query did, on its span; a timeout or failure sets the error status, so the
+    tail sampler keeps the span whatever the sample ratio."""
+    span.set_attribute("k2d.outcome", job.outcome)
+    if job.opened is not None:
+        span.set_attributes(job.opened.span_attributes())
+    if job.outcome in _FAILED:
+        # Without an error, the deadline passed while the client was still taking the answer.
+        code, detail = (
+            (job.error.code, job.error.detail)
+            if job.error is not None
+            else ("query_timeout", "the answer was not taken before the time limit")
+        )
+        span.set_attribute("error.type", code)
+        span.set_status(Status(StatusCode.ERROR, detail))
 
 
 def _query_error(exc: Exception, timed_out: bool) -> QueryError:

@@ -94,7 +94,9 @@ async def run_daemon(
     journal_dir = cfg.journal.path(cfg.storage)
     if cfg.journal.directory and not _same_filesystem(journal_dir, cfg.storage.data_path()):
         metrics.watch_data_dir(journal_dir)
-    tracing = setup_tracing(cfg.telemetry, store_dir=cfg.telemetry.trace_path(cfg.storage))
+    tracing = setup_tracing(
+        cfg.telemetry, store_dir=cfg.telemetry.trace_path(cfg.storage), metrics=metrics
+    )
     pipeline = build_pipeline(cfg, warehouse, metrics, registry, tracing.tracer)
     daemon = Daemon(
         cfg,

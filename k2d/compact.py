@@ -4,6 +4,10 @@ Compacts the small files of closed partitions (or, with --before, of every day b
 date, today's included when the date is later), merges manifests, applies data retention,
 expires snapshots and deletes the files nothing references any more. Safe while the
 daemon runs: every commit retries conflicts and keeps the resume state.
+
+The round is a `maintenance.round` trace (a span per rewrite and expiry below it) written to
+the data dir's trace store, and to OTLP when configured, as the daemon's are: `k2d traces
+list` shows it once the command has exited.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
+
+from opentelemetry.trace import StatusCode
 
 from k2d.config import ConfigError, load_config
 
@@ -50,6 +56,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Run one round; 0 when every operation succeeded, 1 when one failed, 2 on bad config."""
     # Imported here: pyiceberg and DuckDB load slowly, and the CLI's other verbs need neither.
     from k2d.storage import TABLE_NAMES, TableMaintenance, Warehouse
+    from k2d.telemetry.tracing import setup_tracing
 
     if args.table is not None and args.table not in TABLE_NAMES:
         print(f"--table: expected one of {', '.join(TABLE_NAMES)}", file=sys.stderr)
@@ -70,26 +77,39 @@ def run_from_args(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     tables = (args.table,) if args.table else TABLE_NAMES
     started = time.perf_counter()
-    with Warehouse(cfg.storage, cfg.writer) as wh:
-        present = [t for t in tables if wh.catalog.table_exists((wh.namespace, t))]
-        compact = True
-        if not wh.k2_state().complete:
-            # The daemon undoes the commits of a flush cut short by a crash when it starts; a
-            # compaction that rewrote their files first would leave it nothing to undo.
-            print(
-                "a flush was cut short by a crash: start the daemon once to repair it; "
-                "compaction skipped",
-                file=sys.stderr,
+    tracing = setup_tracing(cfg.telemetry, store_dir=cfg.telemetry.trace_path(cfg.storage))
+    try:
+        with (
+            Warehouse(cfg.storage, cfg.writer) as wh,
+            tracing.tracer.start_as_current_span(
+                "maintenance.round", attributes={"k2d.command": "compact", "k2d.full": True}
+            ) as span,
+        ):
+            present = [t for t in tables if wh.catalog.table_exists((wh.namespace, t))]
+            span.set_attribute("k2d.tables", present)
+            compact = True
+            if not wh.k2_state().complete:
+                # The daemon undoes the commits of a flush cut short by a crash when it starts;
+                # a compaction that rewrote their files first would leave it nothing to undo.
+                print(
+                    "a flush was cut short by a crash: start the daemon once to repair it; "
+                    "compaction skipped",
+                    file=sys.stderr,
+                )
+                compact = False
+            maintenance = TableMaintenance(wh, cfg.maintenance, tracer=tracing.tracer)
+            report = maintenance.run(
+                present,
+                before=args.before,
+                compact=compact,
+                compact_open=compact and cfg.maintenance.compact_open_partitions,
+                expire=not args.no_expire,
             )
-            compact = False
-        maintenance = TableMaintenance(wh, cfg.maintenance)
-        report = maintenance.run(
-            present,
-            before=args.before,
-            compact=compact,
-            compact_open=compact and cfg.maintenance.compact_open_partitions,
-            expire=not args.no_expire,
-        )
+            if report.errors:
+                span.set_status(StatusCode.ERROR, f"{len(report.errors)} operations failed")
+    finally:
+        # Writes what is queued to the store (and OTLP) before the process exits.
+        tracing.shutdown()
     print(f"k2d compact: {cfg.storage.data_path()}, tables {', '.join(present) or 'none'}")
     for line in report.lines():
         print(line)

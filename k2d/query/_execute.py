@@ -46,6 +46,8 @@ __all__ = [
 ]
 
 _BATCH_ROWS = 8_192
+# The statement in a span: long enough for any plan's SQL (file lists are bound, not inlined).
+_MAX_QUERY_TEXT = 4_096
 _DEDUPE = "__dedupe"
 SNAPSHOT_HEADER = "X-K2D-Snapshot-Id"
 TRUNCATED_HEADER = "X-K2D-Truncated"
@@ -186,8 +188,10 @@ class Opened:
         reader: pa.RecordBatchReader,
         head: Head,
         peeked: tuple[bool, str | None],
+        sql: str = "",
     ) -> None:
         self._cursor = cursor
+        self._sql = sql
         self._p = prepared
         self._fmt = fmt
         self._reader = reader
@@ -205,6 +209,26 @@ class Opened:
         self._last_key: list[int | str] | None = None
         self._last_dedupe: Any = None
         self._done = False
+
+    def span_attributes(self) -> dict[str, str | int]:
+        """OpenTelemetry database attributes of the query as it ran: the statement with its
+        placeholders (values are bound, never in the text), the tables it read, the rows
+        returned so far."""
+        attrs: dict[str, str | int] = {
+            "db.query.text": self._sql[:_MAX_QUERY_TEXT],
+            "db.response.returned_rows": self._rows,
+        }
+        meta = self._p.meta
+        table = meta.get("table")
+        tables = [table] if isinstance(table, str) else sorted(meta.get("snapshots") or ())
+        if tables:
+            attrs["db.query.summary"] = " ".join(["SELECT", *tables])
+        if len(tables) == 1:
+            attrs["db.collection.name"] = tables[0]
+        snapshot = meta.get("snapshot_id")
+        if isinstance(snapshot, int):
+            attrs["k2d.snapshot_id"] = snapshot
+        return attrs
 
     def next_chunk(self) -> bytes | None:
         if self._pending is not None:
@@ -338,9 +362,11 @@ def open_result(ctx: PlanContext, plan: Plan, fmt: Format) -> Opened:
             headers["Content-Disposition"] = f'attachment; filename="{prepared.filename}.{ext}"'
         ctx.check_deadline()
         limit = prepared.limit + 1 if fmt is Format.JSON else prepared.limit
-        relation = cursor.sql(_outer(prepared, fmt), params=[*prepared.params, limit])
+        sql = _outer(prepared, fmt)
+        relation = cursor.sql(sql, params=[*prepared.params, limit])
         reader = relation.to_arrow_reader(_BATCH_ROWS)
-        return Opened(cursor, prepared, fmt, reader, Head(MEDIA_TYPES[fmt], headers), peeked)
+        head = Head(MEDIA_TYPES[fmt], headers)
+        return Opened(cursor, prepared, fmt, reader, head, peeked, sql)
     except BaseException:
         if reader is not None:
             reader.close()

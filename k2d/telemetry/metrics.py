@@ -229,6 +229,13 @@ class Metrics:
         self.http_requests = Counter(
             "k2d_http_requests_total", "HTTP requests served", ["route", "status"], registry=r
         )
+        self.spans_dropped = Counter(
+            "k2d_spans_dropped_total",
+            "Finished spans lost on the way to a destination (store, otlp): its bounded queue "
+            "was full (queue_full) or the export failed (export_failed)",
+            ["exporter", "reason"],
+            registry=r,
+        )
         self.journal_replayed = Counter(
             "k2d_journal_replayed_frames_total",
             "Journaled frames replayed at start",
@@ -398,6 +405,35 @@ class Metrics:
             "k2d_ws_refused_total",
             "Stream connections closed for a refused key or a limit, by error code",
             ["code"],
+            registry=r,
+        )
+        self.kafka_produced = Counter(
+            "k2d_kafka_produced_total",
+            "Records the broker acknowledged, by topic",
+            ["topic"],
+            registry=r,
+        )
+        self.kafka_consumed = Counter(
+            "k2d_kafka_consumed_total",
+            "Records consumed, by topic",
+            ["topic"],
+            registry=r,
+        )
+        self.kafka_lag = Gauge(
+            "k2d_kafka_lag_records",
+            "Records between the consumer's position and the end of each assigned partition",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.kafka_send_seconds = Histogram(
+            "k2d_kafka_send_seconds",
+            "A feed batch's send until every record of it is acknowledged",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0),
+            registry=r,
+        )
+        self.kafka_group_commits = Counter(
+            "k2d_kafka_group_commits_total",
+            "Offsets committed to the consumer group after an Iceberg commit",
             registry=r,
         )
         if runtime is not None:

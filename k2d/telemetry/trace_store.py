@@ -6,9 +6,10 @@ one ExportTraceServiceRequest in the OTLP/JSON encoding (camelCase names, enums 
 integers, trace and span ids in lower-case hex), the format an OpenTelemetry Collector's
 file exporter writes and its file receivers read. A file rotates once the next line would
 take it past `file_bytes`; the oldest files go once there are more than `files`, so the
-store holds at most about files x file_bytes. One process writes (the daemon, from its
-exporter thread: each line is one unbuffered append); readers skip a line cut short by a
-crash or still being written.
+store holds at most about files x file_bytes. Writers append whole lines, each one
+unbuffered O_APPEND write: the daemon from its exporter thread, and `k2d compact` for its one
+round, also while the daemon runs (lines of the two interleave, never mix; a file may run a
+few lines past file_bytes). Readers skip a line cut short by a crash or still being written.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ parent's sampled flag wins), but every span is recorded either way; when a span 
 was not kept, it is exported all the same if it failed or took `slow_span_seconds` or more:
 errors and slow operations are the spans worth reading afterwards. Export happens on one
 thread per destination behind a bounded queue, never on the event loop; a full queue drops
-spans and counts them. The provider is only installed globally on request, so tests can
-run several side by side.
+spans and counts them (k2d_spans_dropped_total, with the spans a failed export lost). The
+provider is only installed globally on request, so tests can run several side by side.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -36,6 +36,11 @@ from opentelemetry.util.types import Attributes
 from k2d import __version__
 from k2d.config import TelemetryConfig
 from k2d.telemetry.trace_store import TraceStore, TraceStoreExporter
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter
+
+    from k2d.telemetry.metrics import Metrics
 
 __all__ = [
     "ExportQueue",
@@ -144,7 +149,8 @@ class ExportQueue(SpanProcessor):
     thread, which sends them in batches of up to `batch_size`, at least every `interval`
     seconds (BatchSpanProcessor's shape, with the tail decision in front: the SDK's
     processor exports sampled spans only). A full queue drops the span and counts it:
-    the daemon never waits for its telemetry."""
+    the daemon never waits for its telemetry. With `drops` (k2d_spans_dropped_total), the
+    spans dropped and those a failed export lost are counted there too, by reason."""
 
     def __init__(
         self,
@@ -155,6 +161,7 @@ class ExportQueue(SpanProcessor):
         max_queue_size: int = 2_048,
         batch_size: int = 512,
         interval: float = 1.0,
+        drops: Counter | None = None,
     ) -> None:
         if max_queue_size < 1 or batch_size < 1 or interval <= 0:
             raise ValueError("max_queue_size and batch_size must be >= 1, interval > 0")
@@ -174,6 +181,9 @@ class ExportQueue(SpanProcessor):
         self.failed = 0
         self._reported = (0, 0)  # (dropped, failed) last warned about
         self._reported_at = 0.0
+        # Children made now: the series read 0 from the start, not absent until a first loss.
+        self._queue_full = drops.labels(name, "queue_full") if drops is not None else None
+        self._export_failed = drops.labels(name, "export_failed") if drops is not None else None
         self._thread = threading.Thread(target=self._run, name=f"k2d-spans-{name}", daemon=True)
         self._thread.start()
 
@@ -183,6 +193,8 @@ class ExportQueue(SpanProcessor):
         with self._cond:
             if self._closed or len(self._queue) >= self._max:
                 self.dropped += 1
+                if self._queue_full is not None:
+                    self._queue_full.inc()
                 return
             self._queue.append(span)
             if len(self._queue) >= self._batch:
@@ -249,6 +261,8 @@ class ExportQueue(SpanProcessor):
             self.exported += len(batch)
         else:
             self.failed += len(batch)
+            if self._export_failed is not None:
+                self._export_failed.inc(len(batch))
 
     def _report(self) -> None:
         now = time.monotonic()
@@ -324,11 +338,16 @@ class Tracing:
 
 
 def setup_tracing(
-    cfg: TelemetryConfig, *, store_dir: Path | None = None, set_global: bool = False
+    cfg: TelemetryConfig,
+    *,
+    store_dir: Path | None = None,
+    set_global: bool = False,
+    metrics: Metrics | None = None,
 ) -> Tracing:
     """Build the tracer provider from config: the ring always, the trace store in `store_dir`
     (see TelemetryConfig.trace_path), OTLP when `otlp_endpoint` is set; optionally install
-    it as the global provider."""
+    it as the global provider. With `metrics`, lost spans are counted in its
+    k2d_spans_dropped_total."""
     resource = Resource.create(
         {
             "service.name": cfg.service_name,
@@ -339,17 +358,18 @@ def setup_tracing(
     )
     provider = TracerProvider(resource=resource, sampler=RatioSampler(cfg.sample_ratio))
     keep = tail_keep(cfg.slow_span_seconds)
+    drops = metrics.spans_dropped if metrics is not None else None
     ring = SpanRing(cfg.span_ring_size, keep)
     provider.add_span_processor(ring)
     queues: list[ExportQueue] = []
     store = None
     if store_dir is not None:
         store = TraceStore(store_dir, file_bytes=cfg.trace_file_bytes, files=cfg.trace_files)
-        queues.append(_queue(TraceStoreExporter(store), "store", keep, cfg))
+        queues.append(_queue(TraceStoreExporter(store), "store", keep, cfg, drops))
     if cfg.otlp_endpoint:
         exporter = _otlp_exporter(cfg)
         if exporter is not None:
-            queues.append(_queue(exporter, "otlp", keep, cfg))
+            queues.append(_queue(exporter, "otlp", keep, cfg, drops))
     for q in queues:
         provider.add_span_processor(q)
     if set_global:
@@ -357,7 +377,9 @@ def setup_tracing(
     return Tracing(provider, ring, store=store, queues=queues)
 
 
-def _queue(exporter: SpanExporter, name: str, keep: Keep, cfg: TelemetryConfig) -> ExportQueue:
+def _queue(
+    exporter: SpanExporter, name: str, keep: Keep, cfg: TelemetryConfig, drops: Counter | None
+) -> ExportQueue:
     return ExportQueue(
         exporter,
         name=name,
@@ -365,6 +387,7 @@ def _queue(exporter: SpanExporter, name: str, keep: Keep, cfg: TelemetryConfig) 
         max_queue_size=cfg.max_queue_size,
         batch_size=cfg.export_batch_size,
         interval=cfg.export_interval,
+        drops=drops,
     )
 
 

@@ -389,9 +389,7 @@ def test_a_load_beside_a_live_writer_loses_no_commit(
                     flush = len(flushes) + 1
                     batch = live_trades(flush * 10, 10)
                     # The daemon's writer retries a conflicting commit until it lands.
-                    live.append(
-                        "trades", batch, live_props(flush, flush * 10 + 9), retries=None
-                    )
+                    live.append("trades", batch, live_props(flush, flush * 10 + 9), retries=None)
                     flushes.append(flush)
                     time.sleep(0.02)
         except BaseException as e:

@@ -1,7 +1,8 @@
 """OTLP/HTTP export against a real receiver: an http.server on 127.0.0.1 that decodes each
 POST /v1/traces body as an ExportTraceServiceRequest (protobuf, opentelemetry-proto), the
 way a collector does. Ratio sampling with errors and slow spans always kept; a collector
-that hangs costs an export timeout and never holds up the trace store or the caller."""
+that hangs costs an export timeout and never holds up the trace store or the caller, and
+the spans it loses are counted in k2d_spans_dropped_total."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from k2d.config import TelemetryConfig
+from k2d.telemetry.metrics import Metrics
 from k2d.telemetry.tracing import setup_tracing
 
 
@@ -139,7 +141,8 @@ def test_a_hanging_collector_costs_its_timeout_and_holds_up_nothing_else(
         max_queue_size=8,
         export_batch_size=4,
     )
-    tracing = setup_tracing(cfg, store_dir=tmp_path / "traces")
+    metrics = Metrics()
+    tracing = setup_tracing(cfg, store_dir=tmp_path / "traces", metrics=metrics)
     started = time.monotonic()
     for i in range(200):
         with tracing.tracer.start_as_current_span(f"span-{i}"):
@@ -159,6 +162,13 @@ def test_a_hanging_collector_costs_its_timeout_and_holds_up_nothing_else(
     assert otlp["queued"] <= 8  # bounded: the rest were dropped and counted
     assert otlp["dropped"] > 0
     assert otlp["failed"] >= 1  # gave up on a request after otlp_timeout
+    # Both losses are in /metrics, by destination and reason.
+    lost = metrics.registry.get_sample_value
+    assert (
+        lost("k2d_spans_dropped_total", {"exporter": "otlp", "reason": "queue_full"})
+        == (otlp["dropped"])
+    )
+    assert lost("k2d_spans_dropped_total", {"exporter": "otlp", "reason": "export_failed"}) >= 1
     shutdown_started = time.monotonic()
     tracing.shutdown()
     assert time.monotonic() - shutdown_started < 15

@@ -1,6 +1,7 @@
 """k2d.telemetry.tracing: the in-memory span ring, span dicts, head and tail sampling, the
-bounded export queue, the trace store behind setup_tracing, traceparent on history
-requests, maintenance spans, and the OTLP exporter missing."""
+bounded export queue and the spans it loses (k2d_spans_dropped_total), the trace store
+behind setup_tracing, traceparent on history requests, maintenance spans, and the OTLP
+exporter missing."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from k2d.config import TelemetryConfig
 from k2d.telemetry import tracing as tracing_module
+from k2d.telemetry.metrics import Metrics
 from k2d.telemetry.tracing import (
     ExportQueue,
     current_span_id,
@@ -192,6 +194,52 @@ def test_the_export_queue_is_bounded_and_never_makes_the_caller_wait() -> None:
     assert exporter.threads == {"k2d-spans-test"}
     assert threading.current_thread().name not in exporter.threads
     queue.shutdown()
+
+
+class FailingExporter(SpanExporter):
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return SpanExportResult.FAILURE
+
+
+def test_spans_lost_by_a_full_queue_or_a_failed_export_are_counted_in_the_metric() -> None:
+    metrics = Metrics()
+
+    def lost(exporter: str, reason: str) -> float | None:
+        labels = {"exporter": exporter, "reason": reason}
+        return metrics.registry.get_sample_value("k2d_spans_dropped_total", labels)
+
+    tracing = setup_tracing(TelemetryConfig())
+    stuck = BlockingExporter()
+    full = ExportQueue(
+        stuck,
+        name="stuck",
+        max_queue_size=10,
+        batch_size=5,
+        interval=0.05,
+        drops=metrics.spans_dropped,
+    )
+    failing = ExportQueue(
+        FailingExporter(),
+        name="failing",
+        max_queue_size=1_000,
+        batch_size=50,
+        drops=metrics.spans_dropped,
+    )
+    tracing.provider.add_span_processor(full)
+    tracing.provider.add_span_processor(failing)
+    assert lost("stuck", "queue_full") == 0  # the series exist before the first loss
+
+    for i in range(100):
+        with tracing.tracer.start_as_current_span(f"s{i}"):
+            pass
+    stuck.release.set()
+    assert full.force_flush(5_000) and failing.force_flush(5_000)
+
+    assert lost("stuck", "queue_full") == full.stats()["dropped"] >= 100 - 10 - 5
+    assert lost("stuck", "export_failed") == 0
+    assert lost("failing", "queue_full") == 0
+    assert lost("failing", "export_failed") == 100
+    tracing.shutdown()  # shuts its processors down, the two queues with them
 
 
 def test_setup_tracing_with_a_store_serves_recent_spans_from_disk(tmp_path: Path) -> None:
