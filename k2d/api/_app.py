@@ -23,6 +23,7 @@ from k2d.api._ops import OPS_HANDLERS, V1_OPS_HANDLERS
 from k2d.api._query_routes import query_router
 from k2d.api._state import ApiState
 from k2d.api._stream import stream_handlers
+from k2d.api._ui import UI_HANDLERS, browser_keys
 
 __all__ = ["create_app"]
 
@@ -51,7 +52,9 @@ def create_app(
         middleware=[access],
     )
     app = Litestar(
-        route_handlers=[*OPS_HANDLERS, v1, *route_handlers],
+        route_handlers=[*OPS_HANDLERS, v1, *UI_HANDLERS, *route_handlers],
+        # The live page (k2d/api/_ui.py): its stream handshake carries the key as a subprotocol.
+        middleware=[browser_keys],
         dependencies={"api": Provide(provide_api, use_cache=True, sync_to_thread=False)},
         exception_handlers=exception_handlers(),
         openapi_config=_openapi_config(state),
