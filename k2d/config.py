@@ -365,8 +365,8 @@ class MaintenanceConfig(_Section, frozen=True):
 
 
 class KafkaConfig(_Section, frozen=True):
-    # Kafka mode is not wired into the pipeline yet (issue 13): `enabled = true` is an error,
-    # so nobody believes data goes through Kafka. The adapters in k2d/kafka/ read the rest.
+    # Kafka mode: the feed produces to Kafka (after its journal) and the trackers consume
+    # from it, one per partition (README "Kafka mode").
     enabled: bool = False
     bootstrap_servers: str = "127.0.0.1:9092"
     trades_topic: str = "k2.trades.v2"
@@ -383,6 +383,14 @@ class KafkaConfig(_Section, frozen=True):
     request_timeout: float = 30.0
     # Records one consumer poll returns at most.
     max_poll_records: int = 10_000
+    # The consumer group k2d consumes in.
+    group_id: str = "k2d"
+    # This daemon's static member id in the group ("": k2d-HOST-<hash of the data dir>), so
+    # that a restart takes its partitions back at once.
+    instance_id: str = ""
+    # A consumer with records to read (lag above zero) that delivers none for this long is
+    # restarted, seconds.
+    stall_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         # Raised as ConfigError (not ValueError, which msgspec would report against the
@@ -396,13 +404,14 @@ class KafkaConfig(_Section, frozen=True):
                 "send_timeout",
                 "request_timeout",
                 "max_poll_records",
+                "stall_timeout",
             )
             if getattr(self, key) <= 0
         ]
         if self.linger_ms < 0:
             problems.append(f"kafka.linger_ms: must be 0 or more, got {self.linger_ms}")
-        if self.enabled:
-            problems.append("kafka.enabled: Kafka mode is not implemented yet (issue 13)")
+        if not self.group_id:
+            problems.append("kafka.group_id: must not be empty")
         if problems:
             raise ConfigError(problems)
 

@@ -35,6 +35,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import socket
+import zlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +48,8 @@ from opentelemetry import trace
 
 from actors.backfill import Backfiller
 from actors.feed import FeedHandler
+from actors.kafka_consumer import KafkaConsumer
+from actors.kafka_producer import KafkaProducer
 from actors.live_hub import Fanout, LiveHub
 from actors.maintenance import Maintainer
 from actors.query_pool import QueryPool
@@ -56,7 +60,13 @@ from k2d.journal import Journal
 from k2d.messages import Committed, RecordBatch
 from k2d.model import Quote, Trade, now_us, partition_of
 from k2d.query import Format, Plan, ResultStream
-from k2d.recovery import FEED, Recovered, committed_position, recover
+from k2d.recovery import (
+    Recovered,
+    committed_position,
+    journal_key,
+    recover,
+    tracker_partitions,
+)
 from k2d.runtime import (
     Actor,
     ActorState,
@@ -257,6 +267,8 @@ def build_pipeline(
     backfill = cfg.backfill.enabled and cfg.feeds.binance.enabled
     with_feed = cfg.feeds.binance.enabled
     feed_names = (["feed-binance"] if with_feed else []) + [name for name, _ in sources]
+    kafka = cfg.kafka.enabled
+    tracked = tracker_partitions(cfg)
 
     def backoff() -> Backoff:
         return Backoff(cfg.supervisor.backoff_initial, cfg.supervisor.backoff_max)
@@ -265,8 +277,12 @@ def build_pipeline(
         """Fresh streams and actors for one round, resuming from `rec`."""
         to_writer, writer_inbox = bounded_stream(registry, "writer.inbox", size)
         to_hub, hub_inbox = bounded_stream(registry, "live_hub.inbox", size * 4)
+        # One tracker per partition that owns symbols; in Kafka mode one more, the local
+        # tracker, for what the feed does not put in Kafka: its dead letters and the
+        # journal position up to which Kafka holds its data.
         tracker_inboxes = [
-            bounded_stream(registry, f"sequencer-{p}.inbox", size) for p in range(pc.partitions)
+            bounded_stream(registry, f"sequencer-{p}.inbox", size)
+            for p in range(tracked + (1 if kafka else 0))
         ]
         children: list[ChildSpec] = []
         # The backfiller answers on streams of its own, so a tracker can finish its live
@@ -277,8 +293,7 @@ def build_pipeline(
                 registry, "backfiller.inbox", cfg.backfill.max_pending
             )
             backfill_results = [
-                bounded_stream(registry, f"sequencer-{p}.backfill", size)
-                for p in range(pc.partitions)
+                bounded_stream(registry, f"sequencer-{p}.backfill", size) for p in range(tracked)
             ]
 
         async def restored() -> Any:
@@ -296,7 +311,7 @@ def build_pipeline(
                 restored,
                 tracer,
                 gap_requests=to_backfiller.clone() if backfill else None,
-                backfill_inbox=backfill_results[p][1] if backfill else None,
+                backfill_inbox=backfill_results[p][1] if backfill and p < tracked else None,
             )
             children.append(
                 ChildSpec.for_actor(f"sequencer-{p}", _made(tracker), inbox, out, registry)
@@ -342,8 +357,46 @@ def build_pipeline(
 
             return close
 
+        if kafka:
+            # Feeds produce to Kafka through the producer; the consumer feeds the trackers.
+            to_producer, producer_inbox = bounded_stream(registry, "kafka-producer.inbox", size)
+            produced = anyio.Event()
+            if feed_names:
+                children.append(
+                    _kafka_producer(
+                        cfg,
+                        metrics,
+                        producer_inbox,
+                        tracker_inboxes[tracked][0],
+                        produced,
+                        backoff(),
+                        registry,
+                    )
+                )
+            else:
+                producer_inbox.close()
+            consumer = KafkaConsumer(
+                cfg.kafka,
+                rec.trackers.log_position,
+                commits,
+                metrics,
+                backoff(),
+                drain=produced if feed_names else feeds_stop,
+                instance_id=cfg.kafka.instance_id or _instance_id(cfg),
+            )
+            consumer_out = Outbox[Any](
+                "kafka-consumer.outbox", *[s.clone() for s, _ in tracker_inboxes[:tracked]]
+            )
+            children.append(
+                ChildSpec.for_actor("kafka-consumer", _made(consumer), None, consumer_out, registry)
+            )
+
         def feed_spec(name: str, actor: Actor[None, RecordBatch]) -> ChildSpec:
-            out = PartitionedOutbox(f"{name}.outbox", [s.clone() for s, _ in tracker_inboxes])
+            out: Outbox[RecordBatch]
+            if kafka:
+                out = Outbox(f"{name}.outbox", to_producer.clone())
+            else:
+                out = PartitionedOutbox(f"{name}.outbox", [s.clone() for s, _ in tracker_inboxes])
             spec = ChildSpec.for_actor(name, _made(actor), None, out, registry)
             return ChildSpec(name, spec.start, Restart.TRANSIENT, on_exit=feed_ended(out))
 
@@ -365,10 +418,12 @@ def build_pipeline(
         for name, factory in sources:
             children.append(feed_spec(name, factory()))
         if not feed_names:
-            # No feed (a box that only serves queries over loaded data): the chain is held
-            # open until stop, so the writer, hub and query pool stay up meanwhile.
+            # No feed (a box that only serves queries over loaded data, or only consumes from
+            # Kafka): the trackers no feed writes to are held open until stop, so the writer,
+            # hub and query pool stay up meanwhile.
+            held = tracker_inboxes[tracked:] if kafka else tracker_inboxes
             children.append(
-                _held_open("no-feed", [s.clone() for s, _ in tracker_inboxes], feeds_stop, registry)
+                _held_open("no-feed", [s.clone() for s, _ in held], feeds_stop, registry)
             )
         journal = rec.journal
         if journal is not None:
@@ -387,6 +442,8 @@ def build_pipeline(
         # Producers hold clones; closing the originals lets end-of-input flow once they finish.
         for s, _ in tracker_inboxes:
             s.close()
+        if kafka:
+            to_producer.close()
         to_writer.close()
         to_hub.close()
         return children
@@ -484,7 +541,10 @@ def build_pipeline(
         sup.period,
         backoff(),
     )
-    names = {f"sequencer-{p}" for p in range(pc.partitions)} | {"writer", "live_hub"}
+    names = {f"sequencer-{p}" for p in range(tracked + (1 if kafka else 0))}
+    names |= {"writer", "live_hub"}
+    if kafka:
+        names |= {"kafka-consumer"} | ({"kafka-producer"} if feed_names else set())
     names |= set(feed_names) if feed_names else {"no-feed"}
     names |= {s.name for s in children}
     if backfill:
@@ -501,6 +561,35 @@ def build_pipeline(
     )
 
 
+def _instance_id(cfg: Config) -> str:
+    """A stable member id for this daemon: its host and data dir."""
+    where = str(cfg.storage.data_path().resolve()).encode()
+    return f"k2d-{socket.gethostname()}-{zlib.crc32(where):08x}"
+
+
+def _kafka_producer(
+    cfg: Config,
+    metrics: Metrics,
+    inbox: Any,
+    local: MemoryObjectSendStream[RecordBatch],
+    produced: anyio.Event,
+    backoff: Backoff,
+    registry: Registry,
+) -> ChildSpec:
+    """The producer between the feeds and Kafka; `produced` is set once it has ended."""
+    out = Outbox[RecordBatch]("kafka-producer.outbox", local.clone())
+    actor = KafkaProducer(
+        "kafka-producer", cfg.kafka, metrics, backoff, in_flight=cfg.pipeline.stream_size
+    )
+    spec = ChildSpec.for_actor("kafka-producer", _made(actor), inbox, out, registry)
+
+    def ended() -> None:
+        out.close()
+        produced.set()
+
+    return ChildSpec("kafka-producer", spec.start, Restart.TRANSIENT, on_exit=ended)
+
+
 async def _journal_retention(
     cfg: Config, warehouse: Warehouse, journal: Journal, limiter: anyio.CapacityLimiter
 ) -> None:
@@ -509,7 +598,7 @@ async def _journal_retention(
     while True:
         await anyio.sleep(jc.retention_interval)
         _, log_position = await anyio.to_thread.run_sync(warehouse.latest_k2_state, limiter=limiter)
-        keep_after = committed_position(log_position, f"journal:{FEED}", cfg.pipeline.partitions)
+        keep_after = committed_position(log_position, *journal_key(cfg))
         deleted = await anyio.to_thread.run_sync(
             journal.enforce_retention,
             jc.retention_days * 86_400,

@@ -25,9 +25,11 @@ __all__ = [
     "FEED",
     "Recovered",
     "committed_position",
+    "journal_key",
     "ledger_horizon",
     "open_journal",
     "recover",
+    "tracker_partitions",
     "tracker_state",
 ]
 
@@ -52,11 +54,26 @@ class Recovered:
     down_reason: str = "daemon down"
 
 
+def tracker_partitions(cfg: Config) -> int:
+    """Trackers that own symbols: one per Kafka partition in Kafka mode (the local tracker
+    that follows the feed's journal comes on top), else `pipeline.partitions`."""
+    return cfg.kafka.partitions if cfg.kafka.enabled else cfg.pipeline.partitions
+
+
+def journal_key(cfg: Config) -> tuple[str, int]:
+    """The log_position key whose least per-tracker value is where the journal's replay
+    starts, and how many trackers count. In Kafka mode that is the position up to which
+    Kafka acknowledged the feed's data, carried by the local tracker alone."""
+    if cfg.kafka.enabled:
+        return f"produced:{FEED}", cfg.kafka.partitions + 1
+    return f"journal:{FEED}", cfg.pipeline.partitions
+
+
 def recover(cfg: Config, warehouse: Warehouse, after: str | None = None) -> Recovered:
     """Undo a cut-short flush, then read the committed state and open the journal. `after`
     names the failure this recovery follows (None: the process start)."""
     rolled = {t: warehouse.current_snapshot_id(t) for t in warehouse.roll_back_incomplete_flush()}
-    state = tracker_state(warehouse, cfg.pipeline.partitions)
+    state = tracker_state(warehouse, tracker_partitions(cfg))
     journal = replay_after = None
     last_capture: int | None = None
     if cfg.journal.enabled and cfg.feeds.binance.enabled:
@@ -78,7 +95,7 @@ def open_journal(
     cfg: Config, log_position: dict[str, Any]
 ) -> tuple[Journal, JournalPosition | None]:
     """Open the feed's journal (repairing a torn tail) and say where its replay starts."""
-    committed = committed_position(log_position, f"journal:{FEED}", cfg.pipeline.partitions)
+    committed = committed_position(log_position, *journal_key(cfg))
     jc = cfg.journal
     journal = Journal(
         jc.path(cfg.storage),

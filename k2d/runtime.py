@@ -38,6 +38,7 @@ __all__ = [
     "ChildSpec",
     "EscalationError",
     "Outbox",
+    "OutsideFault",
     "Registry",
     "Restart",
     "Strategy",
@@ -96,6 +97,15 @@ _SQLITE_OUTSIDE = (
 )
 
 
+class OutsideFault(Exception):
+    """A service outside the process (a Kafka broker, ...) that does not answer: like a full
+    disk, retried with backoff while DEGRADED, never escalated. `kind` is the metric label."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+
+
 def outside_fault(exc: BaseException) -> str | None:
     """The kind of outside fault (`disk_full`, `read_only`, ...) if every failure in `exc`
     (an exception group is searched leaf by leaf, each along its causes) came from the
@@ -107,6 +117,8 @@ def outside_fault(exc: BaseException) -> str | None:
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
+        if isinstance(e, OutsideFault):
+            return e.kind
         if isinstance(e, OSError) and e.errno in _OUTSIDE_ERRNOS:
             return _OUTSIDE_ERRNOS[e.errno]
         if isinstance(e, sqlite3.OperationalError):
@@ -174,14 +186,21 @@ class Outbox(Generic[T]):
 
     async def send(self, item: T) -> None:
         for stream in self._streams:
-            try:
-                stream.send_nowait(item)
-            except anyio.WouldBlock:
-                now = time.monotonic()
-                if now - self._last_warning >= 1.0:
-                    self._last_warning = now
-                    log.warning("backpressure: %s is full, sender waits", self.name)
-                await stream.send(item)
+            await self._send(stream, item)
+
+    async def send_to(self, index: int, item: T) -> None:
+        """Send to the index'th stream only (a consumer that routes by partition)."""
+        await self._send(self._streams[index], item)
+
+    async def _send(self, stream: MemoryObjectSendStream[T], item: T) -> None:
+        try:
+            stream.send_nowait(item)
+        except anyio.WouldBlock:
+            now = time.monotonic()
+            if now - self._last_warning >= 1.0:
+                self._last_warning = now
+                log.warning("backpressure: %s is full, sender waits", self.name)
+            await stream.send(item)
 
     def close(self) -> None:
         for stream in self._streams:

@@ -254,6 +254,8 @@ class StreamBook:
             o.reason,
             self.hi,
         )
+        if any(known.event_id == out.event_id for known in self.outages):
+            return  # the same report again (Kafka mode resends what a crash left unsure)
         if not self.contiguous:
             # Quotes carry no contiguous ids and the venue keeps no quote history.
             events.append(

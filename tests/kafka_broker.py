@@ -11,13 +11,14 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from k2d.config import KafkaConfig
 
-__all__ = ["kafka_bootstrap", "kafka_config"]
+__all__ = ["Broker", "kafka_bootstrap", "kafka_broker", "kafka_config"]
 
 ROOT = Path(__file__).resolve().parents[1]
 BROKER_SH = ROOT / "tests" / "kafka" / "broker.sh"
@@ -30,9 +31,36 @@ def _unavailable(reason: str) -> None:
     pytest.skip(f"Kafka test broker: {reason}")
 
 
+@dataclass
+class Broker:
+    bootstrap: str
+    run_dir: Path
+
+    def stop(self) -> None:
+        subprocess.run(
+            [str(BROKER_SH), "stop", str(self.run_dir)], capture_output=True, timeout=60, check=True
+        )
+
+    def resume(self) -> None:
+        """Start it again after stop(): same port, same topics and offsets."""
+        subprocess.run(
+            [str(BROKER_SH), "resume", str(self.run_dir)],
+            capture_output=True,
+            timeout=180,
+            check=True,
+            env={**os.environ, "K2D_TEST_KAFKA_WATCH_PID": str(os.getpid())},
+        )
+
+
 @pytest.fixture(scope="session")
-def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def kafka_bootstrap(kafka_broker: Broker) -> str:
     """`127.0.0.1:PORT` of a single-node KRaft broker shared by the session."""
+    return kafka_broker.bootstrap
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """A single-node KRaft broker shared by the session (a test may stop and resume it)."""
     if shutil.which("java") is None:
         _unavailable("java not found (a Java 17+ runtime is needed)")
     if not (JAR_CACHE / "jars" / ".complete").exists() and shutil.which("mvn") is None:
@@ -60,7 +88,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         file=sys.stderr,
     )
     try:
-        yield bootstrap
+        yield Broker(bootstrap, run_dir)
     finally:
         subprocess.run(
             [str(BROKER_SH), "stop", str(run_dir)], capture_output=True, timeout=60, check=False

@@ -1,6 +1,7 @@
 """Kafka adapter: the Avro codec for schemas/*.avsc and small aiokafka producer/consumer
-adapters. Kafka mode itself is not wired into the pipeline yet (issue 13)."""
+adapters; actors/kafka_producer.py and actors/kafka_consumer.py wire them into Kafka mode."""
 
+from k2d.kafka.cluster import close_client, reachable
 from k2d.kafka.codec import (
     AvroCodec,
     CorruptRecordError,
@@ -31,7 +32,9 @@ __all__ = [
     "Producer",
     "TopicPartition",
     "UnknownSchemaError",
+    "close_client",
     "ensure_topics",
+    "reachable",
     "record_key",
     "schema_fingerprint",
     "trace_headers",

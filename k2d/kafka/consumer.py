@@ -55,7 +55,11 @@ class Consumer:
         on_assigned: OnAssigned | None = None,
         on_revoked: OnRevoked | None = None,
         client_id: str = "k2d",
+        instance_id: str | None = None,
     ) -> None:
+        """`instance_id`: static group membership (KIP-345). A member restarted with the same
+        id takes its partitions back at once instead of waiting out its former self's
+        session, which after a `kill -9` would hold them meanwhile."""
         self._config = config
         self._codec = codec or AvroCodec()
         self._topics = tuple(topics or (config.trades_topic, config.quotes_topic))
@@ -63,6 +67,7 @@ class Consumer:
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=config.bootstrap_servers,
             group_id=group_id,
+            group_instance_id=instance_id,
             client_id=client_id,
             enable_auto_commit=False,
             # Kafka is the log: a partition with no stored or committed position starts at
@@ -124,6 +129,25 @@ class Consumer:
     async def committed(self, partition: TopicPartition) -> int | None:
         offset: int | None = await self._consumer.committed(partition)
         return offset
+
+    async def lag(self) -> dict[TopicPartition, int]:
+        """Records behind the partition's end, per assigned partition, as of the last fetch
+        (a partition not fetched yet is left out)."""
+        out: dict[TopicPartition, int] = {}
+        for tp in self._consumer.assignment():
+            end = self._consumer.highwater(tp)
+            if end is None:
+                continue
+            try:
+                position = await self._consumer.position(tp)
+            except Exception:  # reassigned meanwhile: no figure this time
+                continue
+            out[tp] = max(0, end - position)
+        return out
+
+    async def probe(self) -> None:
+        """Ask the cluster for its topics; raises when no broker answers."""
+        await self._consumer.topics()
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

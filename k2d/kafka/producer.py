@@ -1,4 +1,5 @@
-"""Produces Trade/Quote records to Kafka: Avro single-object values, key `EXCHANGE:SYMBOL`.
+"""Produces Trade/Quote records (and a feed's outage reports) to Kafka: Avro single-object
+values, key `EXCHANGE:SYMBOL`.
 
 Idempotent with acks=all, so a broker-side retry never duplicates or reorders a partition;
 every send is bounded by `kafka.send_timeout`. The topics are created at start with the
@@ -19,7 +20,7 @@ from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from k2d.kafka.codec import AvroCodec, MarketRecord
-from k2d.model import Quote, Trade
+from k2d.model import Quote, SequenceEvent, Trade, partition_of
 
 if TYPE_CHECKING:
     from aiokafka.structs import RecordMetadata
@@ -100,13 +101,24 @@ class Producer:
     """aiokafka producer for market records; `start()` ensures the topics first."""
 
     def __init__(
-        self, config: KafkaConfig, codec: AvroCodec | None = None, client_id: str = "k2d"
+        self,
+        config: KafkaConfig,
+        codec: AvroCodec | None = None,
+        client_id: str = "k2d",
+        *,
+        partition_by_symbol: bool = False,
     ) -> None:
+        """`partition_by_symbol`: each record goes to partition_of(exchange, symbol,
+        kafka.partitions), the function embedded mode routes by, instead of the key's hash,
+        so a symbol's tracker is the same in both modes."""
         self._config = config
         self._codec = codec or AvroCodec()
+        self._by_symbol = partition_by_symbol
         self._topics: dict[type[MarketRecord], str] = {
             Trade: config.trades_topic,
             Quote: config.quotes_topic,
+            # A feed's outage report travels with its symbol's trades, in order with them.
+            SequenceEvent: config.trades_topic,
         }
         self._producer = AIOKafkaProducer(
             bootstrap_servers=config.bootstrap_servers,
@@ -139,6 +151,28 @@ class Producer:
         """Send one record and wait for the broker's acknowledgement."""
         return (await self.send_batch((record,), span_context=span_context))[0]
 
+    async def enqueue(
+        self, records: Iterable[MarketRecord], *, span_context: SpanContext | None = None
+    ) -> list[asyncio.Future[Any]]:
+        """Hand records to the client in order; each future resolves at its acknowledgement.
+        Waits only while the client's buffer is full (backpressure)."""
+        headers = trace_headers(span_context)
+        return [
+            await self._producer.send(
+                self.topic_for(record),
+                value=self._codec.encode(record),
+                key=record_key(record),
+                headers=headers,
+                partition=self._partition(record),
+            )
+            for record in records
+        ]
+
+    def _partition(self, record: MarketRecord) -> int | None:
+        if not self._by_symbol:
+            return None
+        return partition_of(record.exchange, record.symbol, self._config.partitions)
+
     async def send_batch(
         self, records: Iterable[MarketRecord], *, span_context: SpanContext | None = None
     ) -> list[RecordMetadata]:
@@ -151,12 +185,14 @@ class Producer:
                 for record in records:
                     topic = self.topic_for(record)
                     topics.add(topic)
+                    partition = self._partition(record)
                     futures.append(
                         await self._producer.send(
                             topic,
                             value=self._codec.encode(record),
                             key=record_key(record),
                             headers=headers,
+                            partition=partition,
                         )
                     )
                 return list(await asyncio.gather(*futures))

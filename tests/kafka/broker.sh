@@ -3,6 +3,7 @@
 #   broker.sh start DIR   fetch the jars once (Maven), format DIR, start the broker, print
 #                         `bootstrap=127.0.0.1:PORT` once it accepts connections
 #   broker.sh stop DIR    stop the broker started in DIR
+#   broker.sh resume DIR  start the broker stopped in DIR again: same ports, same data
 # The jars are copied by Maven from tests/kafka/pom.xml into $K2D_TEST_KAFKA_CACHE (default
 # .ci/cache/kafka, git-ignored). Broker logs go to DIR/broker.log.
 set -euo pipefail
@@ -47,12 +48,13 @@ start() {
         die "a broker already runs from $dir (pid $(cat "$dir/broker.pid"))"
     fi
     fetch_jars
-    local port cport cluster_id cp
+    local port cport cluster_id
     port="$(free_port)"
     cport="$(free_port)"
     while [[ "$cport" == "$port" ]]; do cport="$(free_port)"; done
     cluster_id="$(python3 -c 'import base64, uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')"
     rm -rf "$dir/logs"
+    rm -f "$dir/broker.log"
     cat >"$dir/server.properties" <<PROPS
 process.roles=broker,controller
 node.id=1
@@ -73,17 +75,31 @@ share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 PROPS
-    cp="$cache/jars/*"
-    # Startup of a short-lived test broker: no JIT beyond C1, a small serial heap.
-    local jvm=(-Xmx512m -Xms256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Djava.awt.headless=true)
-    java "${jvm[@]}" -cp "$cp" kafka.tools.StorageTool format -t "$cluster_id" \
+    java "${jvm[@]}" -cp "$cache/jars/*" kafka.tools.StorageTool format -t "$cluster_id" \
         -c "$dir/server.properties" --standalone >"$dir/format.log" 2>&1 \
         || die "formatting $dir failed (see $dir/format.log)"
+    echo "127.0.0.1:$port" >"$dir/bootstrap"
+    launch "$dir"
+}
+
+resume() {
+    local dir="$1"
+    [[ -f "$dir/server.properties" && -f "$dir/bootstrap" ]] || die "no broker was started in $dir"
+    if [[ -f "$dir/broker.pid" ]] && kill -0 "$(cat "$dir/broker.pid")" 2>/dev/null; then
+        die "a broker already runs from $dir (pid $(cat "$dir/broker.pid"))"
+    fi
+    dir="$(cd "$dir" && pwd)"
+    launch "$dir"
+}
+
+launch() {  # run the broker formatted in $1 until it accepts connections
+    local dir="$1" port cp
+    port="$(cut -d: -f2 <"$dir/bootstrap")"
+    cp="$cache/jars/*"
     # setsid: the broker outlives this script and is not hit by the caller's Ctrl-C.
     setsid java "${jvm[@]}" -cp "$cp" kafka.Kafka "$dir/server.properties" \
         >"$dir/broker.log" 2>&1 </dev/null &
     echo $! >"$dir/broker.pid"
-    echo "127.0.0.1:$port" >"$dir/bootstrap"
     local deadline=$((SECONDS + start_timeout)) pid
     pid="$(cat "$dir/broker.pid")"
     if [[ -n "${K2D_TEST_KAFKA_WATCH_PID:-}" ]]; then
@@ -118,8 +134,12 @@ stop() {
     echo "stopped"
 }
 
+# Startup of a short-lived test broker: no JIT beyond C1, a small serial heap.
+jvm=(-Xmx512m -Xms256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Djava.awt.headless=true)
+
 case "${1:-}:${2:-}" in
     start:?*) start "$2" ;;
     stop:?*) stop "$2" ;;
-    *) echo "usage: $0 start|stop DIR" >&2; exit 2 ;;
+    resume:?*) resume "$2" ;;
+    *) echo "usage: $0 start|stop|resume DIR" >&2; exit 2 ;;
 esac

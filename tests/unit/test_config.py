@@ -104,11 +104,11 @@ def test_check_config_cli_prints_key_and_exits_2(tmp_path: Path) -> None:
     assert "[feeds.binance]" in good.stdout
 
 
-def test_kafka_mode_is_refused_until_it_is_wired() -> None:
-    # Issue 13: a user who sets it must not believe data goes through Kafka.
+def test_kafka_keys_are_checked_by_name() -> None:
+    assert load_config(environ={"K2D_KAFKA__ENABLED": "true"}).kafka.enabled
     with pytest.raises(ConfigError) as info:
-        load_config(environ={"K2D_KAFKA__ENABLED": "true"})
-    assert info.value.problems == ["kafka.enabled: Kafka mode is not implemented yet (issue 13)"]
+        load_config(environ={"K2D_KAFKA__GROUP_ID": ""})
+    assert info.value.problems == ["kafka.group_id: must not be empty"]
     with pytest.raises(ConfigError) as info:
         load_config(environ={}, overrides={"kafka": {"topic_prefix": "k2d"}})
     assert "kafka.topic_prefix: unknown key" in info.value.problems
