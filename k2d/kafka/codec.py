@@ -19,6 +19,7 @@ from typing import Any, cast
 import fastavro
 from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
 
+from k2d.kafka._flat import FlatCodec, flat_fields
 from k2d.model import Quote, SequenceEvent, Trade
 
 __all__ = [
@@ -76,6 +77,9 @@ class AvroCodec:
         self._current: dict[type[MarketRecord], tuple[bytes, dict[str, Any]]] = {}
         self._readers: dict[type[MarketRecord], dict[str, Any]] = {}
         self._writers: dict[bytes, _Writer] = {}
+        # The current schemas' fast path, by record type and by header.
+        self._flat: dict[type[MarketRecord], FlatCodec] = {}
+        self._flat_by_header: dict[bytes, FlatCodec] = {}
         for record_type, stem in SCHEMA_FILES.items():
             paths = [schema_dir / f"{stem}.avsc"]
             if not paths[0].is_file():
@@ -88,6 +92,9 @@ class AvroCodec:
                 if path == paths[0]:
                     self._current[record_type] = (header, _parse(doc))
                     self._readers[record_type] = _parse(_without_logical_types(doc))
+                    fields = flat_fields(doc)
+                    if fields is not None:
+                        self._flat[record_type] = self._flat_by_header[header] = FlatCodec(fields)
                 self._writers.setdefault(
                     header,
                     _Writer(
@@ -104,6 +111,9 @@ class AvroCodec:
 
     def encode(self, record: MarketRecord) -> bytes:
         header, schema = self._current[type(record)]
+        flat = self._flat.get(type(record))
+        if flat is not None:
+            return flat.encode(record, header)
         out = io.BytesIO()
         out.write(header)
         fastavro.schemaless_writer(out, schema, _to_avro(record), strict=True)
@@ -122,6 +132,12 @@ class AvroCodec:
                 f"unknown writer schema fingerprint {data[2:_HEADER].hex()}: "
                 f"not one of the current or released schemas ({known})"
             )
+        flat = self._flat_by_header.get(bytes(data[:_HEADER]))
+        if flat is not None:
+            try:
+                return writer.record_type(**flat.decode(data, _HEADER))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise CorruptRecordError(f"{writer.name} record does not decode: {e}") from None
         body = io.BytesIO(data[_HEADER:])
         reader = self._readers[writer.record_type]
         try:
