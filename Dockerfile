@@ -13,6 +13,8 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY k2d ./k2d
 COPY actors ./actors
+# k2d/kafka/schemas links here: the wheel carries the Avro schemas.
+COPY schemas ./schemas
 RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
  && python -m venv /opt/k2d \
  && /opt/k2d/bin/pip install /wheels/k2d-*.whl \

@@ -37,8 +37,9 @@ MarketRecord = Trade | Quote | SequenceEvent
 
 MAGIC = b"\xc3\x01"
 _HEADER = len(MAGIC) + 8
-# The repo's schemas/ folder: the contract other teams' consumers read too.
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
+# The repo's schemas/ folder (the contract other teams' consumers read too), reached
+# through the k2d/kafka/schemas link, which a built wheel holds as files.
+SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 SCHEMA_FILES: dict[type[MarketRecord], str] = {
     Trade: "trade_v2",
     Quote: "quote_v2",
@@ -83,7 +84,6 @@ class AvroCodec:
         for record_type, stem in SCHEMA_FILES.items():
             paths = [schema_dir / f"{stem}.avsc"]
             if not paths[0].is_file():
-                # The schemas live at the repo top, not in the wheel (yet): say so plainly.
                 raise FileNotFoundError(f"Avro schema {paths[0]} not found (schemas/ of k2d)")
             paths += sorted((schema_dir / "history").glob(f"{stem}.*.avsc"))
             for path in paths:

@@ -178,3 +178,17 @@ def test_compatible_changes_pass() -> None:
     assert compatibility_problems(old, new) == []
     back = read_with_new(old, new, generate_records(old, 10))
     assert all(r["note"] is None and "detail" not in r for r in back)
+
+
+def test_the_package_reaches_the_one_set_of_schemas_the_repo_publishes() -> None:
+    """k2d/kafka/schemas links to the top-level schemas/ (a wheel holds it as files, see
+    pyproject's package-data), so the codec and other teams' consumers read the same files."""
+    from k2d.kafka.codec import SCHEMA_DIR
+
+    top = Path(__file__).resolve().parents[2] / "schemas"
+    assert SCHEMA_DIR.resolve() == top.resolve()
+    assert sorted(p.name for p in SCHEMA_DIR.glob("*.avsc")) == [
+        "quote_v2.avsc",
+        "sequence_event.avsc",
+        "trade_v2.avsc",
+    ]

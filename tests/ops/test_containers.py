@@ -232,3 +232,36 @@ def test_k2d_exports_spans_to_the_collectors_otlp_http_receiver() -> None:
                 assert component in config[kind], f"{component} is not defined in {kind}"
     for extension in config["service"].get("extensions", []):
         assert extension in config["extensions"]
+
+
+# docker-compose.kafka.yml (Kafka mode, on top of docker-compose.yml)
+
+KAFKA_COMPOSE = yaml.safe_load((ROOT / "docker-compose.kafka.yml").read_text())
+
+
+def test_the_kafka_override_is_valid_against_the_compose_spec() -> None:
+    assert validate_compose(KAFKA_COMPOSE) == []
+
+
+def test_the_kafka_override_runs_a_kraft_broker_k2d_waits_for() -> None:
+    kafka = KAFKA_COMPOSE["services"]["kafka"]
+    image = kafka["image"]
+    assert image.startswith("apache/kafka:") and image.rpartition(":")[2].startswith("4.")
+    env = kafka["environment"]
+    assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"
+    assert kafka["healthcheck"]["test"] and kafka["volumes"]
+    assert kafka["deploy"]["resources"]["limits"]["memory"]
+    assert "ports" not in kafka, "the broker stays inside the compose network"
+    k2d = KAFKA_COMPOSE["services"]["k2d"]
+    assert k2d["depends_on"]["kafka"]["condition"] == "service_healthy"
+    host = env["KAFKA_ADVERTISED_LISTENERS"].split("//", 1)[1]
+    assert k2d["environment"]["K2D_KAFKA__BOOTSTRAP_SERVERS"] == host
+
+
+def test_the_kafka_override_environment_is_valid_k2d_config() -> None:
+    from k2d.config import load_config
+
+    env = {k: str(v) for k, v in KAFKA_COMPOSE["services"]["k2d"]["environment"].items()}
+    cfg = load_config(ROOT / "config.toml", environ=env)
+    assert cfg.kafka.enabled and cfg.kafka.bootstrap_servers == "kafka:9092"
+    assert cfg.kafka.instance_id == "k2d-compose"
