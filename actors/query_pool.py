@@ -67,6 +67,9 @@ T = TypeVar("T")
 _HEAD_GRACE = 2.0
 # A stream's last message (its end, or the error that ended it) may arrive this late.
 _END_GRACE = 1.0
+# Bytes a worker reads ahead in one hop to its thread: a small page's whole answer, so the
+# event loop pays for two hops a request (open, read), not one per chunk.
+_CHUNK_BYTES = 1 << 20
 _RETRY_AFTER = {"Retry-After": "1"}
 _OUTCOMES = {400: "invalid", 429: "too_many", 504: "timeout"}
 # Outcomes that mark the span as failed (a refused or invalid request did not fail).
@@ -94,6 +97,8 @@ class _Job:
 @dataclass(eq=False)
 class _Worker:
     cursor: duckdb.DuckDBPyConnection
+    # Whether the last call's deadline interrupted the cursor (a timeout, not a shutdown).
+    timed_out: bool = False
 
 
 class QueryPool(Actor[Committed, None]):
@@ -369,12 +374,21 @@ class QueryPool(Actor[Committed, None]):
                     return
                 await self._stream(worker, job, opened)
             finally:
-                await self._call(worker, None, opened.close)
+                if not opened.closed:
+                    await self._call(worker, None, opened.close)
 
     async def _stream(self, worker: _Worker, job: _Job, opened: Opened) -> None:
         while True:
             try:
-                chunk = await self._call(worker, job.deadline, opened.next_chunk)
+                chunk, done, failed = await self._call(
+                    worker, job.deadline, opened.read, _CHUNK_BYTES
+                )
+                if failed is not None:
+                    # The chunks read before the failure go out first, as one by one they
+                    # would have gone before it.
+                    if chunk and not await self._deliver(job, chunk, _END_GRACE):
+                        return
+                    raise _query_error(failed, worker.timed_out) from failed
             except QueryError as exc:
                 job.outcome = _OUTCOMES.get(exc.status, "error")
                 job.error = exc
@@ -387,9 +401,11 @@ class QueryPool(Actor[Committed, None]):
                     # Other formats cannot say it in-band: the connection is cut.
                     await self._deliver(job, exc, _END_GRACE)
                 return
-            if chunk is None:
+            if done:
                 # The client may ask again as soon as it has the last byte: free its slot first.
                 self._release_key(job)
+                if chunk and not await self._deliver(job, chunk):
+                    return
                 await self._deliver(job, None, _END_GRACE)
                 return
             if not await self._deliver(job, chunk):
@@ -439,6 +455,7 @@ class QueryPool(Actor[Committed, None]):
             except Exception as exc:
                 error = exc
             tg.cancel_scope.cancel()
+        worker.timed_out = timed_out
         if error is not None:
             raise _query_error(error, timed_out) from error
         return result  # type: ignore[no-any-return]

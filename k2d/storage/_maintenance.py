@@ -53,7 +53,7 @@ from pyiceberg.manifest import (
     ManifestFile,
 )
 from pyiceberg.partitioning import PartitionFieldValue, PartitionKey
-from pyiceberg.table import Table, Transaction
+from pyiceberg.table import Table, TableProperties, Transaction
 from pyiceberg.table.snapshots import Operation, Snapshot, Summary, ancestors_of
 from pyiceberg.table.update.snapshot import (
     _ManifestMergeManager,
@@ -62,12 +62,19 @@ from pyiceberg.table.update.snapshot import (
 )
 from pyiceberg.transforms import DayTransform
 from pyiceberg.typedef import EMPTY_DICT, Record
+from pyiceberg.utils.properties import property_as_int
 
 from k2d.config import MaintenanceConfig
 from k2d.messages import DataFileInfo
 from k2d.model import now_us
 from k2d.runtime import Backoff
-from k2d.storage._schemas import DEAD_LETTERS, SEQUENCE_EVENTS, TABLE_NAMES, TABLES
+from k2d.storage._schemas import (
+    DEAD_LETTERS,
+    ROW_GROUP_ROWS,
+    SEQUENCE_EVENTS,
+    TABLE_NAMES,
+    TABLES,
+)
 from k2d.storage._state import FLUSH, LOG_POSITION, WATERMARKS
 from k2d.storage._warehouse import MAINTENANCE_PROPERTY, UNDONE_FLUSH, Warehouse, _file_info
 
@@ -91,7 +98,6 @@ _DAY_US = 86_400_000_000
 _DAY_MS = 86_400_000
 # A file at least this share of target_file_bytes is not small: compaction leaves it alone.
 _SMALL_FILE_SHARE = 0.75
-_ROW_GROUP_ROWS = 131_072
 # The column whose checksum proves a rewrite kept every row (besides a whole-row checksum).
 _KEY_COLUMN = {SEQUENCE_EVENTS: "event_id", DEAD_LETTERS: "received_at"}
 
@@ -776,10 +782,12 @@ class TableMaintenance:
         keys = ", ".join(f"{_quote(c)} ASC NULLS FIRST" for c in order)
         con.register("rows", self._dataset(name, table, part.files))
         try:
-            reader = con.sql(f"SELECT * FROM rows ORDER BY {keys}").to_arrow_reader(_ROW_GROUP_ROWS)
+            # One batch per row group: the table's limit, as the writer's own files have it.
+            rows = _row_group_rows(table)
+            reader = con.sql(f"SELECT * FROM rows ORDER BY {keys}").to_arrow_reader(rows)
             assert reader is not None
             sort_order_id = table.sort_order().order_id if d.sort_columns else None
-            return self._write_files(reader, table, part, sort_order_id)
+            return self._write_files(reader, table, part, sort_order_id, rows)
         finally:
             con.unregister("rows")
 
@@ -789,6 +797,7 @@ class TableMaintenance:
         table: Table,
         part: _PartitionFiles,
         sort_order_id: int | None,
+        row_group_rows: int,
     ) -> list[DataFile]:
         iceberg_schema = table.schema()
         arrow_schema = schema_to_pyarrow(iceberg_schema, include_field_ids=True)
@@ -811,7 +820,7 @@ class TableMaintenance:
                     path = table.location_provider().new_data_location(
                         data_file_name=f"compact-{uuid.uuid4()}.parquet", partition_key=key
                     )
-                    file = _RollingFile(table, path, arrow_schema)
+                    file = _RollingFile(table, path, arrow_schema, row_group_rows)
                 file.write(pa.Table.from_batches([batch]).cast(arrow_schema))
                 if file.bytes_written() >= self._cfg.target_file_bytes:
                     written.append(file.close(part.partition, part.spec_id, sort_order_id))
@@ -1126,9 +1135,12 @@ class _Reachable:
 class _RollingFile:
     """One Parquet data file being written, in row groups, with Iceberg field ids and stats."""
 
-    def __init__(self, table: Table, path: str, arrow_schema: pa.Schema) -> None:
+    def __init__(
+        self, table: Table, path: str, arrow_schema: pa.Schema, row_group_rows: int
+    ) -> None:
         self._table = table
         self.path = path
+        self._row_group_rows = row_group_rows
         self._output = table.io.new_output(path)
         self._stream = self._output.create(overwrite=False)
         self._writer = pq.ParquetWriter(
@@ -1139,7 +1151,7 @@ class _RollingFile:
         )
 
     def write(self, data: pa.Table) -> None:
-        self._writer.write_table(data, row_group_size=_ROW_GROUP_ROWS)
+        self._writer.write_table(data, row_group_size=self._row_group_rows)
 
     def bytes_written(self) -> int:
         return int(self._stream.tell())
@@ -1172,6 +1184,14 @@ class _RollingFile:
             self._stream.close()
         finally:
             _delete_quietly(self._table.io, self.path)
+
+
+def _row_group_rows(table: Table) -> int:
+    """The table's `write.parquet.row-group-limit` (k2d's when a table lacks it)."""
+    rows = property_as_int(
+        table.properties, TableProperties.PARQUET_ROW_GROUP_LIMIT, ROW_GROUP_ROWS
+    )
+    return rows or ROW_GROUP_ROWS
 
 
 def _delete_quietly(io: Any, path: str) -> int:

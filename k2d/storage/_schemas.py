@@ -33,6 +33,7 @@ __all__ = [
     "INSTRUMENTS",
     "QUOTES",
     "REFERENCE_TABLES",
+    "ROW_GROUP_ROWS",
     "SEQUENCE_EVENTS",
     "TABLES",
     "TABLE_NAMES",
@@ -47,6 +48,8 @@ SEQUENCE_EVENTS = "sequence_events"
 DEAD_LETTERS = "dead_letters"
 INSTRUMENTS = "instruments"
 TABLE_NAMES = (TRADES, QUOTES, SEQUENCE_EVENTS, DEAD_LETTERS)
+# The most rows in one Parquet row group of a data file (the unit DuckDB prunes by stats).
+ROW_GROUP_ROWS = 32_768
 
 TABLE_PROPERTIES: dict[str, str] = {
     "format-version": "2",
@@ -54,9 +57,22 @@ TABLE_PROPERTIES: dict[str, str] = {
     "commit.manifest-merge.enabled": "true",
     "write.parquet.compression-codec": "zstd",
     "write.parquet.compression-level": "3",
-    # Row groups of 128k rows, as compaction writes them: DuckDB skips more of a file for a
-    # narrow time window (measured: 10-minute window p99 45 -> 28 ms against 1M-row groups).
-    "write.parquet.row-group-limit": "131072",
+    # The layout a one-symbol window reads fast (a day of 1.43M trades, 20 symbols, 10-minute
+    # window, DuckDB median): 128k-row groups of 1 MB pages 31 ms; 32k-row groups of 16 KB
+    # pages 14 ms. The pages are what counts: DuckDB skips the pages that hold no row its
+    # filter kept, and 128k-row groups of 16 KB pages measured as fast as 16k-row ones.
+    # Row groups of 32k rows keep pruning by statistics useful to engines that skip no
+    # pages. pyiceberg hands page-row-limit to Arrow as its write batch, and Arrow closes a
+    # page only between batches: without it, 16 KB pages would hold 20,000 rows.
+    # The writer's files and compaction's both follow these (each reads the table's).
+    "write.parquet.row-group-limit": str(ROW_GROUP_ROWS),
+    "write.parquet.page-size-bytes": "16384",
+    "write.parquet.page-row-limit": "4096",
+    # Unique columns (ids, times) compress better plain than dictionary-encoded: a 32 KB
+    # dictionary gives up on them early and still holds symbol, side, currency. A day's
+    # file came out about 30% smaller and was written about 40% faster than with the 2 MB
+    # default.
+    "write.parquet.dict-size-bytes": "32768",
     # Every commit writes a new metadata.json; keep a bounded history of them on disk.
     "write.metadata.delete-after-commit.enabled": "true",
     "write.metadata.previous-versions-max": "50",

@@ -220,6 +220,20 @@ def test_compaction_keeps_every_row_in_fewer_sorted_files(wh: Warehouse) -> None
     assert all(s.additional_properties[MAINTENANCE] == "replace" for s in summaries if s)
 
 
+def test_compaction_writes_row_groups_of_the_tables_row_group_limit(wh: Warehouse) -> None:
+    with wh.load_table("trades").transaction() as tx:
+        tx.set_properties({"write.parquet.row-group-limit": "1000"})
+    Feeder(wh).fill(commits=20, rows=300, days=(3,))
+
+    report = TableMaintenance(wh, maintenance_cfg()).run(["trades"], expire=False)
+
+    assert [(c.files_after, c.rows) for c in report.compactions] == [(1, 6_000)]
+    ((path,),) = live_files(wh).values()
+    meta = pq.ParquetFile(path).metadata
+    groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    assert groups == [1_000] * 6
+
+
 def test_compaction_of_a_table_without_message_ids_sorts_by_time(wh: Warehouse) -> None:
     rng = random.Random(3)
     for k in range(8):

@@ -12,6 +12,7 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pyarrow as pa
 import pyarrow.ipc
 import pyarrow.parquet as pq
@@ -28,11 +29,14 @@ from k2d.query import (
     Column,
     FileEntry,
     Format,
+    Head,
     Kind,
     Ledger,
     LedgerEvent,
     OhlcvPlan,
+    Opened,
     PlanContext,
+    Prepared,
     QueryError,
     RowsPlan,
     SnapshotSel,
@@ -627,6 +631,68 @@ def test_writers_produce_readable_documents() -> None:
         assert read(raw).column("x").to_pylist() == [1, 2]
     w = new_writer(Format.CSV)
     assert (w.begin(data.schema) + w.batch(data)).decode().splitlines() == ['"x"', "1", "2"]
+
+
+def _opened(batches: Any, limit: int = 100) -> Opened:
+    """A JSON answer over `batches` (an iterable of JSON-row batches), as open_result makes."""
+    schema = pa.schema([("__row", pa.string())])
+    reader = pa.RecordBatchReader.from_batches(schema, batches)
+    prepared = Prepared(sql="", params=(), columns=(Column("a", Kind.INT),), keys=(), limit=limit)
+    head = Head("application/json", {})
+    return Opened(duckdb.connect(), prepared, Format.JSON, reader, head, (False, None))
+
+
+def test_read_answers_a_small_page_in_one_call_and_closes_the_query() -> None:
+    opened = _opened(iter([pa.record_batch({"__row": ['{"a":1}', '{"a":2}']})]))
+
+    body, done, failed = opened.read(1 << 20)
+
+    assert (done, failed, opened.closed) == (True, None, True)
+    assert json.loads(body) == {
+        "data": [{"a": 1}, {"a": 2}],
+        "meta": {"rows": 2, "truncated": False, "next_cursor": None},
+    }
+
+
+def test_read_hands_back_the_chunks_before_a_failure_with_it() -> None:
+    def batches() -> Any:
+        yield pa.record_batch({"__row": ['{"a":1}']})
+        raise OSError("INTERRUPT Error: Interrupted!")
+
+    opened = _opened(batches())
+
+    body, done, failed = opened.read(1 << 20)
+
+    assert (done, opened.closed) == (False, False)
+    assert isinstance(failed, OSError)
+    document = json.loads(body + opened.abort("query_timeout", "too slow"))
+    assert document["data"] == [{"a": 1}]
+    assert document["error"] == {"code": "query_timeout", "detail": "too slow"}
+    opened.close()
+
+
+def test_read_raises_a_failure_that_comes_before_any_chunk() -> None:
+    def batches() -> Any:
+        yield pa.record_batch({"__row": ['{"a":1}']})
+        raise OSError("IO Error: gone")
+
+    opened = _opened(batches())
+    opened.read(len(b'{"data":[{"a":1}'))  # takes the rows; the next batch is what fails
+    with pytest.raises(OSError, match="gone"):
+        opened.read(1 << 20)
+    opened.close()
+
+
+def test_every_cursor_of_the_pool_caches_parquet_metadata(tmp_path: Any) -> None:
+    db, cursors = open_database(QueryConfig(), [str(tmp_path)], 2)
+    try:
+        for cursor in cursors:
+            setting = "SELECT current_setting('parquet_metadata_cache')"
+            assert cursor.execute(setting).fetchone() == (True,)
+    finally:
+        for cursor in cursors:
+            cursor.close()
+        db.close()
 
 
 def test_the_database_is_locked_after_setup(tmp_path: Any) -> None:

@@ -22,6 +22,7 @@ from k2d.model import DeadLetter, Quote, SequenceEvent, Trade
 from k2d.storage import (
     FLUSH,
     LOG_POSITION,
+    ROW_GROUP_ROWS,
     TABLE_NAMES,
     TABLES,
     WATERMARKS,
@@ -238,6 +239,22 @@ def test_partition_spec_and_properties(wh: Warehouse, name: str, expected: list[
     assert table.properties["write.parquet.compression-codec"] == "zstd"
 
 
+@pytest.mark.parametrize("name", TABLE_NAMES)
+def test_tables_are_written_in_small_row_groups(wh: Warehouse, name: str) -> None:
+    props = wh.load_table(name).properties
+    assert props["write.parquet.row-group-limit"] == str(ROW_GROUP_ROWS) == "32768"
+    assert props["write.parquet.page-size-bytes"] == "16384"
+    assert props["write.parquet.page-row-limit"] == "4096"
+    assert props["write.parquet.dict-size-bytes"] == "32768"
+
+
+def test_ensure_tables_gives_an_older_table_todays_row_group_limit(wh: Warehouse) -> None:
+    with wh.load_table("trades").transaction() as tx:
+        tx.set_properties({"write.parquet.row-group-limit": "131072"})  # k2d before issue 14
+    wh.ensure_tables()
+    assert wh.load_table("trades").properties["write.parquet.row-group-limit"] == "32768"
+
+
 @pytest.mark.parametrize("name", ["trades", "quotes"])
 def test_sort_order_is_symbol_timestamp_source_sequence(wh: Warehouse, name: str) -> None:
     table = wh.load_table(name)
@@ -376,6 +393,15 @@ def test_each_data_file_is_sorted_by_symbol_timestamp_source_sequence(wh: Wareho
     ]
     assert keys == sorted(keys)
     assert len(keys) == 500
+
+
+def test_a_data_file_holds_row_groups_of_at_most_row_group_rows(wh: Warehouse) -> None:
+    n = 2 * ROW_GROUP_ROWS + 100
+    data = trades_to_arrow([trade(i, seq=i) for i in range(n)])
+    (f,) = wh.append("trades", data, props(1, ("trades",))).files
+    meta = pq.ParquetFile(local_path(f.path)).metadata
+    groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    assert groups == [ROW_GROUP_ROWS, ROW_GROUP_ROWS, 100]
 
 
 def test_snapshot_properties_round_trip(wh: Warehouse) -> None:
