@@ -137,6 +137,10 @@ class ApiConfig(_Section, frozen=True):
     trusted_proxies: tuple[str, ...] = ()
     # Origins allowed to call the query routes from a browser; empty: CORS off; "*": any.
     cors_origins: tuple[str, ...] = ()
+    # Kernel send buffer of each connection, bytes (0: the kernel's autotuning, up to
+    # several MB). Bounded, a stream client that stops reading fills it and its send queue
+    # within seconds and is closed as a slow consumer; 256 KiB still fills a LAN.
+    socket_send_buffer: Annotated[int, msgspec.Meta(ge=0)] = 262_144
 
     def __post_init__(self) -> None:
         for name in ("api_keys", "admin_api_keys"):

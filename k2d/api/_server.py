@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Iterator
 
 import anyio
@@ -93,7 +94,11 @@ class ApiServer:
 
     async def _serve(self) -> None:
         try:
-            await self._server.serve()
+            await self._server.serve(sockets=[self._listen()])
+        except OSError as exc:
+            raise RuntimeError(
+                f"HTTP server cannot listen on {self.cfg.host}:{self.cfg.port}: {exc}"
+            ) from exc
         except SystemExit as exc:
             # uvicorn exits the process when it cannot bind or the lifespan fails: not ours to do.
             raise RuntimeError(
@@ -104,6 +109,25 @@ class ApiServer:
             for server in getattr(self._server, "servers", ()):
                 server.close()
             self._done.set()
+
+    def _listen(self) -> socket.socket:
+        """The listening socket, made here so that its send buffer (which the connections
+        accepted on it inherit) is api.socket_send_buffer."""
+        family, kind, proto, _, address = socket.getaddrinfo(
+            self.cfg.host, self.cfg.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.cfg.socket_send_buffer:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.cfg.socket_send_buffer)
+            sock.bind(address)
+            sock.listen(2048)
+        except OSError:
+            sock.close()
+            raise
+        sock.set_inheritable(True)
+        return sock
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded by cfg.shutdown_timeout)."""
