@@ -97,7 +97,7 @@ class ApiServer:
             await self._server.serve(sockets=[self._listen()])
         except OSError as exc:
             raise RuntimeError(
-                f"HTTP server cannot listen on {self.cfg.host}:{self.cfg.port}: {exc}"
+                f"HTTP server failed to start on {self.cfg.host}:{self.cfg.port}: {exc}"
             ) from exc
         except SystemExit as exc:
             # uvicorn exits the process when it cannot bind or the lifespan fails: not ours to do.
