@@ -260,6 +260,11 @@ class Simulator:
             "disconnects": self._disconnects,
         }
 
+    def calm(self) -> None:
+        """Stop injecting per-frame faults (drops, resets, junk, ...); the market goes on clean.
+        Lets a test end on a settled connection instead of racing the last fault."""
+        self._any_fault = False
+
     async def close_market(self) -> None:
         """Stop trading but keep answering REST, as a venue's history outlives a session:
         final clean trade per symbol, serverShutdown and close 1001 on every connection,

@@ -18,7 +18,9 @@ from k2d.storage import dead_letters_to_arrow, quotes_to_arrow, trades_to_arrow
 from k2d.telemetry.metrics import Metrics
 
 
-async def capture(sim: Simulator, seconds: float, **feed: Any) -> tuple[list[RecordBatch], Metrics]:
+async def capture(
+    sim: Simulator, seconds: float, *, calm_for: float = 0.0, **feed: Any
+) -> tuple[list[RecordBatch], Metrics]:
     settings: dict[str, Any] = {"reconnect_initial": 0.05, "reconnect_max": 0.2, **feed}
     cfg = BinanceFeedConfig(ws_url=sim.ws_url, rest_url=sim.url, symbols=("BTCUSDT",), **settings)
     metrics = Metrics()
@@ -29,6 +31,9 @@ async def capture(sim: Simulator, seconds: float, **feed: Any) -> tuple[list[Rec
     async with anyio.create_task_group() as tg:
         tg.start_soon(handler.run, None, Outbox("test", send))
         await anyio.sleep(seconds)
+        if calm_for:
+            sim.calm()
+            await anyio.sleep(calm_for)
         await sim.stop()  # planned stop: final trade, serverShutdown, close
         await anyio.sleep(0.3)
         stop.set()
@@ -58,8 +63,9 @@ async def test_abrupt_resets_are_survived_by_reconnecting() -> None:
     opts = SimulatorOptions(symbols=("BTCUSDT",), rate=300, seed=4, faults=Faults(reset=0.01))
     async with Simulator(opts) as sim:
         # Connections that delivered data for 0.1 s count as healthy here, so the backoff
-        # stays short and the feed is connected again when the planned stop comes.
-        batches, metrics = await capture(sim, 4.0, stable_after=0.1)
+        # stays short; the faults stop 1.5 s before the planned stop, so the feed is
+        # connected again when it comes even if a reset fell just before.
+        batches, metrics = await capture(sim, 4.0, calm_for=1.5, stable_after=0.1)
         manifest = sim.manifest()
     assert manifest["disconnects"] >= 1
     connects = metrics.registry.get_sample_value("k2d_feed_connects_total", {"feed": "feed-test"})
