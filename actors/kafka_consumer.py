@@ -7,6 +7,11 @@ read again (the trackers drop repeats by sequence). Offsets go to the group only
 Iceberg commit, for lag monitoring. A partition with records to read that delivers none
 for `kafka.stall_timeout` restarts the chain; so does a rebalance after the first
 assignment, since the recovery a restart runs is what re-reads the snapshot.
+
+Several daemons in one group may share the tables (each its own lane of state, see
+k2d.storage._state). Before partitions go to another member, the writer commits what the
+trackers took from them, so the next owner starts where this one stopped. A member that
+takes over partitions from one that died mid-flush undoes that flush's commits first.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from k2d.runtime import Actor, Backoff, Outbox, OutsideFault
 from k2d.telemetry.metrics import Metrics
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Awaitable, Callable, Mapping
 
     from actors.writer import CommitLog
 
@@ -65,10 +70,13 @@ class KafkaConsumer(Actor[None, RecordBatch]):
         backoff: Backoff,
         drain: anyio.Event,
         instance_id: str,
+        take_over: Callable[[set[int]], Awaitable[bool]] | None = None,
     ) -> None:
         """`committed`: the log position recovery read from the snapshot. `drain`: set once
         nothing more will be produced here; the consumer then reads to the end of its
-        partitions and ends."""
+        partitions and ends. `take_over(partitions)`, at the first assignment: undoes
+        other members' flushes cut short that hold any of the partitions; True if the state
+        the trackers were restored from is stale for them (the chain then recovers again)."""
         self.cfg = cfg
         self.metrics = metrics
         self.backoff = backoff
@@ -76,13 +84,16 @@ class KafkaConsumer(Actor[None, RecordBatch]):
         self._commits = commits
         self._drain = drain
         self._instance_id = instance_id
+        self._take_over = take_over
+        # Why the chain must go back through recovery (None: it need not).
+        self._restart: str | None = None
         # The partitions of the first assignment, and the next offset of each that a
         # tracker has taken.
         self._assignment: frozenset[TopicPartition] | None = None
         self._next: dict[TopicPartition, int] = {}
         self._away = False
-        self._rebalanced = False
         self._stopping = False
+        self._revoking = False
         self._group_offsets: dict[TopicPartition, int] = {}
         self._last_progress = time.monotonic()
 
@@ -97,6 +108,14 @@ class KafkaConsumer(Actor[None, RecordBatch]):
     async def _assigned(self, partitions: frozenset[TopicPartition]) -> dict[TopicPartition, int]:
         if self._assignment is None:
             self._assignment = partitions
+            # Lag is reported for the partitions held: none of another assignment's stay.
+            self.metrics.kafka_lag.clear()
+            if self._take_over is not None and await self._take_over(
+                {tp.partition for tp in partitions}
+            ):
+                # The trackers were restored from a state older than the tables' now.
+                self._restart = "partitions came with newer state from other members"
+                return {}
             offsets = self.start_offsets(partitions)
             log.info(
                 "kafka: assigned %s", {f"{t.topic}:{t.partition}": o for t, o in offsets.items()}
@@ -107,12 +126,35 @@ class KafkaConsumer(Actor[None, RecordBatch]):
             return {tp: self._next.get(tp, o) for tp, o in self.start_offsets(partitions).items()}
         # The trackers hold the state of the partitions they had: only a recovery from the
         # snapshot is right for another assignment.
-        self._rebalanced = True
+        self._restart = "the group moved partitions"
         return {}
 
     async def _revoked(self, partitions: frozenset[TopicPartition]) -> None:
-        if not self._stopping:
-            self._rebalanced = True
+        if self._stopping:
+            return
+        # Another member may get these next and starts from what the snapshot holds: let
+        # the writer commit what the trackers took from them first (bounded), delivering
+        # nothing more meanwhile; the chain goes back through recovery after.
+        self._revoking = True
+        try:
+            with anyio.move_on_after(self.cfg.request_timeout):
+                # The CommitLog has no event to wait on; the check is a few dict reads.
+                while not self._all_committed(partitions):  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+        finally:
+            self._revoking = False
+            self._restart = "the group moved partitions"
+
+    def _all_committed(self, partitions: frozenset[TopicPartition]) -> bool:
+        position = self._commits.log_position
+        for tp in partitions:
+            taken = self._next.get(tp)
+            if taken is None:
+                continue
+            stored = position.get(f"{offset_key(tp.topic, tp.partition)}@{tp.partition}")
+            if not isinstance(stored, dict) or int(stored["offset"]) < taken:
+                return False
+        return True
 
     async def run(self, inbox: MemoryObjectReceiveStream[None] | None, outbox: Outbox[Any]) -> None:
         while True:
@@ -170,8 +212,11 @@ class KafkaConsumer(Actor[None, RecordBatch]):
     async def _consume(self, consumer: Consumer, outbox: Outbox[Any]) -> None:
         self._last_progress = time.monotonic()
         while True:
-            if self._rebalanced:
-                raise OutsideFault("kafka_rebalance", "the group moved partitions: recovering")
+            if self._restart is not None:
+                raise OutsideFault("kafka_rebalance", f"{self._restart}: recovering")
+            if self._revoking:
+                await anyio.sleep(0.05)
+                continue
             asked = time.monotonic()
             deliveries = await consumer.poll(_POLL_WAIT)
             if not deliveries:

@@ -78,6 +78,8 @@ class _Buffer:
     # flush only concatenates.
     rows: dict[str, list[pa.Table]] = field(default_factory=lambda: {name: [] for name in _TABLES})
     batch_ids: list[int] = field(default_factory=list)
+    # The tracker partitions of the batches ("@P" of their log position keys).
+    partitions: set[int] = field(default_factory=set)
     links: list[trace.Link] = field(default_factory=list)
     row_count: int = 0
     est_bytes: int = 0
@@ -86,6 +88,10 @@ class _Buffer:
 
     def add(self, batch: SequencedBatch) -> None:
         self.batch_ids.append(batch.batch_id)
+        for key in batch.log_position or ():
+            part = key.rpartition("@")[2]
+            if part.isdigit():
+                self.partitions.add(int(part))
         ctx = batch.span_context
         if ctx is not None and len(self.links) < _MAX_LINKS and ctx.is_valid:
             self.links.append(trace.Link(ctx))
@@ -132,6 +138,7 @@ class _Flush:
     number: int
     rows: dict[str, list[pa.Table]]
     batch_ids: tuple[int, ...]
+    partitions: frozenset[int]
     links: list[trace.Link]
     watermarks: dict[str, Watermark]
     log_position: dict[str, Any]
@@ -151,13 +158,19 @@ class IcebergWriter(Actor[SequencedBatch, Committed]):
         *,
         limiter: anyio.CapacityLimiter | None = None,
         log: CommitLog | None = None,
+        member: str = "",
+        shared_partitions: int = 0,
     ) -> None:
-        """`limiter`: the worker threads commits run on (kept apart from the HTTP side's)."""
+        """`limiter`: the worker threads commits run on (kept apart from the HTTP side's).
+        `member`: this daemon's lane when several share the tables (Kafka mode), which own
+        `shared_partitions` partitions between them (see k2d.storage._state)."""
         self._wh = warehouse
         self._cfg = cfg
         self._metrics = metrics
         self._tracer = tracer or trace.get_tracer("k2d.writer")
         self._limiter = limiter
+        self._member = member
+        self._shared = shared_partitions
         self.log = log if log is not None else CommitLog()
         self._buf = _Buffer()
         # Merged over every batch ever received (latest wins per key), seeded from storage.
@@ -170,7 +183,9 @@ class IcebergWriter(Actor[SequencedBatch, Committed]):
     async def on_start(self) -> None:
         """Resume the flush numbering and the merged state where the tables left them."""
         await anyio.to_thread.run_sync(self._wh.ensure_tables, limiter=self._limiter)
-        state = await anyio.to_thread.run_sync(self._wh.k2_state, limiter=self._limiter)
+        state = await anyio.to_thread.run_sync(
+            self._wh.k2_state, self._member, self._shared, limiter=self._limiter
+        )
         self._watermarks = dict(state.watermarks)
         self._log_position = dict(state.log_position)
         self._flush_number = state.flush
@@ -237,6 +252,7 @@ class IcebergWriter(Actor[SequencedBatch, Committed]):
             number=self._flush_number,
             rows={name: rows for name, rows in buf.rows.items() if rows},
             batch_ids=tuple(buf.batch_ids),
+            partitions=frozenset(buf.partitions),
             links=buf.links,
             # Copies: the next buffer's batches keep updating the running state.
             watermarks=dict(self._watermarks),
@@ -262,6 +278,8 @@ class IcebergWriter(Actor[SequencedBatch, Committed]):
             watermarks=flush.watermarks,
             log_position=flush.log_position,
             batch_ids=flush.batch_ids,
+            member=self._member,
+            partitions=flush.partitions,
         )
         for table in self._commit_order(list(flush.rows)):
             rows = flush.rows[table]
@@ -335,7 +353,7 @@ class IcebergWriter(Actor[SequencedBatch, Committed]):
         """Whether a commit that raised landed all the same (its outcome is unknown)."""
         try:
             return await anyio.to_thread.run_sync(
-                self._wh.find_flush, table, flush, limiter=self._limiter
+                self._wh.find_flush, table, flush, self._member, limiter=self._limiter
             )
         except Exception as exc:
             if outside_fault(exc) is None:

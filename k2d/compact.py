@@ -88,7 +88,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             present = [t for t in tables if wh.catalog.table_exists((wh.namespace, t))]
             span.set_attribute("k2d.tables", present)
             compact = True
-            if not wh.k2_state().complete:
+            if wh.incomplete_lanes():
                 # The daemon undoes the commits of a flush cut short by a crash when it starts;
                 # a compaction that rewrote their files first would leave it nothing to undo.
                 print(

@@ -35,8 +35,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import socket
-import zlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,7 +62,9 @@ from k2d.recovery import (
     Recovered,
     committed_position,
     journal_key,
+    lane,
     recover,
+    shared_partitions,
     tracker_partitions,
 )
 from k2d.runtime import (
@@ -319,7 +319,16 @@ def build_pipeline(
         # The pool hears of a commit before the hub does: once the hub counts a batch as
         # committed, a query already finds its rows in the pool's file index.
         writer_out = Outbox[Any]("writer.outbox", pool_out, to_hub.clone())
-        writer = IcebergWriter(warehouse, cfg.writer, metrics, tracer, limiter=limiter, log=commits)
+        writer = IcebergWriter(
+            warehouse,
+            cfg.writer,
+            metrics,
+            tracer,
+            limiter=limiter,
+            log=commits,
+            member=lane(cfg),
+            shared_partitions=shared_partitions(cfg),
+        )
         children.append(
             ChildSpec.for_actor("writer", _made(writer), writer_inbox, writer_out, registry)
         )
@@ -357,6 +366,20 @@ def build_pipeline(
 
             return close
 
+        async def take_over(partitions: set[int]) -> bool:
+            """At the first assignment: whether the trackers' state for `partitions` is stale,
+            so that the round must recover again. Other members committed them until the
+            group gave them here (after this round's recovery read the tables), or died
+            mid-flush, whose commits are undone first."""
+            async with table_lock:
+                rolled = await anyio.to_thread.run_sync(
+                    warehouse.roll_back_taken_over, lane(cfg), partitions, limiter=limiter
+                )
+                _, now = await anyio.to_thread.run_sync(
+                    warehouse.latest_k2_state, lane(cfg), shared_partitions(cfg), limiter=limiter
+                )
+            return bool(rolled) or offsets_moved(rec.trackers.log_position, now, partitions)
+
         if kafka:
             # Feeds produce to Kafka through the producer; the consumer feeds the trackers.
             to_producer, producer_inbox = bounded_stream(registry, "kafka-producer.inbox", size)
@@ -382,7 +405,8 @@ def build_pipeline(
                 metrics,
                 backoff(),
                 drain=produced if feed_names else feeds_stop,
-                instance_id=cfg.kafka.instance_id or _instance_id(cfg),
+                instance_id=lane(cfg),
+                take_over=take_over,
             )
             consumer_out = Outbox[Any](
                 "kafka-consumer.outbox", *[s.clone() for s, _ in tracker_inboxes[:tracked]]
@@ -561,12 +585,6 @@ def build_pipeline(
     )
 
 
-def _instance_id(cfg: Config) -> str:
-    """A stable member id for this daemon: its host and data dir."""
-    where = str(cfg.storage.data_path().resolve()).encode()
-    return f"k2d-{socket.gethostname()}-{zlib.crc32(where):08x}"
-
-
 def _kafka_producer(
     cfg: Config,
     metrics: Metrics,
@@ -597,7 +615,9 @@ async def _journal_retention(
     jc = cfg.journal
     while True:
         await anyio.sleep(jc.retention_interval)
-        _, log_position = await anyio.to_thread.run_sync(warehouse.latest_k2_state, limiter=limiter)
+        _, log_position = await anyio.to_thread.run_sync(
+            warehouse.latest_k2_state, lane(cfg), limiter=limiter
+        )
         keep_after = committed_position(log_position, *journal_key(cfg))
         deleted = await anyio.to_thread.run_sync(
             journal.enforce_retention,
@@ -623,3 +643,13 @@ def _close_journal(journal: Journal) -> None:
         journal.close()
     except Exception as exc:  # an OSError, or the JournalError that wraps one
         log.warning("journal %s: closed without a final sync: %s", journal.path, exc)
+
+
+def offsets_moved(before: dict[str, Any], after: dict[str, Any], partitions: set[int]) -> bool:
+    """Whether any Kafka offset of `partitions` differs between two log positions."""
+    for key in before.keys() | after.keys():
+        name, _, part = key.rpartition("@")
+        ours = name.startswith("kafka:") and part.isdigit() and int(part) in partitions
+        if ours and before.get(key) != after.get(key):
+            return True
+    return False

@@ -10,6 +10,8 @@ Blocking throughout (pyiceberg, SQLite, file I/O): callers run it in a worker th
 from __future__ import annotations
 
 import logging
+import socket
+import zlib
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -25,10 +27,13 @@ __all__ = [
     "FEED",
     "Recovered",
     "committed_position",
+    "instance_id",
     "journal_key",
+    "lane",
     "ledger_horizon",
     "open_journal",
     "recover",
+    "shared_partitions",
     "tracker_partitions",
     "tracker_state",
 ]
@@ -60,6 +65,25 @@ def tracker_partitions(cfg: Config) -> int:
     return cfg.kafka.partitions if cfg.kafka.enabled else cfg.pipeline.partitions
 
 
+def lane(cfg: Config) -> str:
+    """This daemon's lane in the tables' k2 state: in Kafka mode its member id in the
+    group (several daemons may share the tables), else the one unnamed lane."""
+    if not cfg.kafka.enabled:
+        return ""
+    return cfg.kafka.instance_id or instance_id(cfg)
+
+
+def shared_partitions(cfg: Config) -> int:
+    """Partitions whose state other daemons may carry on (Kafka's); 0 in embedded mode."""
+    return cfg.kafka.partitions if cfg.kafka.enabled else 0
+
+
+def instance_id(cfg: Config) -> str:
+    """A stable member id for this daemon: its host and data dir."""
+    where = str(cfg.storage.data_path().resolve()).encode()
+    return f"k2d-{socket.gethostname()}-{zlib.crc32(where):08x}"
+
+
 def journal_key(cfg: Config) -> tuple[str, int]:
     """The log_position key whose least per-tracker value is where the journal's replay
     starts, and how many trackers count. In Kafka mode that is the position up to which
@@ -72,8 +96,11 @@ def journal_key(cfg: Config) -> tuple[str, int]:
 def recover(cfg: Config, warehouse: Warehouse, after: str | None = None) -> Recovered:
     """Undo a cut-short flush, then read the committed state and open the journal. `after`
     names the failure this recovery follows (None: the process start)."""
-    rolled = {t: warehouse.current_snapshot_id(t) for t in warehouse.roll_back_incomplete_flush()}
-    state = tracker_state(warehouse, tracker_partitions(cfg))
+    member = lane(cfg)
+    rolled = {
+        t: warehouse.current_snapshot_id(t) for t in warehouse.roll_back_incomplete_flush(member)
+    }
+    state = tracker_state(warehouse, tracker_partitions(cfg), member, shared_partitions(cfg))
     journal = replay_after = None
     last_capture: int | None = None
     if cfg.journal.enabled and cfg.feeds.binance.enabled:
@@ -140,12 +167,15 @@ def ledger_horizon(watermarks: dict[str, Watermark]) -> int | None:
     return min(since, default=0)
 
 
-def tracker_state(warehouse: Warehouse, partitions: int = 1) -> TrackerState:
-    """Committed watermarks plus the ledger's open gaps and outages, for the trackers.
+def tracker_state(
+    warehouse: Warehouse, partitions: int = 1, member: str = "", shared: int = 0
+) -> TrackerState:
+    """Committed watermarks plus the ledger's open gaps and outages, for the trackers
+    (`member`, `shared`: see lane() and shared_partitions()).
 
     Only the part of the ledger that can hold an open entry is read (the watermarks say
     since when), so a restart costs the same on the first day and after a year."""
-    watermarks, log_position = warehouse.latest_k2_state()
+    watermarks, log_position = warehouse.latest_k2_state(member, shared)
     state = TrackerState(watermarks=watermarks, log_position=log_position)
     horizon = ledger_horizon(watermarks)
     rows = [] if horizon == 0 else warehouse.open_ledger_rows(since_us=horizon)

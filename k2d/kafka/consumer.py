@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
 from k2d.kafka.codec import AvroCodec, MarketRecord
 
@@ -75,6 +76,9 @@ class Consumer:
             auto_offset_reset="earliest",
             max_poll_records=config.max_poll_records,
             request_timeout_ms=int(config.request_timeout * 1000),
+            # Partition P of the trades topic and of the quotes topic feed the same tracker:
+            # the range assignor gives both to the same member (round robin would split them).
+            partition_assignment_strategy=(RangePartitionAssignor,),
         )
 
     async def start(self) -> None:

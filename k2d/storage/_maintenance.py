@@ -76,7 +76,14 @@ from k2d.storage._schemas import (
     TABLES,
 )
 from k2d.storage._state import FLUSH, LOG_POSITION, WATERMARKS
-from k2d.storage._warehouse import MAINTENANCE_PROPERTY, UNDONE_FLUSH, Warehouse, _file_info
+from k2d.storage._warehouse import (
+    MAINTENANCE_PROPERTY,
+    UNDONE_FLUSH,
+    Warehouse,
+    _file_info,
+    _own_snapshot,
+    lane_states,
+)
 
 __all__ = [
     "MAINTENANCE",
@@ -319,23 +326,28 @@ def carried_properties(table: Table) -> dict[str, str]:
 
 
 def _state_chain(table: Table) -> list[int]:
-    """The current snapshot's ancestors down to the newest one the writer committed with k2
-    state, and its parent: what reading (or undoing) the resume state walks through.
+    """The current snapshot's ancestors down to the oldest of the snapshots in which each
+    lane (each member sharing the table) committed its newest state, and its parent: what
+    reading (or undoing) the resume state walks through.
 
     Expiring one of them would cut the chain (pyiceberg clears the parent id of a snapshot
     whose parent it removes), and the state, or the commit a crash cut short, would be out
     of reach. A table without k2 state needs only its current snapshot."""
-    writer = next(
-        (s.snapshot_id for s, props in _state_snapshots(table) if MAINTENANCE not in props), None
-    )
-    if writer is None:
+    name = table.name()[-1]
+    pending: set[int] = set()
+    for member, (state, snap) in lane_states(table, name).items():
+        snap = snap or _own_snapshot(table, member, state.flush)
+        if snap is not None:
+            pending.add(snap.snapshot_id)
+    if not pending:
         current = table.current_snapshot()
         return [current.snapshot_id] if current is not None else []
     chain: list[int] = []
     for snapshot in ancestors_of(table.current_snapshot(), table.metadata):
         chain.append(snapshot.snapshot_id)
-        if len(chain) > 1 and chain[-2] == writer:
-            break
+        if not pending:
+            break  # the parent of the oldest
+        pending.discard(snapshot.snapshot_id)
     return chain
 
 

@@ -6,6 +6,7 @@ Blocking throughout (pyiceberg, SQLite, Parquet): callers run it via `anyio.to_t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sqlite3
 import threading
@@ -37,9 +38,21 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from k2d.config import StorageConfig, WriterConfig
 from k2d.messages import DataFileInfo, Watermark
+from k2d.model import partition_of
 from k2d.runtime import Backoff
 from k2d.storage._schemas import TABLE_NAMES, TABLE_PROPERTIES, TABLES
-from k2d.storage._state import K2State, TableState, merge_states, table_state
+from k2d.storage._state import (
+    FLUSH,
+    LOG_POSITION,
+    MEMBER,
+    WATERMARKS,
+    K2State,
+    TableState,
+    lanes_property,
+    merge_lanes,
+    merge_states,
+    table_states,
+)
 
 # On a snapshot that undid a flush cut short by a crash: the number of that flush.
 UNDONE_FLUSH = "k2.undone_flush"
@@ -213,10 +226,20 @@ class Warehouse:
         """Commit `files` as one append snapshot; return how many conflicts were retried."""
         backoff = Backoff(self._commit.commit_backoff_initial, self._commit.commit_backoff_max)
         merge = table.properties.get(_MERGE_ENABLED, "false").lower() == "true"
+        member = props.get(MEMBER)
+        if member is not None:
+            # Other members commit to these tables too: start from the latest metadata.
+            table.refresh()
         while True:
             try:
                 tx = table.transaction()
-                update = tx.update_snapshot(snapshot_properties=props)
+                carried = props
+                if member is not None:
+                    # Every other member's latest state rides along, read from the very
+                    # parent this attempt commits on (a conflict re-reads it).
+                    lanes = lane_states(table, table.name()[-1]).values()
+                    carried = props | lanes_property((st for st, _ in lanes), member)
+                update = tx.update_snapshot(snapshot_properties=carried)
                 with update.merge_append() if merge else update.fast_append() as append:
                     for f in files:
                         append.append_data_file(f)
@@ -238,21 +261,15 @@ class Warehouse:
                 time.sleep(delay)
                 table.refresh()
 
-    def find_flush(self, table_name: str, flush: int) -> CommitResult | None:
-        """The commit of flush number `flush` to `table_name` if it is the table's latest
-        k2 state: for a commit whose outcome is unknown (it raised), whether it landed."""
+    def find_flush(self, table_name: str, flush: int, member: str = "") -> CommitResult | None:
+        """The commit of `member`'s flush number `flush` to `table_name` if it is that lane's
+        latest k2 state: for a commit whose outcome is unknown (it raised), whether it landed."""
         table = self.load_table(table_name)
-        found = self._latest_state(table, table_name)
-        if found is None or found[0].flush != flush:
+        found = self._latest_state(table, table_name, member)
+        if found is None or found[0].flush != flush or found[1] is None:
             return None
         snapshot = found[1]
-        added = [
-            entry.data_file
-            for manifest in snapshot.manifests(table.io)
-            for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True)
-            if entry.status == ManifestEntryStatus.ADDED
-            and entry.snapshot_id == snapshot.snapshot_id
-        ]
+        added = _added_files(table, snapshot)
         infos = tuple(_file_info(table, f) for f in added)
         return _result(table, snapshot, infos, sum(f.record_count for f in added), 0)
 
@@ -263,49 +280,66 @@ class Warehouse:
             return {}
         return dict(snapshot.summary.additional_properties)
 
-    def k2_state(self) -> K2State:
-        """The position to resume from, merged over the four tables' latest k2 states.
-
-        Per table that is the newest snapshot carrying k2 properties: one written by
-        another committer (compaction) is passed over in favour of its ancestors.
-        """
-        states = []
+    def _lanes_by_member(self) -> dict[str, list[TableState]]:
+        by_member: dict[str, list[TableState]] = {}
         for name in TABLE_NAMES:
-            found = self._latest_state(self.load_table(name), name)
-            if found is not None:
-                states.append(found[0])
-        return merge_states(states, TABLE_NAMES)
+            for member, (state, _) in lane_states(self.load_table(name), name).items():
+                by_member.setdefault(member, []).append(state)
+        return by_member
+
+    def k2_state(self, member: str = "", partitions: int = 0) -> K2State:
+        """The position `member` resumes from, merged over the four tables' latest k2 states.
+
+        Per table that is the newest state of the member's lane: a snapshot written by
+        another committer (compaction) is passed over in favour of its ancestors. With
+        `partitions` (members of a Kafka group sharing the tables), each shared partition's
+        watermarks and offsets come from the lane that got furthest in it (merge_lanes).
+        """
+        by_member = self._lanes_by_member()
+        own = merge_states(by_member.get(member, []), TABLE_NAMES)
+        if not partitions or set(by_member) <= {member}:
+            return own
+        lanes = {m: merge_states(states, TABLE_NAMES) for m, states in by_member.items()}
+        watermarks, position = merge_lanes(lanes, member, partitions, partition_of)
+        return dataclasses.replace(own, watermarks=watermarks, log_position=position)
+
+    def incomplete_lanes(self) -> dict[str, frozenset[int] | None]:
+        """Members whose latest flush a crash cut short, with the tracker partitions of that
+        flush (None: not recorded, i.e. all)."""
+        out: dict[str, frozenset[int] | None] = {}
+        for member, states in self._lanes_by_member().items():
+            if not merge_states(states, TABLE_NAMES).complete:
+                newest = max(states, key=lambda st: st.flush)
+                out[member] = newest.partitions
+        return out
 
     @staticmethod
-    def _latest_state(table: Table, name: str) -> tuple[TableState, Snapshot] | None:
-        """The newest snapshot with k2 properties, passing over flushes undone since."""
-        undone: set[int] = set()
-        for snapshot in ancestors_of(table.current_snapshot(), table.metadata):
-            props = snapshot.summary.additional_properties if snapshot.summary else {}
-            if UNDONE_FLUSH in props:
-                undone.add(int(props[UNDONE_FLUSH]))
-                continue
-            if MAINTENANCE_PROPERTY in props:
-                # A copy of the state: the writer's own snapshot is the one to read and undo.
-                continue
-            state = table_state(name, props, snapshot.timestamp_ms)
-            if state is not None and state.flush not in undone:
-                return state, snapshot
-        return None
+    def _latest_state(
+        table: Table, name: str, member: str = ""
+    ) -> tuple[TableState, Snapshot | None] | None:
+        """`member`'s newest state in `table`, passing over flushes undone since, with the
+        snapshot that member committed it in (None if expired)."""
+        state = lane_states(table, name).get(member)
+        if state is None:
+            return None
+        if state[1] is not None:
+            return state
+        return state[0], _own_snapshot(table, member, state[0].flush)
 
-    def roll_back_incomplete_flush(self) -> list[str]:
-        """Undo the commits of a flush that a crash cut short; return the tables rolled back.
+    def roll_back_incomplete_flush(self, member: str = "") -> list[str]:
+        """Undo the commits of `member`'s flush that a crash cut short; return the tables
+        rolled back.
 
         Iceberg has no multi-table commit. When a crash lands between the commits of one
         flush, the tables that did commit hold rows the others' state does not cover; with
-        a journal to replay from, rolling those commits back makes every table agree, and
-        the replay then writes the whole flush again, once.
+        a log to replay from (the journal, Kafka), rolling those commits back makes every
+        table agree, and the replay then writes the whole flush again, once.
         """
         rolled: list[str] = []
         for _ in range(len(TABLE_NAMES)):
             latest = {}
             for name in TABLE_NAMES:
-                found = self._latest_state(self.load_table(name), name)
+                found = self._latest_state(self.load_table(name), name, member)
                 if found is not None:
                     latest[name] = found
             if not latest:
@@ -317,23 +351,39 @@ class Warehouse:
             for name, (state, snap) in latest.items():
                 if state.flush != newest:
                     continue
-                self._undo(self.load_table(name), snap, newest)
-                log.warning("undid %s's commit of flush %d, cut short by a crash", name, newest)
+                if snap is None:
+                    raise RuntimeError(
+                        f"{name}: the commit of {member or 'this daemon'}'s flush {newest} to "
+                        "undo has expired; restore from a backup"
+                    )
+                self._undo(self.load_table(name), snap, newest, member)
+                log.warning(
+                    "undid %s's commit of flush %d%s, cut short by a crash",
+                    name,
+                    newest,
+                    f" of member {member}" if member else "",
+                )
                 rolled.append(name)
         return rolled
 
-    def _undo(self, table: Table, snap: Snapshot, flush: int) -> None:
+    def roll_back_taken_over(self, member: str, partitions: set[int]) -> list[str]:
+        """Undo other members' flushes cut short that hold any of `partitions`, which this
+        member now owns: the member that made such a flush lost them (a live member finishes
+        its flush before it lets partitions go), so nobody else will complete or undo it."""
+        rolled: list[str] = []
+        for other, parts in self.incomplete_lanes().items():
+            if other != member and (parts is None or parts & partitions):
+                rolled += self.roll_back_incomplete_flush(other)
+        return rolled
+
+    def _undo(self, table: Table, snap: Snapshot, flush: int, member: str = "") -> None:
         """Remove exactly the files `snap` added, in a new snapshot that says so: commits
         made since (batch loads, compaction) stay."""
-        added = [
-            entry.data_file
-            for manifest in snap.manifests(table.io)
-            for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True)
-            if entry.status == ManifestEntryStatus.ADDED and entry.snapshot_id == snap.snapshot_id
-        ]
+        added = _added_files(table, snap)
+        props = {UNDONE_FLUSH: str(flush)} | ({MEMBER: member} if member else {})
         with (
             table.transaction() as tx,
-            tx.update_snapshot(snapshot_properties={UNDONE_FLUSH: str(flush)}).overwrite() as ow,
+            tx.update_snapshot(snapshot_properties=props).overwrite() as ow,
         ):
             for f in added:
                 ow.delete_data_file(f)
@@ -343,9 +393,11 @@ class Warehouse:
         snapshot = self.load_table(table_name).current_snapshot()
         return snapshot.snapshot_id if snapshot is not None else 0
 
-    def latest_k2_state(self) -> tuple[dict[str, Watermark], dict[str, Any]]:
+    def latest_k2_state(
+        self, member: str = "", partitions: int = 0
+    ) -> tuple[dict[str, Watermark], dict[str, Any]]:
         """(watermarks by "EXCHANGE:SYMBOL:stream", log position) to resume after."""
-        state = self.k2_state()
+        state = self.k2_state(member, partitions)
         return state.watermarks, state.log_position
 
     def open_ledger_rows(self, since_us: int | None = None) -> list[dict[str, Any]]:
@@ -396,6 +448,58 @@ class Warehouse:
                 "snapshots": len(table.metadata.snapshots),
             }
         return out
+
+
+def lane_states(table: Table, name: str) -> dict[str, tuple[TableState, Snapshot | None]]:
+    """Each member's newest state in `table`, passing over flushes undone since, with the
+    snapshot when it is the member's own commit (None: a copy another member carried).
+
+    The newest snapshot with k2 state names every lane (its own and the `k2.lanes` copies);
+    the walk goes further back only for a lane whose newest flush was undone."""
+    undone: set[tuple[str, int]] = set()
+    found: dict[str, tuple[TableState, Snapshot | None]] = {}
+    known: set[str] | None = None
+    for snapshot in ancestors_of(table.current_snapshot(), table.metadata):
+        props = snapshot.summary.additional_properties if snapshot.summary else {}
+        if UNDONE_FLUSH in props:
+            undone.add((props.get(MEMBER, ""), int(props[UNDONE_FLUSH])))
+            continue
+        if MAINTENANCE_PROPERTY in props:
+            # A copy of the state: the writer's own snapshot is the one to read and undo.
+            continue
+        states = table_states(name, props, snapshot.timestamp_ms)
+        if not states:
+            continue
+        for i, state in enumerate(states):
+            if state.member not in found and (state.member, state.flush) not in undone:
+                own = i == 0 and state.member == props.get(MEMBER, "")
+                found[state.member] = (state, snapshot if own else None)
+        if known is None:
+            known = {state.member for state in states}
+        if known <= found.keys():
+            break
+    return found
+
+
+def _own_snapshot(table: Table, member: str, flush: int) -> Snapshot | None:
+    """The snapshot in which `member` committed its flush `flush` to `table`."""
+    for snapshot in ancestors_of(table.current_snapshot(), table.metadata):
+        props = snapshot.summary.additional_properties if snapshot.summary else {}
+        if UNDONE_FLUSH in props or MAINTENANCE_PROPERTY in props:
+            continue
+        has_state = WATERMARKS in props or LOG_POSITION in props
+        if has_state and props.get(MEMBER, "") == member and int(props.get(FLUSH, "0")) == flush:
+            return snapshot
+    return None
+
+
+def _added_files(table: Table, snap: Snapshot) -> list[DataFile]:
+    return [
+        entry.data_file
+        for manifest in snap.manifests(table.io)
+        for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True)
+        if entry.status == ManifestEntryStatus.ADDED and entry.snapshot_id == snap.snapshot_id
+    ]
 
 
 def _result(

@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import io
 import random
+import re
 import signal
 import subprocess
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -20,6 +22,9 @@ import fastavro
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from k2d.config import StorageConfig
+from k2d.model import partition_of
+from k2d.storage import Warehouse
 from tests.e2e.accounting import (
     account,
     get_json,
@@ -273,3 +278,91 @@ def test_a_broker_away_for_30s_degrades_then_everything_resumes(
     # actor of it counts that round), never in a loop.
     assert max(restarts.values(), default=0) <= 2, restarts
     assert_each_trade_once(data, manifest)
+
+
+def lagging_partitions(port: int) -> set[int]:
+    """The partitions a daemon's consumer holds (those its lag metric reports)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3).read().decode()
+    found = re.findall(r'^k2d_kafka_lag_records\{partition="(\d+)"', text, re.MULTILINE)
+    return {int(p) for p in found}
+
+
+def test_two_members_of_a_group_share_the_partitions_and_one_takes_over_from_the_other(
+    tmp_path: Path, simulator: Any, kafka_bootstrap: str
+) -> None:
+    # A symbol on every partition, so that both members have data to store.
+    names = (f"{base}USDT" for base in ("BTC", "ETH", "BNB", "SOL", "XRP", "ADA", "DOGE", "TRX"))
+    symbols: dict[int, str] = {}
+    for name in names:
+        symbols.setdefault(partition_of("BINANCE", name, PARTITIONS), name)
+    assert len(symbols) == PARTITIONS
+    chosen = sorted(symbols.values())
+    sim = simulator(
+        "--symbols", ",".join(chosen), "--rate", "600", "--seed", "41", "--record-quotes"
+    )
+    extra, _, _ = kafka_section(kafka_bootstrap)
+    data, port_a, port_b = tmp_path / "a", free_port(), free_port()
+    # Member a captures the venue and consumes; member b only consumes, into a's tables.
+    cfg_a = write_config(tmp_path / "a.toml", data, sim, chosen, extra, api_port=port_a)
+    cfg_b = tmp_path / "b.toml"
+    cfg_b.write_text(
+        f"""
+[storage]
+data_dir = "{tmp_path / "b"}"
+catalog_uri = "sqlite:///{data / "catalog.db"}"
+warehouse = "file://{data / "warehouse"}"
+[api]
+port = {port_b}
+[feeds.binance]
+enabled = false
+{extra}
+"""
+    )
+    log = (tmp_path / "daemons.log").open("a")
+    a = daemon(cfg_a, stdout=log)
+    try:
+        wait_capturing(port_a)
+        b = daemon(cfg_b, stdout=log)
+        try:
+            wait_ready(port_b)
+            # The group splits the partitions between the two, and both store rows.
+            deadline = time.monotonic() + 90
+            while True:
+                held_a, held_b = lagging_partitions(port_a), lagging_partitions(port_b)
+                b_rows = metric_sum(port_b, "k2d_rows_committed_total") or 0
+                if held_a and held_b and not held_a & held_b and b_rows > 0:
+                    break
+                assert time.monotonic() < deadline, (held_a, held_b, b_rows)
+                time.sleep(0.5)
+            assert held_a | held_b == set(range(PARTITIONS))
+            time.sleep(random.Random(41).uniform(1.0, 3.0))
+        finally:
+            b.send_signal(signal.SIGKILL)
+            b.wait(timeout=30)
+        # a takes b's partitions over once b's session has expired.
+        deadline = time.monotonic() + 90
+        while lagging_partitions(port_a) != set(range(PARTITIONS)):
+            assert time.monotonic() < deadline, "a did not take over b's partitions"
+            time.sleep(0.5)
+        time.sleep(3)
+        manifest = sim.close_market()
+        wait_consumed(port_a)
+        wait_gaps_closed(port_a, timeout=120)
+    finally:
+        stop(a)
+    counts = assert_each_trade_once(data, manifest)
+    members = {
+        s.summary.additional_properties.get("k2.member")
+        for s in read_snapshots(data, "trades")
+        if s.summary is not None
+    }
+    assert len(members - {None}) == 2, members
+    print(
+        f"two members: {counts.stored} trades stored once, partitions split "
+        f"{sorted(held_a)} / {sorted(held_b)}, then all taken over by the survivor"
+    )
+
+
+def read_snapshots(data: Path, table: str) -> list[Any]:
+    with Warehouse(StorageConfig(data_dir=str(data))) as wh:
+        return list(wh.load_table(table).metadata.snapshots)
