@@ -219,6 +219,10 @@ class KafkaConsumer(Actor[None, RecordBatch]):
                 continue
             asked = time.monotonic()
             deliveries = await consumer.poll(_POLL_WAIT)
+            if self._restart is not None or self._revoking:
+                # The group changed during the poll: what it returned may come from offsets
+                # other than the snapshot's, and goes nowhere (it is read again after).
+                continue
             if not deliveries:
                 # With no broker, the client answers at once and without yielding to the
                 # event loop: pause here, or this loop would hold it.
