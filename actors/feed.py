@@ -264,27 +264,33 @@ class FeedHandler(Actor[None, RecordBatch]):
                 self._uptime(old),
             )
             await self._back_off()
-        new: ClientConnection | None = None
-        while new is None and not self.stop.is_set():
-            new = await self._connect()
-            if new is None:
-                await self._back_off()
-        if new is None:
-            return
+        # Repeats are dropped from before the handshake on: the venue sends on the new
+        # connection from its subscription, and the old one may deliver the same records
+        # while the handshake is still being answered here.
         self._overlap_until = float("inf")
+        new: ClientConnection | None = None
         try:
+            while new is None and not self.stop.is_set():
+                new = await self._connect()
+                if new is None:
+                    await self._back_off()
+            if new is None:
+                self._overlap_until = 0.0
+                return
             first = await new.recv(decode=False)
         except ConnectionClosed:
-            self._sockets.discard(new)
-            self._opened.pop(new, None)
+            if new is not None:
+                self._sockets.discard(new)
+                self._opened.pop(new, None)
             self._overlap_until = 0.0
             return
         except BaseException:
             # The old connection died first (we are cancelled) or the new one failed.
-            self._sockets.discard(new)
-            self._opened.pop(new, None)
-            with anyio.CancelScope(shield=True):
-                await new.close()
+            if new is not None:
+                self._sockets.discard(new)
+                self._opened.pop(new, None)
+                with anyio.CancelScope(shield=True):
+                    await new.close()
             if self._overlap_until == float("inf"):
                 self._overlap_until = 0.0
             raise

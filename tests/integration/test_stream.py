@@ -464,7 +464,7 @@ async def test_a_client_that_stops_reading_is_closed_and_nobody_waits_for_it(
             now = now_us()
             stalled_at = time.monotonic()
             closed_after: float | None = None
-            longest_publish = 0.0
+            publish_times: list[float] = []
             received: list[ServerMessage] = []
 
             async def read_fast() -> None:
@@ -478,13 +478,17 @@ async def test_a_client_that_stops_reading_is_closed_and_nobody_waits_for_it(
                     ids = range(n * 100, n * 100 + 100)
                     t = time.perf_counter()
                     rig.ingest([trade(i, now + i) for i in ids])
-                    longest_publish = max(longest_publish, time.perf_counter() - t)
+                    publish_times.append(time.perf_counter() - t)
                     if closed_after is None and rig.sample("k2d_ws_slow_closed_total") == 1:
                         closed_after = time.monotonic() - stalled_at
                     await anyio.sleep(0.01)
             assert seqs(rows_of(received)) == list(range(20_000)), "the other client got it all"
             assert closed_after is not None and closed_after < 5.0, closed_after
-            assert longest_publish < 0.05, f"publishing waited {longest_publish:.3f}s"
+            # Publishing that waited for the stalled client would be slow from the stall until
+            # its close (half of the 200 publishes or more); a loaded box may stall the
+            # process a couple of times on its own, which this allows.
+            slow_publishes = sorted(t for t in publish_times if t >= 0.05)
+            assert len(slow_publishes) <= 3, f"publishing waited: {slow_publishes}"
             # The slow client, reading again, finds why it was closed.
             closed = await slow.closed()
             assert closed.rcvd is not None and closed.rcvd.code == 4408
