@@ -3,7 +3,8 @@ and Fanout: the stream subscribers every round's hub publishes to.
 
 Recent queries merge these rows with committed ones (deduplicated by message_id) so that
 "the last 15 minutes" includes the last second; the streaming API (/v1/stream) subscribes
-to the Fanout. Memory is bounded per symbol by row count and by age.
+to the Fanout. Memory is bounded per symbol by row count and by age, and the rows are held
+as Arrow columns (a few dozen bytes a row), not as a Python object each.
 
 A capture round that fails takes its hub along (pipeline.py), but not the Fanout: it is
 made once per process, so stream clients stay connected through a recovery; they see the
@@ -16,12 +17,18 @@ precedes the rows that filled the gap.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
+from array import array
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, Protocol
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from anyio.streams.memory import MemoryObjectReceiveStream
 from opentelemetry import trace
 
@@ -41,15 +48,283 @@ _PRUNE_AT = 1_024
 
 
 class _Recent:
-    """Rows of one (exchange, symbol) with the batch each came in, oldest first."""
+    """Rows of one (exchange, symbol) and table, oldest first, with the batch each came in.
 
-    def __init__(self, max_rows: int) -> None:
-        self.rows: deque[tuple[int, Any]] = deque(maxlen=max_rows)
+    The newest rows wait as objects in `tail`; every _SEAL_ROWS of them become a sealed
+    _Chunk of Arrow columns. Rows leave from the front, by age or by count, as a deque's.
+    """
+
+    def __init__(self, max_rows: int, cls: type[Trade] | type[Quote], seal_rows: int) -> None:
+        self.max_rows = max_rows
+        self.cls = cls
+        self.seal_rows = seal_rows
+        self.chunks: deque[_Chunk] = deque()
+        self.tail: list[Any] = []
+        # The batch of the tail's rows, as runs: [batch_id, rows], oldest first.
+        self.tail_runs: deque[list[int]] = deque()
+        self.sealed_rows = 0
+
+    def __len__(self) -> int:
+        return self.sealed_rows + len(self.tail)
+
+    def append(self, batch_id: int, rows: Sequence[Any]) -> None:
+        self.tail.extend(rows)
+        self.tail_runs.append([batch_id, len(rows)])
+        seal = self.seal_rows
+        while len(self.tail) >= seal:
+            chunk = _Chunk(self.cls, self.tail[:seal], _take_runs(self.tail_runs, seal))
+            del self.tail[:seal]
+            self.chunks.append(chunk)
+            self.sealed_rows += len(chunk)
+        excess = len(self) - self.max_rows
+        if excess > 0:
+            self._drop(excess)
 
     def trim(self, oldest_us: int) -> None:
-        rows = self.rows
-        while rows and rows[0][1].timestamp < oldest_us:
-            rows.popleft()
+        """Drop rows from the front while they are older than oldest_us."""
+        while self.chunks:
+            chunk = self.chunks[0]
+            if chunk.first_ts >= oldest_us:
+                return
+            keep = chunk.first_at_or_after(oldest_us)
+            if keep is not None:
+                self._drop(keep - chunk.start)
+                return
+            self._drop(len(chunk))
+        n = 0
+        tail = self.tail
+        while n < len(tail) and tail[n].timestamp < oldest_us:
+            n += 1
+        if n:
+            self._drop(n)
+
+    def _drop(self, n: int) -> None:
+        """Drop the n oldest rows."""
+        while n and self.chunks:
+            chunk = self.chunks[0]
+            if n < len(chunk):
+                chunk.advance(n)
+                self.sealed_rows -= n
+                return
+            n -= len(chunk)
+            self.sealed_rows -= len(chunk)
+            self.chunks.popleft()
+        if n:
+            del self.tail[:n]
+            _take_runs(self.tail_runs, n)
+
+    def oldest_batch(self) -> int | None:
+        if self.chunks:
+            return self.chunks[0].batch_at(self.chunks[0].start)
+        return self.tail_runs[0][0] if self.tail_runs else None
+
+    def read(self, since_us: int, pending: set[int] | None) -> list[Any]:
+        """Rows at or after since_us, in order; only those of `pending` batches if given."""
+        out: list[Any] = []
+        floor = min(pending) if pending else None
+        for chunk in self.chunks:
+            if pending is not None and (floor is None or chunk.last_batch < floor):
+                continue  # every batch of this chunk is committed
+            out.extend(chunk.rows(since_us, pending))
+        i = 0
+        for batch_id, count in self.tail_runs:
+            if pending is None or batch_id in pending:
+                out.extend(r for r in self.tail[i : i + count] if r.timestamp >= since_us)
+            i += count
+        return out
+
+
+def _take_runs(runs: deque[list[int]], n: int) -> list[tuple[int, int]]:
+    """The runs of the first n rows, taken off `runs` (a run may be split)."""
+    out: list[tuple[int, int]] = []
+    while n:
+        run = runs[0]
+        if run[1] <= n:
+            runs.popleft()
+            out.append((run[0], run[1]))
+            n -= run[1]
+        else:
+            out.append((run[0], n))
+            run[1] -= n
+            n = 0
+    return out
+
+
+# Rows of a symbol that wait as objects before they become Arrow columns.
+_SEAL_ROWS = 1_024
+_FIELDS = {Trade: Trade.__struct_fields__, Quote: Quote.__struct_fields__}
+# Arrow types of the fields that are not str or str | None (timestamp is held apart).
+_INTS = frozenset({"source_sequence", "ingestion_timestamp", "platform_sequence"})
+_TUPLES = frozenset({"trade_conditions"})
+# Ids the venues derive from another column (model.trade_message_id and the like).
+_DERIVED = {"message_id": ("trade_id", "source_sequence"), "trade_id": ("source_sequence",)}
+_PACK = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=1))
+
+
+class _Chunk:
+    """Sealed rows as Arrow columns, compressed: a column with one value for every row is
+    that value, an id derived from another column (as the venues make them) is its
+    prefix, and the other columns are one zstd-compressed Arrow IPC buffer, opened when
+    rows are read. Rows before `start` are dropped (their memory goes with the chunk's)."""
+
+    __slots__ = (
+        "cls",
+        "fixed",
+        "last_batch",
+        "n",
+        "packed",
+        "run_ends",
+        "run_ids",
+        "start",
+        "ts",
+        "ts_base",
+        "ts_sorted",
+    )
+
+    def __init__(
+        self, cls: type[Trade] | type[Quote], rows: list[Any], runs: list[tuple[int, int]]
+    ) -> None:
+        self.cls = cls
+        self.n = len(rows)
+        self.start = 0
+        values = {name: list(map(attrgetter(name), rows)) for name in _FIELDS[cls]}
+        # Timestamps apart, as a plain array: trimming and reading scan them often.
+        stamps: list[int] = values.pop("timestamp")
+        low = min(stamps)
+        wide = max(stamps) - low >= 2**31
+        self.ts_base = 0 if wide else low
+        self.ts = array("q", stamps) if wide else array("i", [t - low for t in stamps])
+        self.ts_sorted = all(a <= b for a, b in itertools.pairwise(stamps))
+        arrays = {name: pa.array(column, _arrow_type(name)) for name, column in values.items()}
+        self.fixed: dict[str, _Const | _Derived] = {}
+        for name in values:
+            fixed = _fixed(name, values, arrays)
+            if fixed is not None:
+                self.fixed[name] = fixed
+                del arrays[name]
+        self.packed: pa.Buffer | None = None
+        if arrays:
+            table = pa.table(arrays)
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, table.schema, options=_PACK) as out:
+                out.write_table(table)
+            self.packed = sink.getvalue()
+        # The batch of each row, as runs: rows before run_ends[k] and after the run before
+        # it came in batch run_ids[k].
+        ends, run_ids, end = array("q"), array("q"), 0
+        for batch_id, count in runs:
+            end += count
+            run_ids.append(batch_id)
+            ends.append(end)
+        self.run_ends, self.run_ids = ends, run_ids
+        self.last_batch = max(run_ids)
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+    @property
+    def first_ts(self) -> int:
+        return self.ts[self.start] + self.ts_base
+
+    def advance(self, n: int) -> None:
+        self.start += n
+
+    def batch_at(self, i: int) -> int:
+        return self.run_ids[bisect.bisect_right(self.run_ends, i)]
+
+    def first_at_or_after(self, oldest_us: int) -> int | None:
+        """Index of the first row from `start` on whose timestamp is not below oldest_us."""
+        ts, target = self.ts, oldest_us - self.ts_base
+        if self.ts_sorted:
+            i = bisect.bisect_left(ts, target, lo=self.start)
+            return i if i < self.n else None
+        return next((i for i in range(self.start, self.n) if ts[i] >= target), None)
+
+    def rows(self, since_us: int, pending: set[int] | None) -> list[Any]:
+        keep: list[int] = []
+        ts, target = self.ts, since_us - self.ts_base
+        ends, run_ids = self.run_ends, self.run_ids
+        run = bisect.bisect_right(ends, self.start)
+        for i in range(self.start, self.n):
+            while i >= ends[run]:
+                run += 1
+            if ts[i] >= target and (pending is None or run_ids[run] in pending):
+                keep.append(i)
+        if not keep:
+            return []
+        lo, hi = keep[0], keep[-1] + 1
+        packed = pa.ipc.open_stream(self.packed).read_all() if self.packed is not None else None
+        names = _FIELDS[self.cls]
+        cols = [self._column(name, lo, hi, packed) for name in names]
+        make = self.cls
+        rows = [make(**dict(zip(names, vals, strict=True))) for vals in zip(*cols, strict=True)]
+        if len(keep) == hi - lo:
+            return rows
+        return [rows[i - lo] for i in keep]
+
+    def _column(self, name: str, lo: int, hi: int, packed: pa.Table | None) -> list[Any]:
+        if name == "timestamp":
+            base = self.ts_base
+            return [t + base for t in self.ts[lo:hi]]
+        fixed = self.fixed.get(name)
+        if isinstance(fixed, _Const):
+            return [fixed.value] * (hi - lo)
+        if isinstance(fixed, _Derived):
+            source = self._column(fixed.source, lo, hi, packed)
+            return [f"{fixed.prefix}{v}" for v in source]
+        assert packed is not None
+        values: list[Any] = packed.column(name).slice(lo, hi - lo).to_pylist()
+        if name in _TUPLES:
+            return [None if v is None else tuple(v) for v in values]
+        return values
+
+
+class _Const:
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+class _Derived:
+    """A string column that is `prefix` + the text of another column, row by row."""
+
+    __slots__ = ("prefix", "source")
+
+    def __init__(self, prefix: str, source: str) -> None:
+        self.prefix = prefix
+        self.source = source
+
+
+def _arrow_type(name: str) -> pa.DataType:
+    if name in _INTS:
+        return pa.int64()
+    if name in _TUPLES:
+        return pa.list_(pa.string())
+    return pa.string()
+
+
+def _fixed(
+    name: str, values: dict[str, list[Any]], arrays: dict[str, pa.Array]
+) -> _Const | _Derived | None:
+    """Column `name` as one value, or as derived from another column, if it is."""
+    column, array_ = values[name], arrays[name]
+    if column.count(column[0]) == len(column):
+        return _Const(column[0])
+    if array_.null_count:
+        return None
+    for source in _DERIVED.get(name, ()):
+        other = arrays.get(source)
+        if other is None or other.null_count:
+            continue
+        first, text = column[0], str(values[source][0])
+        if not first.endswith(text):
+            continue
+        prefix = first[: len(first) - len(text)]
+        made = pc.binary_join_element_wise(prefix, other.cast(pa.string()), "")
+        if pc.all(pc.equal(made, array_)).as_py():
+            return _Derived(prefix, source)
+    return None
 
 
 # Ledger kinds a stream carries; duplicate/out_of_order/session_reset rows are counts.
@@ -196,10 +471,18 @@ class _Held:
 class LiveHub(Actor[SequencedBatch | Committed, None]):
     name = "live_hub"
 
-    def __init__(self, cfg: LiveConfig, metrics: Metrics, fanout: Fanout | None = None) -> None:
+    def __init__(
+        self,
+        cfg: LiveConfig,
+        metrics: Metrics,
+        fanout: Fanout | None = None,
+        *,
+        seal_rows: int = _SEAL_ROWS,
+    ) -> None:
         self.cfg = cfg
         self.metrics = metrics
         self.fanout = fanout
+        self._seal_rows = seal_rows
         self._held: dict[int, _Held] = {}
         self._trades: dict[_Key, _Recent] = {}
         self._quotes: dict[_Key, _Recent] = {}
@@ -228,14 +511,25 @@ class LiveHub(Actor[SequencedBatch | Committed, None]):
             if not rows:
                 continue
             self._uncommitted[table].add(batch.batch_id)
+            cls = Trade if table == "trades" else Quote
+            groups: dict[_Key, list[Any]] = {}
+            latest = self.latest_us
             for r in rows:
                 key = (r.exchange, r.symbol)
+                group = groups.get(key)
+                if group is None:
+                    group = groups[key] = []
+                group.append(r)
+                if r.timestamp > latest:
+                    latest = r.timestamp
+            self.latest_us = latest
+            for key, group in groups.items():
                 recent = store.get(key)
                 if recent is None:
-                    recent = store[key] = _Recent(self.cfg.max_rows_per_symbol)
-                recent.rows.append((batch.batch_id, r))
-                if r.timestamp > self.latest_us:
-                    self.latest_us = r.timestamp
+                    recent = store[key] = _Recent(
+                        self.cfg.max_rows_per_symbol, cls, self._seal_rows
+                    )
+                recent.append(batch.batch_id, group)
         oldest = self.latest_us - self._window_us
         for store in (self._trades, self._quotes):
             for recent in store.values():
@@ -276,7 +570,7 @@ class LiveHub(Actor[SequencedBatch | Committed, None]):
             pending = self._uncommitted[table]
             if len(pending) < _PRUNE_AT:
                 continue
-            held = [r.rows[0][0] for r in store.values() if r.rows]
+            held = [b for r in store.values() if (b := r.oldest_batch()) is not None]
             floor = min(held, default=None)
             if floor is None:
                 pending.clear()
@@ -311,7 +605,7 @@ class LiveHub(Actor[SequencedBatch | Committed, None]):
         return len(self._held)
 
     def row_count(self) -> int:
-        return sum(len(r.rows) for s in (self._trades, self._quotes) for r in s.values())
+        return sum(len(r) for s in (self._trades, self._quotes) for r in s.values())
 
     def recent_trades(
         self, exchange: str, symbol: str, since_us: int = 0, *, uncommitted_only: bool = False
@@ -335,12 +629,7 @@ class LiveHub(Actor[SequencedBatch | Committed, None]):
         recent = store.get((exchange, symbol))
         if recent is None:
             return []
-        pending = self._uncommitted[table]
-        return [
-            r
-            for batch_id, r in recent.rows
-            if r.timestamp >= since_us and (not uncommitted_only or batch_id in pending)
-        ]
+        return recent.read(since_us, self._uncommitted[table] if uncommitted_only else None)
 
     def symbols(self) -> list[_Key]:
         return sorted(set(self._trades) | set(self._quotes))

@@ -1,9 +1,10 @@
 """`k2d load asx`: vendor files -> market.trades, market.quotes, market.instruments.
 
-A file is parsed whole and committed whole, alone or with others of its kind, and its
-sha256 goes into the commit's snapshot properties (`k2.batch_files`). A file whose hash is
-in the table's history is skipped, so a load can be repeated, or resumed after a crash,
-without a duplicate row.
+A file is read a slice at a time and its rows written as Parquet as they come (memory
+follows the slice, not the file), but committed whole, alone or with others of its kind,
+and its sha256 goes into the commit's snapshot properties (`k2.batch_files`). A file whose
+hash is in the table's history is skipped, so a load can be repeated, or resumed after a
+crash, without a duplicate row.
 
 Batch commits carry no `k2.watermarks` / `k2.log_position`: Warehouse.k2_state() passes
 over snapshots without them (as it does over compaction's), so a load running beside the
@@ -18,20 +19,37 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+import uuid
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TextIO
+from typing import Any, BinaryIO, Literal, TextIO
 
 import msgspec
 import pyarrow as pa
+import pyarrow.compute as pc
 from pyiceberg.exceptions import CommitFailedException, TableAlreadyExistsError
-from pyiceberg.table import Table
+
+# pyiceberg's write internals (Warehouse.append uses them too): rows are written as data
+# files batch by batch, without the copy per partition that pyiceberg makes, and the data
+# files of a group are committed later as one snapshot.
+from pyiceberg.io.pyarrow import (
+    _check_pyarrow_schema_compatible,
+    bin_pack_arrow_table,
+    pyarrow_to_schema,
+    write_file,
+)
+from pyiceberg.manifest import DataFile
+from pyiceberg.partitioning import PartitionFieldValue, PartitionKey
+from pyiceberg.table import DOWNCAST_NS_TIMESTAMP_TO_US_ON_WRITE, Table, TableProperties, WriteTask
 from pyiceberg.table.snapshots import ancestors_of
+from pyiceberg.utils.config import Config as IcebergConfig
+from pyiceberg.utils.properties import property_as_int
 
 from k2d.config import Config, ConfigError, load_config
 from k2d.model import DeadLetter, now_us
@@ -41,6 +59,7 @@ from k2d.storage import (
     QUOTES,
     REFERENCE_TABLES,
     TABLE_PROPERTIES,
+    TABLES,
     TRADES,
     Warehouse,
     dead_letters_to_arrow,
@@ -75,10 +94,6 @@ EXIT_USAGE = 2
 
 Kind = Literal["trades", "quotes"]
 Status = Literal["loaded", "skipped", "empty", "failed"]
-_PARSERS: dict[str, Callable[..., asx.ParsedFile]] = {
-    TRADES: asx.parse_trades,
-    QUOTES: asx.parse_quotes,
-}
 _files_codec = msgspec.json.Decoder(dict[str, str])
 _list_codec = msgspec.json.Decoder(list[str])
 _encoder = msgspec.json.Encoder()
@@ -90,14 +105,20 @@ class LoadError(Exception):
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """Limits of one load. Memory holds at most two groups (one committing) and one file."""
+    """Limits of one load. Memory holds a slice being parsed and about twice write_rows
+    rows (one batch being gathered, one being written), whatever the size of the files."""
 
     # A group of files is committed once it holds this many good rows (a file is never split)
     # or max_group_files files, which bounds the size of the commit's k2.batch_files.
     commit_rows: int = 1_000_000
     max_group_files: int = 256
-    # Larger files are refused: a file is held in memory whole until its commit.
+    # Larger files are refused.
     max_file_bytes: int = 1024 * 1024 * 1024
+    # A file is read this many bytes (whole lines) at a time.
+    slice_bytes: int = 1024 * 1024
+    # Rows are written as Parquet in batches of this many: a large file's alone, small
+    # files' together (fewer, larger data files).
+    write_rows: int = 100_000
     # A file with more bad rows than this is refused whole (likely the wrong kind of file).
     max_bad_rows: int = 10_000
     # Conflict retries per commit (at least writer.commit_retries, with its backoff): a load
@@ -252,9 +273,9 @@ def _read_registry(wh: Warehouse) -> _Registry:
     return reg
 
 
-def _in_table(wh: Warehouse, kind: str, parsed: asx.ParsedFile) -> bool:
+def _in_table(wh: Warehouse, kind: str, rows: pa.Table) -> bool:
     """Whether the file's first row is already in the table (for a cut-short history)."""
-    first = parsed.table.slice(0, 1).to_pylist()[0]
+    first = rows.slice(0, 1).to_pylist()[0]
     ts = first["timestamp"].isoformat()
     row_filter = (
         f"exchange = {_quoted(asx.EXCHANGE)} AND timestamp = {_quoted(ts)}"
@@ -319,22 +340,222 @@ def upsert_instruments(wh: Warehouse, companies: Sequence[asx.Company]) -> bool:
 # --- the load ------------------------------------------------------------------------------
 
 
+_Written = Future[list[DataFile]]
+
+
+class _Batches:
+    """Rows gathered for writing, handed out in batches of exactly `size` rows (slices of
+    the gathered tables, not copies)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.tables: list[pa.Table] = []
+        self.rows = 0
+
+    def add(self, tables: Sequence[pa.Table]) -> None:
+        self.tables.extend(tables)
+        self.rows += sum(t.num_rows for t in tables)
+
+    def full(self) -> list[pa.Table] | None:
+        """The next `size` rows, if gathered."""
+        if self.rows < self.size:
+            return None
+        out: list[pa.Table] = []
+        need = self.size
+        while need:
+            first = self.tables[0]
+            if first.num_rows <= need:
+                out.append(self.tables.pop(0))
+                need -= first.num_rows
+            else:
+                out.append(first.slice(0, need))
+                self.tables[0] = first.slice(need)
+                need = 0
+        self.rows -= self.size
+        return out
+
+    def rest(self) -> list[pa.Table]:
+        """Whatever is gathered, and gather anew."""
+        out, self.tables, self.rows = self.tables, [], 0
+        return out
+
+
 @dataclass
-class _Parsed:
+class _File:
+    """One file read to its end: its row count and its dead letters."""
+
     result: FileResult
     digest: str
     source: str
-    parsed: asx.ParsedFile
+    rows: int
+    dead_letters: list[DeadLetter]
 
 
 @dataclass
 class _Group:
+    """Files committed together, and the data files their rows are written to."""
+
     kind: str
-    files: list[_Parsed] = field(default_factory=list)
+    gathered: _Batches
+    files: list[_File] = field(default_factory=list)
     rows: int = 0
+    written: list[_Written] = field(default_factory=list)
 
 
-def _commit(wh: Warehouse, group: _Group, reg: _Registry) -> None:
+class _Writer:
+    """Sorts and writes rows as Parquet data files, and commits groups, on one thread beside
+    the reading. One batch of rows is written at a time, none waits in a queue."""
+
+    def __init__(self, wh: Warehouse, pool: ThreadPoolExecutor, retries: int) -> None:
+        self.wh = wh
+        self.retries = retries
+        self._pool = pool
+        self._tables: dict[str, Table] = {}
+        self._last: _Written | None = None
+
+    def write(self, kind: str, tables: list[pa.Table]) -> _Written:
+        """Write `tables` (the caller lets go of them) as data files of table `kind`."""
+        if self._last is not None:
+            # The reader waits here while the batch before is written.
+            _wait_quietly(self._last)
+        table = self._tables.get(kind)
+        if table is None:
+            table = self._tables[kind] = self.wh.load_table(kind)
+        self._last = self._pool.submit(_write_files, table, tables)
+        return self._last
+
+    def discard(self, kind: str, written: list[_Written]) -> None:
+        """Delete the data files of a file that is not to be committed after all."""
+        if written:
+            self._pool.submit(_delete_files, self._tables[kind], written)
+
+    def commit(self, group: _Group, reg: _Registry) -> Future[None]:
+        return self._pool.submit(_commit, self.wh, group, reg, self.retries)
+
+
+def _wait_quietly(future: Future[Any]) -> None:
+    """Wait for `future` to finish, whatever its outcome (the outcome is read later)."""
+    with contextlib.suppress(Exception):
+        future.result()
+
+
+def _write_files(table: Table, tables: list[pa.Table]) -> list[DataFile]:
+    # A file's rows are one symbol, in time order as vendors write them: put in order of
+    # their first rows, the pieces are usually sorted as they are, and need no sorted copy.
+    data = pa.concat_tables(sorted(tables, key=_first_row))
+    if not _in_order(data):
+        # Sorted in the order read, so that rows of equal time stay in file order.
+        sort = TABLES[table.name()[-1]].sort_columns
+        data = pa.concat_tables(tables).sort_by([(c, "ascending", "at_start") for c in sort])
+    tables.clear()
+    _check_pyarrow_schema_compatible(
+        table.schema(), provided_schema=data.schema, format_version=table.format_version
+    )
+    return _data_files(table, data)
+
+
+def _first_row(rows: pa.Table) -> tuple[str, int]:
+    return rows.column("symbol")[0].as_py(), rows.column("timestamp")[0].value
+
+
+def _in_order(data: pa.Table) -> bool:
+    """Whether rows are in (symbol, timestamp, source_sequence) order already: a stable sort
+    would leave them as they are (batch rows have no source_sequence)."""
+    n = data.num_rows
+    if data.column("source_sequence").null_count != n:
+        return False
+    if n < 2:
+        return True
+    symbol, ts = data.column("symbol"), data.column("timestamp")
+    before, after = symbol.slice(0, n - 1), symbol.slice(1)
+    same = pc.equal(before, after)
+    later = pc.less_equal(ts.slice(0, n - 1), ts.slice(1))
+    return bool(pc.all(pc.or_(pc.less(before, after), pc.and_(same, later))).as_py())
+
+
+def _data_files(table: Table, data: pa.Table) -> list[DataFile]:
+    """Sorted rows as data files, one (or more, by target size) per partition.
+
+    What pyiceberg's own write does, without its filtered copy of every partition: in
+    sorted rows a partition is a few runs of consecutive rows (one per symbol), so its
+    file is written from slices.
+    """
+    meta = table.metadata
+    spec, schema = meta.spec(), meta.schema()
+    values = []
+    for part in spec.fields:
+        column = data.column(schema.find_column_name(part.source_id))
+        source_type = schema.find_field(part.source_id).field_type
+        values.append(part.transform.pyarrow_transform(source_type)(column))
+    n = data.num_rows
+    starts = [0]
+    if values and n > 1:
+        change = None
+        for v in values:
+            differs = pc.fill_null(pc.not_equal(v.slice(1), v.slice(0, n - 1)), True)
+            change = differs if change is None else pc.or_(change, differs)
+        starts += [i + 1 for i in pc.indices_nonzero(change).to_pylist()]
+    runs: dict[tuple[Any, ...], list[pa.Table]] = {}
+    for start, end in zip(starts, [*starts[1:], n], strict=True):
+        key = tuple(v[start].as_py() for v in values)
+        runs.setdefault(key, []).append(data.slice(start, end - start))
+    task_schema = pyarrow_to_schema(
+        data.schema,
+        name_mapping=schema.name_mapping,
+        downcast_ns_timestamp_to_us=IcebergConfig().get_bool(DOWNCAST_NS_TIMESTAMP_TO_US_ON_WRITE)
+        or False,
+        format_version=meta.format_version,
+    )
+    target = property_as_int(
+        meta.properties,
+        TableProperties.WRITE_TARGET_FILE_SIZE_BYTES,
+        TableProperties.WRITE_TARGET_FILE_SIZE_BYTES_DEFAULT,
+    )
+    assert target is not None
+    write_uuid, counter = uuid.uuid4(), itertools.count()
+    tasks = (
+        WriteTask(
+            write_uuid=write_uuid,
+            task_id=next(counter),
+            record_batches=batches,
+            partition_key=PartitionKey(
+                field_values=[
+                    PartitionFieldValue(field=f, value=v)
+                    for f, v in zip(spec.fields, key, strict=True)
+                ],
+                partition_spec=spec,
+                schema=schema,
+            )
+            if values
+            else None,
+            schema=task_schema,
+        )
+        for key, pieces in runs.items()
+        for batches in bin_pack_arrow_table(pa.concat_tables(pieces), target)
+    )
+    return list(write_file(io=table.io, table_metadata=meta, tasks=tasks))
+
+
+def _delete_files(table: Table, written: list[_Written]) -> None:
+    for future in written:
+        try:
+            files = future.result()
+        except Exception:
+            continue
+        for f in files:
+            with contextlib.suppress(OSError):
+                table.io.delete(f.file_path)
+
+
+def _append_files(
+    wh: Warehouse, kind: str, files: list[DataFile], properties: dict[str, str], retries: int
+) -> None:
+    """Commit data files already written as one append snapshot of table `kind`."""
+    table = wh.load_table(kind)
+    wh._commit_files(table, files, properties, retries, None)
+
+
+def _commit(wh: Warehouse, group: _Group, reg: _Registry, retries: int) -> None:
     """Commit a group's dead letters, then its rows. A crash between the two commits
     leaves the files unloaded; the reload then adds their rows but not their dead letters
     a second time (the dead-letter commit is in the registry)."""
@@ -344,10 +565,10 @@ def _commit(wh: Warehouse, group: _Group, reg: _Registry) -> None:
     for f in group.files:
         if f.digest in reg.dead_lettered[kind]:
             f.result.dead_letters = 0  # written by an earlier load that stopped short
-        elif f.parsed.dead_letters:
+        elif f.dead_letters:
             dl_files[f.digest] = f.source
-            dead.extend(f.parsed.dead_letters)
-    complete = [f.digest for f in group.files if f.parsed.table.num_rows == 0]
+            dead.extend(f.dead_letters)
+    complete = [f.digest for f in group.files if f.rows == 0]
     if dead:
         props = {
             BATCH_FILES: _encoder.encode(dl_files).decode(),
@@ -356,11 +577,11 @@ def _commit(wh: Warehouse, group: _Group, reg: _Registry) -> None:
         }
         wh.append(DEAD_LETTERS, dead_letters_to_arrow(dead), props)
         reg.dead_lettered[kind].update(dl_files)
-    with_rows = [f for f in group.files if f.parsed.table.num_rows]
+    with_rows = {f.digest: f.source for f in group.files if f.rows}
     if with_rows:
-        files = {f.digest: f.source for f in with_rows}
-        table = pa.concat_tables(f.parsed.table for f in with_rows)
-        wh.append(kind, table, {BATCH_FILES: _encoder.encode(files).decode()})
+        data_files = [d for written in group.written for d in written.result()]
+        properties = {BATCH_FILES: _encoder.encode(with_rows).decode()}
+        _append_files(wh, kind, data_files, properties, retries)
     for f in group.files:
         f.result.status, f.result.detail = "loaded", ""
         reg.rows[kind][f.digest] = f.source
@@ -433,7 +654,7 @@ def load_asx(
         summary.instruments_changed = upsert_instruments(wh, companies)
         summary.instruments = len(companies)
         reg = _read_registry(wh)
-        _load_files(wh, reg, inputs, symbols, opts, summary, progress)
+        _load_files(wh, reg, inputs, symbols, opts, summary, progress, retries)
     progress.close()
     summary.seconds = time.monotonic() - started
     return summary
@@ -447,8 +668,10 @@ def _load_files(
     opts: LoadOptions,
     summary: LoadSummary,
     progress: Progress,
+    retries: int,
 ) -> None:
-    """Parse files on this thread while the previous group commits on another."""
+    """Read files on this thread while their rows are written, and groups committed, on
+    another."""
     seen: dict[tuple[str, str], Path] = {}
     pending: Future[None] | None = None
     pending_group: _Group | None = None
@@ -473,15 +696,19 @@ def _load_files(
                 progress.advance(files=1, rows=r.rows)
         pending = pending_group = None
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="k2d-load-commit") as pool:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="k2d-load-write") as pool:
+        writer = _Writer(wh, pool, retries)
 
         def submit(group: _Group) -> None:
             nonlocal pending, pending_group
+            rest = group.gathered.rest()
+            if rest:
+                group.written.append(writer.write(group.kind, rest))
             settle()
             if failure is None and group.files:
-                pending, pending_group = pool.submit(_commit, wh, group, reg), group
+                pending, pending_group = writer.commit(group, reg), group
 
-        group = _Group(TRADES)
+        group = _Group(TRADES, _Batches(opts.write_rows))
         for i, (kind, path) in enumerate(inputs):
             if failure is not None:
                 for k, p in inputs[i:]:
@@ -490,17 +717,15 @@ def _load_files(
                 break
             if kind != group.kind:
                 submit(group)
-                group = _Group(kind)
-            item = _read_one(kind, path, symbols, reg, seen, opts, wh)
-            summary.files.append(item.result if isinstance(item, _Parsed) else item)
-            if not isinstance(item, _Parsed):
+                group = _Group(kind, _Batches(opts.write_rows))
+            item = _read_one(kind, path, symbols, reg, seen, opts, wh, writer, group)
+            summary.files.append(item.result if isinstance(item, _File) else item)
+            if not isinstance(item, _File):
                 progress.advance(files=1)
                 continue
-            group.files.append(item)
-            group.rows += item.parsed.table.num_rows
             if group.rows >= opts.commit_rows or len(group.files) >= opts.max_group_files:
                 submit(group)
-                group = _Group(kind)
+                group = _Group(kind, _Batches(opts.write_rows))
         if failure is None:
             submit(group)
         settle()
@@ -518,63 +743,125 @@ def _read_one(
     seen: dict[tuple[str, str], Path],
     opts: LoadOptions,
     wh: Warehouse,
-) -> _Parsed | FileResult:
-    """Read, hash, check and parse one file; a FileResult when it is not to be committed."""
+    writer: _Writer,
+    group: _Group,
+) -> _File | FileResult:
+    """Hash, check and read one file into `group`; a FileResult when it is not to be
+    committed (and then nothing of it stays in the group or on disk)."""
     k = _kind(kind)
     company_id = path.stem
     try:
-        size = path.stat().st_size
-        if size > opts.max_file_bytes:
-            return FileResult(
-                path,
-                k,
-                "failed",
-                detail=f"{size:,} bytes, more than the limit of {opts.max_file_bytes:,} "
-                "(--max-file-mb)",
+        with path.open("rb") as fh:
+            before = os.fstat(fh.fileno())
+            if before.st_size > opts.max_file_bytes:
+                return FileResult(
+                    path,
+                    k,
+                    "failed",
+                    detail=f"{before.st_size:,} bytes, more than the limit of "
+                    f"{opts.max_file_bytes:,} (--max-file-mb)",
+                )
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+            previous = reg.loaded(kind, digest)
+            if previous is not None:
+                detail = f"sha256 {digest[:16]} loaded as {previous}"
+                return FileResult(path, k, "skipped", detail=detail)
+            if (kind, digest) in seen:
+                detail = f"same content as {seen[kind, digest]}"
+                return FileResult(path, k, "skipped", detail=detail)
+            known = symbols.get(company_id)
+            if not known:
+                return FileResult(
+                    path,
+                    k,
+                    "failed",
+                    detail=f"unknown company id {company_id!r}: not in company_info",
+                )
+            if len(known) > 1:
+                return FileResult(
+                    path,
+                    k,
+                    "failed",
+                    detail=f"company id {company_id} has several symbols "
+                    f"({', '.join(sorted(known))})",
+                )
+            fh.seek(0)
+            source = str(path.resolve())
+            reader = asx.FileReader(
+                kind,
+                symbol=next(iter(known)),
+                company_id=company_id,
+                digest=digest,
+                source=source,
+                ingested_at=now_us(),
+                max_bad_rows=opts.max_bad_rows,
             )
-        data = path.read_bytes()
-    except OSError as e:
+            read = _read_rows(fh, reader, kind, opts, wh, reg, writer)
+            after = os.fstat(fh.fileno())
+    except (OSError, asx.AsxFormatError) as e:
         return FileResult(path, k, "failed", detail=str(e))
-    digest = hashlib.sha256(data).hexdigest()
-    previous = reg.loaded(kind, digest)
-    if previous is not None:
-        return FileResult(path, k, "skipped", detail=f"sha256 {digest[:16]} loaded as {previous}")
-    if (kind, digest) in seen:
-        return FileResult(path, k, "skipped", detail=f"same content as {seen[kind, digest]}")
-    known = symbols.get(company_id)
-    if not known:
-        return FileResult(
-            path, k, "failed", detail=f"unknown company id {company_id!r}: not in company_info"
-        )
-    if len(known) > 1:
-        return FileResult(
-            path,
-            k,
-            "failed",
-            detail=f"company id {company_id} has several symbols ({', '.join(sorted(known))})",
-        )
-    source = str(path.resolve())
-    try:
-        parsed = _PARSERS[kind](
-            data,
-            symbol=next(iter(known)),
-            company_id=company_id,
-            digest=digest,
-            source=source,
-            ingested_at=now_us(),
-            max_bad_rows=opts.max_bad_rows,
-        )
-    except asx.AsxFormatError as e:
-        return FileResult(path, k, "failed", detail=str(e))
-    rows, dead = parsed.table.num_rows, len(parsed.dead_letters)
-    if rows == 0 and dead == 0:
+    written, gathered, rows, dead, in_table = read
+    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+        writer.discard(kind, written)
+        return FileResult(path, k, "failed", detail="the file changed while it was read")
+    if rows == 0 and not dead:
         return FileResult(path, k, "empty", detail="no rows")
-    if rows and reg.truncated[kind] and _in_table(wh, kind, parsed):
+    if in_table:
+        writer.discard(kind, written)
         return FileResult(path, k, "skipped", detail=f"sha256 {digest[:16]} rows already in table")
     seen[kind, digest] = path
+    group.written.extend(written)
+    # The file's last rows are written with the next files' (fewer, larger data files).
+    group.gathered.add(gathered)
+    while batch := group.gathered.full():
+        group.written.append(writer.write(kind, batch))
     # "loaded" once its commit lands; stays "failed" if an earlier commit stops the load.
-    result = FileResult(path, k, "failed", rows, dead, detail="not committed: the load stopped")
-    return _Parsed(result, digest, source, parsed)
+    result = FileResult(
+        path, k, "failed", rows, len(dead), detail="not committed: the load stopped"
+    )
+    item = _File(result, digest, source, rows, dead)
+    group.files.append(item)
+    group.rows += rows
+    return item
+
+
+def _read_rows(
+    fh: BinaryIO,
+    reader: asx.FileReader,
+    kind: str,
+    opts: LoadOptions,
+    wh: Warehouse,
+    reg: _Registry,
+    writer: _Writer,
+) -> tuple[list[_Written], list[pa.Table], int, list[DeadLetter], bool]:
+    """Read a file to its end, writing its rows in batches of write_rows as they come.
+
+    Returns the batches written, the rows not yet written, the row count, the dead letters
+    and whether the rows are already in the table (history cut short by expiry: the rows
+    are then only counted). A file that fails leaves no data file behind.
+    """
+    written: list[_Written] = []
+    gathered = _Batches(opts.write_rows)
+    rows = 0
+    in_table: bool | None = None if reg.truncated[kind] else False
+    try:
+        for piece in asx.slices(fh, opts.slice_bytes):
+            table = reader.read(piece)
+            if not table.num_rows:
+                continue
+            rows += table.num_rows
+            if in_table is None:
+                in_table = _in_table(wh, kind, table)
+            if in_table:
+                continue
+            gathered.add([table])
+            while batch := gathered.full():
+                written.append(writer.write(kind, batch))
+        dead, _ = reader.close()
+    except BaseException:
+        writer.discard(kind, written)
+        raise
+    return written, gathered.rest(), rows, dead, bool(in_table)
 
 
 # --- command line --------------------------------------------------------------------------
@@ -627,7 +914,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-file-mb",
         type=int,
         default=d.max_file_bytes // (1024 * 1024),
-        help="refuse larger files; a file is held in memory until committed (default %(default)s)",
+        help="refuse larger files (default %(default)s)",
     )
     add(
         "--max-bad-rows",

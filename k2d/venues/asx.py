@@ -7,15 +7,14 @@ a DeadLetter with its line number and a reason from REASONS, never an exception.
 
 from __future__ import annotations
 
-import array
 import csv
 import io
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
-from typing import Literal
+from typing import BinaryIO, Literal
 from zoneinfo import ZoneInfo
 
 import msgspec
@@ -37,12 +36,14 @@ __all__ = [
     "TRADE_FIELDS",
     "AsxFormatError",
     "Company",
+    "FileReader",
     "ParsedFile",
     "companies_to_arrow",
     "parse_quotes",
     "parse_trades",
     "read_company_info",
     "row_id",
+    "slices",
 ]
 
 EXCHANGE = "ASX"
@@ -200,15 +201,6 @@ class _FileContext:
     max_bad_rows: int
 
 
-@dataclass
-class _Lines:
-    """The file's fields as string columns, each row's line number, and the broken lines."""
-
-    columns: dict[str, pa.Array]
-    line_numbers: pa.Array
-    dead: list[DeadLetter]
-
-
 def parse_trades(
     data: bytes,
     *,
@@ -224,21 +216,256 @@ def parse_trades(
     Raises AsxFormatError when the file cannot be read as CSV or has more than
     `max_bad_rows` bad rows (most likely not a trades file at all).
     """
-    ctx = _FileContext(symbol, company_id, digest, source, ingested_at, max_bad_rows)
-    lines = _read_lines(data, TRADE_FIELDS, ctx)
-    cols = lines.columns
-    checks = _Checks(len(lines.line_numbers))
+    reader = FileReader(
+        TRADES,
+        symbol=symbol,
+        company_id=company_id,
+        digest=digest,
+        source=source,
+        ingested_at=ingested_at,
+        max_bad_rows=max_bad_rows,
+    )
+    return reader.parse_whole(data)
+
+
+def parse_quotes(
+    data: bytes,
+    *,
+    symbol: str,
+    company_id: str,
+    digest: str,
+    source: str,
+    ingested_at: int,
+    max_bad_rows: int = 10_000,
+) -> ParsedFile:
+    """A quotes file as `market.quotes` rows plus dead letters; an absent side is null.
+
+    The vendor shows an absent side as price 0 with volume 0. A zero price with a
+    volume is a bad row; a price with volume 0 is kept as it is.
+    """
+    reader = FileReader(
+        QUOTES,
+        symbol=symbol,
+        company_id=company_id,
+        digest=digest,
+        source=source,
+        ingested_at=ingested_at,
+        max_bad_rows=max_bad_rows,
+    )
+    return reader.parse_whole(data)
+
+
+def slices(stream: BinaryIO, size: int) -> Iterator[bytes]:
+    """The stream in pieces of about `size` bytes, each ending after a line feed (the last
+    piece may not): whole lines, so that FileReader can read one piece at a time."""
+    rest = b""
+    while block := stream.read(size):
+        data = rest + block if rest else block
+        cut = data.rfind(b"\n") + 1
+        if cut == 0:
+            rest = data
+            continue
+        rest = data[cut:]
+        yield data[:cut] if rest else data
+    if rest:
+        yield rest
+
+
+class FileReader:
+    """One trades or quotes file read a slice of whole lines at a time (see `slices`).
+
+    Memory follows the slice, not the file: `read` gives each slice's good rows in file
+    order, `close` the file's dead letters and row count. Line numbers, dead letters and
+    the bad-row limit are the whole file's: the outcome is exactly that of parse_trades /
+    parse_quotes on the file in one piece, whatever the slicing.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        *,
+        symbol: str,
+        company_id: str,
+        digest: str,
+        source: str,
+        ingested_at: int,
+        max_bad_rows: int = 10_000,
+    ) -> None:
+        if kind not in (TRADES, QUOTES):
+            raise ValueError(f"unknown kind {kind!r}: expected {TRADES} or {QUOTES}")
+        self.kind = kind
+        self._names = TRADE_FIELDS if kind == TRADES else QUOTE_FIELDS
+        self._schema = TABLES[kind].arrow_schema
+        self._ctx = _FileContext(symbol, company_id, digest, source, ingested_at, max_bad_rows)
+        self._offset = 0  # physical lines in the slices read so far
+        self._started = False  # a slice with content has been read
+        # Blank leading slices, held back: a file of nothing but blank space has no rows,
+        # but a blank line of a file with content is still a line (and " " a bad row).
+        self._blank: list[bytes] = []
+        self._encoding: list[DeadLetter] = []
+        self._field_count: list[DeadLetter] = []
+        self._values: list[DeadLetter] = []
+        self._field_count_rows = 0
+        self._bad_rows = 0
+        self._value_failed = False  # some row failed a value check (date, time, number)
+        self._rows = 0  # rows checked: good rows plus rows that failed a value check
+
+    def parse_whole(self, data: bytes) -> ParsedFile:
+        """The whole file in one piece."""
+        table = self.read(data)
+        dead, lines = self.close()
+        return ParsedFile(table, dead, lines)
+
+    def read(self, data: bytes) -> pa.Table:
+        """The good rows of the next slice of whole lines.
+
+        Raises AsxFormatError when the file cannot be read as CSV or has more than
+        max_bad_rows rows with the wrong field count. Once value checks have failed on more
+        rows than max_bad_rows, the rest of the file is only counted (close will raise).
+        """
+        if not data:
+            return self._schema.empty_table()
+        if self._started:
+            return self._read_slice(data)
+        encoding: list[DeadLetter] = []
+        blanked = data if data.isascii() else _blank_undecodable(data, encoding, self._ctx, 1)
+        if not blanked or blanked.isspace():
+            self._blank.append(data)
+            return self._schema.empty_table()
+        self._started = True
+        if self._blank:
+            data = b"".join([*self._blank, data])
+            self._blank.clear()
+            return self._read_slice(data)
+        return self._read_slice(blanked, encoding)
+
+    def close(self) -> tuple[list[DeadLetter], int]:
+        """The file's dead letters (in the order parse_trades gives them) and its row count.
+
+        Raises AsxFormatError when the file has more bad rows than max_bad_rows.
+        """
+        ctx = self._ctx
+        if self._blank:
+            # Nothing but blank space (once undecodable lines are blanked): no rows at all.
+            _blank_undecodable(b"".join(self._blank), self._encoding, ctx, 1)
+            self._blank.clear()
+        if self._value_failed and self._bad_rows > ctx.max_bad_rows:
+            raise AsxFormatError(f"{self._bad_rows} bad rows, more than {ctx.max_bad_rows}")
+        dead = self._encoding + self._field_count + self._values
+        if self._value_failed:
+            dead.sort(key=lambda d: d.line or 0)
+        return dead, self._rows + _blank_free(dead)
+
+    @property
+    def _over(self) -> bool:
+        """Whether close will refuse the file: dead letters need not be made any more."""
+        return self._value_failed and self._bad_rows > self._ctx.max_bad_rows
+
+    def _read_slice(self, data: bytes, encoding: list[DeadLetter] | None = None) -> pa.Table:
+        """Rows of `data`; with `encoding`, data already has its undecodable lines blanked."""
+        ctx, names, first = self._ctx, self._names, self._offset + 1
+        if encoding is None:
+            encoding = []
+            if not data.isascii():
+                data = _blank_undecodable(data, encoding, ctx, first)
+        if not data:
+            # The file's last line, undecodable and without a line break: not a row.
+            self._bad_rows += len(encoding)
+            if not self._over:
+                self._encoding.extend(encoding)
+            return self._schema.empty_table()
+        table, invalid = _read_csv(
+            data,
+            names,
+            ctx,
+            self._field_count_rows,
+            threads=not __import__("os").environ.get("NOCSVTHREADS"),
+        )
+        if invalid and any(number is None for number, _, _ in invalid):
+            # Threaded reads do not number rows: read again, single-threaded, for line numbers.
+            table, invalid = _read_csv(data, names, ctx, self._field_count_rows, threads=False)
+        total = table.num_rows + len(invalid)
+        numbers = _sequence(first, total, "q")
+        self._offset += total
+        self._field_count_rows += len(invalid)
+        self._bad_rows += len(encoding) + len(invalid)
+        if invalid:
+            bad = pa.array([first - 1 + (number or 0) for number, _, _ in invalid], pa.int64())
+            numbers = numbers.filter(pc.invert(pc.is_in(numbers, value_set=bad)))
+            if not self._over:
+                for number, text, count in invalid:
+                    detail = f"{count} fields, expected {len(names)}"
+                    line = first - 1 + (number or 0)
+                    self._field_count.append(_dead(ctx, line, text.encode(), "field_count", detail))
+        if not self._over:
+            self._encoding.extend(encoding)
+        columns = {n: table.column(n).combine_chunks() for n in names}
+        del table
+        blank = _all_empty(columns)
+        if blank is not None:
+            # Only a truly blank line is skipped; a line of bare commas is a bad row.
+            lines = data.splitlines()
+            rows = pc.indices_nonzero(blank).to_pylist()
+            line_of = numbers.take(pa.array(rows, pa.int64())).to_pylist()
+            real_blank = [
+                r for r, ln in zip(rows, line_of, strict=True) if not lines[ln - first].strip()
+            ]
+            if real_blank:
+                keep = pc.invert(pc.is_in(pa.array(range(len(numbers))), pa.array(real_blank)))
+                columns = {n: c.filter(keep) for n, c in columns.items()}
+                numbers = numbers.filter(keep)
+        self._rows += len(numbers)
+
+        def judge(checks: _Checks) -> pa.Array | None:
+            return self._judge(checks, columns, numbers)
+
+        build = _trades_table if self.kind == TRADES else _quotes_table
+        return build(columns, numbers, ctx, judge)
+
+    def _judge(
+        self, checks: _Checks, cols: dict[str, pa.Array], numbers: pa.Array
+    ) -> pa.Array | None:
+        """Dead-letter the rows that failed a check; the mask of good rows (None: all are)."""
+        failed = checks.failed()
+        if failed is None or not pc.any(failed).as_py():
+            return None if not self._over else pa.repeat(pa.scalar(False), len(numbers))
+        rows = pc.indices_nonzero(failed)
+        self._value_failed = True
+        self._bad_rows += len(rows)
+        if self._over:
+            self._encoding.clear()
+            self._field_count.clear()
+            self._values.clear()
+            return pa.repeat(pa.scalar(False), len(numbers))
+        masks = [(r, f, m.take(rows).to_pylist()) for r, f, m in checks.items]
+        fields = [c.take(rows).to_pylist() for c in cols.values()]
+        names = list(cols)
+        for i, number in enumerate(numbers.take(rows).to_pylist()):
+            reason, field_name = next((r, f) for r, f, m in masks if m[i])
+            values = [col[i] for col in fields]
+            value = values[names.index(field_name)] if field_name in names else ""
+            detail = f"{field_name} {value!r}"
+            raw = ",".join(values).encode()
+            self._values.append(_dead(self._ctx, number, raw, reason, detail))
+        return pc.invert(failed)
+
+
+def _trades_table(
+    cols: dict[str, pa.Array], line_numbers: pa.Array, ctx: _FileContext, judge: _Judge
+) -> pa.Table:
+    checks = _Checks(len(line_numbers))
     when = _local_times(cols["date"], cols["time"], checks)
     price, price_zero = checks.decimal("price", cols["price"], "negative_price")
     checks.add("non_positive", "price", price_zero)
     volume, volume_zero = checks.decimal("volume", cols["volume"], "negative_volume")
     checks.add("non_positive", "volume", volume_zero)
-    keep = _Keep(checks.finish(cols, lines, ctx))
-    line_numbers = keep(lines.line_numbers)
+    keep = _Keep(judge(checks))
+    line_numbers = keep(line_numbers)
     n = len(line_numbers)
-    trade_id = _ids(f"{digest[:16]}:", line_numbers)
+    symbol = ctx.symbol
+    trade_id = _ids(f"{ctx.digest[:16]}:", line_numbers)
     qualifiers = keep(cols["qualifiers"])
-    table = pa.Table.from_arrays(
+    return pa.Table.from_arrays(
         [
             pc.binary_join_element_wise(f"{EXCHANGE}:{symbol}:trade:", trade_id, ""),
             trade_id,
@@ -260,33 +487,19 @@ def parse_trades(
             pa.nulls(n, pa.int64()),
             pa.repeat(pa.scalar(ctx.ingested_at, _TS), n),
             line_numbers,
-            _trade_vendor_data(company_id, qualifiers, keep(cols["venue"]), keep(cols["buyer_id"])),
+            _trade_vendor_data(
+                ctx.company_id, qualifiers, keep(cols["venue"]), keep(cols["buyer_id"])
+            ),
             _const("batch", n),
         ],
         schema=TABLES[TRADES].arrow_schema,
     )
-    return ParsedFile(table, lines.dead, len(lines.line_numbers) + _blank_free(lines.dead))
 
 
-def parse_quotes(
-    data: bytes,
-    *,
-    symbol: str,
-    company_id: str,
-    digest: str,
-    source: str,
-    ingested_at: int,
-    max_bad_rows: int = 10_000,
-) -> ParsedFile:
-    """A quotes file as `market.quotes` rows plus dead letters; an absent side is null.
-
-    The vendor shows an absent side as price 0 with volume 0. A zero price with a
-    volume is a bad row; a price with volume 0 is kept as it is.
-    """
-    ctx = _FileContext(symbol, company_id, digest, source, ingested_at, max_bad_rows)
-    lines = _read_lines(data, QUOTE_FIELDS, ctx)
-    cols = lines.columns
-    checks = _Checks(len(lines.line_numbers))
+def _quotes_table(
+    cols: dict[str, pa.Array], line_numbers: pa.Array, ctx: _FileContext, judge: _Judge
+) -> pa.Table:
+    checks = _Checks(len(line_numbers))
     when = _local_times(cols["date"], cols["time"], checks)
     decimals = {
         name: checks.decimal(name, cols[name], reason)
@@ -302,17 +515,17 @@ def parse_quotes(
         price_zero, volume_zero = decimals[side][1], decimals[f"{side}_volume"][1]
         checks.add("non_positive", side, pc.and_(price_zero, pc.invert(volume_zero)))
         absent[side] = pc.and_(price_zero, volume_zero)
-    keep = _Keep(checks.finish(cols, lines, ctx))
-    line_numbers = keep(lines.line_numbers)
+    keep = _Keep(judge(checks))
+    line_numbers = keep(line_numbers)
     n = len(line_numbers)
 
     def side_column(name: str, side: str) -> pa.Array:
         return keep(pc.if_else(absent[side], None, decimals[name][0]))
 
-    table = pa.Table.from_arrays(
+    return pa.Table.from_arrays(
         [
-            _ids(f"{EXCHANGE}:{symbol}:quote:{digest[:16]}:", line_numbers),
-            _const(symbol, n),
+            _ids(f"{EXCHANGE}:{ctx.symbol}:quote:{ctx.digest[:16]}:", line_numbers),
+            _const(ctx.symbol, n),
             _const(EXCHANGE, n),
             _const(ASSET_CLASS, n),
             keep(when).cast(_TS),
@@ -324,12 +537,11 @@ def parse_quotes(
             pa.nulls(n, pa.int64()),
             pa.repeat(pa.scalar(ctx.ingested_at, _TS), n),
             line_numbers,
-            _const(_json.encode({"company_id": company_id}).decode(), n),
+            _const(_json.encode({"company_id": ctx.company_id}).decode(), n),
             _const("batch", n),
         ],
         schema=TABLES[QUOTES].arrow_schema,
     )
-    return ParsedFile(table, lines.dead, len(lines.line_numbers) + _blank_free(lines.dead))
 
 
 def _blank_free(dead: Sequence[DeadLetter]) -> int:
@@ -338,10 +550,11 @@ def _blank_free(dead: Sequence[DeadLetter]) -> int:
 
 
 def _sequence(start: int, n: int, typecode: Literal["i", "q"]) -> pa.Array:
-    """start, start+1, ... as int32 ("i") or int64 ("q"); several times faster than pa.array."""
-    values = array.array(typecode, range(start, start + n))
+    """start, start+1, ... as int32 ("i") or int64 ("q"), built in Arrow, not in Python."""
     typ = pa.int32() if typecode == "i" else pa.int64()
-    return pa.Array.from_buffers(typ, n, [None, pa.py_buffer(values)])
+    if n == 0:
+        return pa.array([], typ)
+    return pc.cumulative_sum(pa.repeat(pa.scalar(1, typ), n), start=start - 1)
 
 
 def _const(value: str, n: int) -> pa.Array:
@@ -364,54 +577,16 @@ def _dead(ctx: _FileContext, line: int, raw: bytes, reason: str, detail: str) ->
     )
 
 
-def _read_lines(data: bytes, names: tuple[str, ...], ctx: _FileContext) -> _Lines:
-    """Split the file into string columns, keeping every row's physical line number.
-
-    Lines with the wrong field count (and, in a non-ASCII file, lines that are not UTF-8)
-    become dead letters here. Blank lines are not rows.
-    """
-    dead: list[DeadLetter] = []
-    if not data.isascii():
-        data = _blank_undecodable(data, dead, ctx)
-    if not data or data.isspace():
-        empty = {n: pa.array([], pa.string()) for n in names}
-        return _Lines(empty, pa.array([], pa.int64()), dead)
-    table, invalid = _read_csv(data, names, ctx, threads=True)
-    if invalid and any(number is None for number, _, _ in invalid):
-        # Threaded reads do not number rows: read again, single-threaded, for line numbers.
-        table, invalid = _read_csv(data, names, ctx, threads=False)
-    total = table.num_rows + len(invalid)
-    numbers = _sequence(1, total, "q")
-    if invalid:
-        bad = pa.array([number for number, _, _ in invalid], pa.int64())
-        numbers = numbers.filter(pc.invert(pc.is_in(numbers, value_set=bad)))
-        for number, text, count in invalid:
-            detail = f"{count} fields, expected {len(names)}"
-            dead.append(_dead(ctx, int(number or 0), text.encode(), "field_count", detail))
-    columns = {n: table.column(n).combine_chunks() for n in names}
-    blank = _all_empty(columns)
-    if blank is not None:
-        # Only a truly blank line is skipped; a line of bare commas is a bad row.
-        lines = data.splitlines()
-        rows = pc.indices_nonzero(blank).to_pylist()
-        line_of = numbers.take(pa.array(rows, pa.int64())).to_pylist()
-        real_blank = [r for r, ln in zip(rows, line_of, strict=True) if not lines[ln - 1].strip()]
-        if real_blank:
-            keep = pc.invert(pc.is_in(pa.array(range(len(numbers))), pa.array(real_blank)))
-            columns = {n: c.filter(keep) for n, c in columns.items()}
-            numbers = numbers.filter(keep)
-    return _Lines(columns, numbers, dead)
-
-
 def _read_csv(
-    data: bytes, names: tuple[str, ...], ctx: _FileContext, *, threads: bool
+    data: bytes, names: tuple[str, ...], ctx: _FileContext, earlier: int, *, threads: bool
 ) -> tuple[pa.Table, list[tuple[int | None, str, int]]]:
+    """Split whole lines into string columns; `earlier`: wrong field counts in the file so far."""
     invalid: list[tuple[int | None, str, int]] = []
 
     def on_invalid(row: pcsv.InvalidRow) -> str:
         invalid.append((row.number, row.text, row.actual_columns))
         # Past the limit this is not a file of this kind: stop reading it.
-        return "error" if len(invalid) > ctx.max_bad_rows else "skip"
+        return "error" if earlier + len(invalid) > ctx.max_bad_rows else "skip"
 
     try:
         table = pcsv.read_csv(
@@ -426,7 +601,7 @@ def _read_csv(
             ),
         )
     except pa.ArrowInvalid as e:
-        if len(invalid) > ctx.max_bad_rows:
+        if earlier + len(invalid) > ctx.max_bad_rows:
             raise AsxFormatError(
                 f"more than {ctx.max_bad_rows} rows with the wrong field count "
                 f"(expected {len(names)}: {','.join(names)})"
@@ -435,16 +610,21 @@ def _read_csv(
     return table, invalid
 
 
-def _blank_undecodable(data: bytes, dead: list[DeadLetter], ctx: _FileContext) -> bytes:
+def _blank_undecodable(
+    data: bytes, dead: list[DeadLetter], ctx: _FileContext, first_line: int
+) -> bytes:
     """Dead-letter lines that are not UTF-8 and blank them, keeping the line count."""
     out: list[bytes] = []
-    for number, line in enumerate(data.splitlines(keepends=True), start=1):
+    for number, line in enumerate(data.splitlines(keepends=True), start=first_line):
         try:
             line.decode("utf-8")
         except UnicodeDecodeError as e:
             body = line.rstrip(b"\r\n")
             dead.append(_dead(ctx, number, body, "bad_encoding", str(e)))
-            line = line[len(body) :]
+            end = line[len(body) :]
+            # The line break stays, a lone "\n" as "\r\n": after a line ending in "\r" it
+            # would join that "\r" as one line break and shift every later line number.
+            line = b"\r\n" if end == b"\n" else end
         out.append(line)
     return b"".join(out)
 
@@ -494,33 +674,16 @@ class _Checks:
         cast = values.cast(_DECIMAL)
         return cast, pc.equal(cast, _ZERO)
 
-    def finish(
-        self, cols: dict[str, pa.Array], lines: _Lines, ctx: _FileContext
-    ) -> pa.Array | None:
-        """Dead-letter the failed rows; return the mask of good rows (None: all are)."""
+    def failed(self) -> pa.Array | None:
+        """Rows that failed any check (None when there are no checks)."""
         failed: pa.Array | None = None
         for _, _, mask in self.items:
             failed = mask if failed is None else pc.or_(failed, mask)
-        if failed is None or not pc.any(failed).as_py():
-            return None
-        rows = pc.indices_nonzero(failed)
-        if len(rows) + len(lines.dead) > ctx.max_bad_rows:
-            raise AsxFormatError(
-                f"{len(rows) + len(lines.dead)} bad rows, more than {ctx.max_bad_rows}"
-            )
-        masks = [(r, f, m.take(rows).to_pylist()) for r, f, m in self.items]
-        fields = [c.take(rows).to_pylist() for c in cols.values()]
-        numbers = lines.line_numbers.take(rows).to_pylist()
-        names = list(cols)
-        for i, number in enumerate(numbers):
-            reason, field_name = next((r, f) for r, f, m in masks if m[i])
-            values = [col[i] for col in fields]
-            value = values[names.index(field_name)] if field_name in names else ""
-            detail = f"{field_name} {value!r}"
-            raw = ",".join(values).encode()
-            lines.dead.append(_dead(ctx, number, raw, reason, detail))
-        lines.dead.sort(key=lambda d: d.line or 0)
-        return pc.invert(failed)
+        return failed
+
+
+# Given a slice's checks: dead-letter its bad rows, return the mask of good ones (None: all).
+_Judge = Callable[[_Checks], "pa.Array | None"]
 
 
 def _local_times(dates: pa.Array, times: pa.Array, checks: _Checks) -> pa.Array:

@@ -19,6 +19,7 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet
 import pytest
 
 from k2d import batchload
@@ -262,14 +263,14 @@ def test_each_batch_commit_records_its_files_by_content_hash(
 def test_a_crash_between_dead_letters_and_rows_reloads_exactly_once(
     cfg: Config, vendor: Path, wh: Warehouse, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_append = Warehouse.append
+    real_append = batchload._append_files
 
-    def crash_on_trades(self: Warehouse, table: str, data: pa.Table, props: dict[str, str]) -> Any:
+    def crash_on_trades(wh: Warehouse, table: str, *args: Any) -> Any:
         if table == "trades":
             raise OSError("disk gone")
-        return real_append(self, table, data, props)
+        return real_append(wh, table, *args)
 
-    monkeypatch.setattr(Warehouse, "append", crash_on_trades)
+    monkeypatch.setattr(batchload, "_append_files", crash_on_trades)
     first = load(cfg, vendor)
     monkeypatch.undo()
 
@@ -348,6 +349,115 @@ def test_files_over_the_size_limit_or_of_the_wrong_kind_fail_alone(
     assert "more than the limit of 500" in summary.files[0].detail
     assert "more than 3 rows with the wrong field count" in summary.files[1].detail
     assert rows(wh, "trades") == [] and rows(wh, "dead_letters") == []
+
+
+# --- a file read in slices ---------------------------------------------------------------
+
+
+def long_trades_file(path: Path, n: int, bad: dict[int, str]) -> None:
+    """n lines of BHP trades over three days, in time order; `bad` replaces some lines."""
+    lines = []
+    for i in range(1, n + 1):
+        day, minute = 10 + i * 3 // (n + 1), i % 360
+        line = f"03/{day:02d}/2014,{10 + minute // 60:02d}:{minute % 60:02d}:00.000,{i},1,,X,"
+        lines.append(bad.get(i, line))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def parquet_files(cfg: Config, table: str) -> list[Path]:
+    return [p for p in cfg.storage.data_path().rglob("*.parquet") if f"/{table}/" in str(p)]
+
+
+def test_a_file_read_in_slices_loads_what_it_holds_in_sorted_files_of_one_day(
+    cfg: Config, vendor: Path, wh: Warehouse
+) -> None:
+    big = vendor / "big"
+    big.mkdir()
+    long_trades_file(
+        big / "7078.csv", 3000, {7: "03/10/2014,x", 2500: "03/12/2014,10:00:00,0,1,,,"}
+    )
+    whole = batchload.asx.parse_trades(
+        (big / "7078.csv").read_bytes(),
+        symbol="BHP",
+        company_id="7078",
+        digest="0" * 64,
+        source="x",
+        ingested_at=0,
+    )
+
+    summary = load(
+        cfg, vendor, trades=[big], quotes=[], options=LoadOptions(slice_bytes=4096, write_rows=500)
+    )
+
+    assert summary.ok and summary.rows == {"trades": 2998, "quotes": 0, "dead_letters": 2}
+    loaded = rows(wh, "trades", ("platform_sequence",))
+    assert [r["platform_sequence"] for r in loaded] == whole.table.column(
+        "platform_sequence"
+    ).to_pylist()
+    assert [r["price"] for r in loaded] == whole.table.column("price").to_pylist()
+    assert [(d["line"], d["reason"]) for d in rows(wh, "dead_letters", ("line",))] == [
+        (7, "field_count"),
+        (2500, "non_positive"),
+    ]
+    days = set()
+    for f in parquet_files(cfg, "trades"):
+        data = pa.parquet.read_table(f)
+        stamps = data.column("timestamp").to_pylist()
+        assert stamps == sorted(stamps)
+        assert len({t.date() for t in stamps}) == 1
+        days |= {t.date() for t in stamps}
+    # Partitions are UTC days: a Sydney trading day (10:00-16:00 AEDT) spans two of them.
+    assert len(days) == 4
+
+
+def test_a_file_refused_after_rows_were_written_leaves_no_data_file(
+    cfg: Config, vendor: Path, wh: Warehouse
+) -> None:
+    big = vendor / "big"
+    big.mkdir()
+    bad = dict.fromkeys(range(2990, 3001), "03/10/2014,10:00:00.000,1")
+    long_trades_file(big / "7078.csv", 3000, bad)
+
+    summary = load(
+        cfg,
+        vendor,
+        trades=[big],
+        quotes=[],
+        options=LoadOptions(slice_bytes=4096, write_rows=500, max_bad_rows=10),
+    )
+
+    assert [f.status for f in summary.files] == ["failed"]
+    assert "more than 10 rows with the wrong field count" in summary.files[0].detail
+    assert rows(wh, "trades") == []
+    assert parquet_files(cfg, "trades") == []
+
+
+def test_a_file_that_changes_while_it_is_read_fails_and_leaves_nothing(
+    cfg: Config, vendor: Path, wh: Warehouse, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    big = vendor / "big"
+    big.mkdir()
+    path = big / "7078.csv"
+    long_trades_file(path, 3000, {})
+    real_slices = batchload.asx.slices
+
+    def slices_while_appending(fh: Any, size: int) -> Iterator[bytes]:
+        for i, piece in enumerate(real_slices(fh, size)):
+            if i == 1:
+                with path.open("a") as f:
+                    f.write("03/13/2014,10:00:00.000,1,1,,,\n")
+            yield piece
+
+    monkeypatch.setattr(batchload.asx, "slices", slices_while_appending)
+    summary = load(
+        cfg, vendor, trades=[big], quotes=[], options=LoadOptions(slice_bytes=4096, write_rows=500)
+    )
+
+    assert [(f.status, f.detail) for f in summary.files] == [
+        ("failed", "the file changed while it was read")
+    ]
+    assert rows(wh, "trades") == []
+    assert parquet_files(cfg, "trades") == []
 
 
 # --- beside the daemon -------------------------------------------------------------------

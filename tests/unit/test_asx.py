@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import pyarrow as pa
 import pytest
 from hypothesis import given, settings
@@ -265,6 +268,113 @@ def test_an_empty_file_has_no_rows() -> None:
 
     assert parsed.table.num_rows == 0
     assert parsed.table.schema == TABLES[TRADES].arrow_schema
+
+
+# --- a file read in slices ----------------------------------------------------------------
+
+_TRADE_LINES = (
+    b"03/10/2014,10:00:00.000,37.50,100,,X,",
+    b"03/10/2014,10:00:01.000,37.60,200,XT,X,1234",
+    b"03/10/2014,10:00:00.000,37.50,100,,X",  # field count
+    b"03/10/2014,10:00:00.000,37.5x,100,,X,",  # invalid number
+    b"02/30/2014,10:00:00.000,37.50,100,,X,",  # bad date
+    b"10/05/2014,02:30:00.000,1,1,,,",  # nonexistent local time
+    b",,,,,,",  # bare commas: a bad row
+    b"",  # blank: not a row
+    b" ",  # a space: the wrong field count, unless the whole file is blank
+    b"03/10/2014,10:00:00.000,1,1,,\xff,",  # not UTF-8
+    "03/10/2014,10:00:02.000,3,1,,X,Zo\u00eb".encode(),
+)
+_QUOTE_LINES = (
+    b"03/10/2014,07:00:11.938,37.73,37.74,19,600",
+    b"03/10/2014,07:00:11.938,0,0,0,0",  # both sides absent
+    b"03/10/2014,07:00:11.938,0,37.74,5,600",  # zero price with a volume
+    b"03/10/2014,07:00:11.938,37.73,37.74,19",  # field count
+    b"",
+    b"03/10/2014,07:00:11.938,1,1,1,\xfe",
+)
+
+
+def parse_in_slices(
+    kind: str, data: bytes, size: int, max_bad_rows: int
+) -> tuple[pa.Table, list[tuple[Any, ...]], int]:
+    reader = asx.FileReader(
+        kind,
+        symbol="BHP",
+        company_id="7078",
+        digest=DIGEST,
+        source="/in/7078.csv",
+        ingested_at=INGESTED,
+        max_bad_rows=max_bad_rows,
+    )
+    tables = [reader.read(piece) for piece in asx.slices(io.BytesIO(data), size)]
+    dead_letters, lines = reader.close()
+    table = pa.concat_tables([TABLES[kind].arrow_schema.empty_table(), *tables])
+    return table, [msgspec.structs.astuple(d) for d in dead_letters], lines
+
+
+def parse_whole(kind: str, data: bytes, max_bad_rows: int) -> tuple[pa.Table, list[Any], int]:
+    parse = asx.parse_trades if kind == TRADES else asx.parse_quotes
+    parsed = parse(
+        data,
+        symbol="BHP",
+        company_id="7078",
+        digest=DIGEST,
+        source="/in/7078.csv",
+        ingested_at=INGESTED,
+        max_bad_rows=max_bad_rows,
+    )
+    return parsed.table, [msgspec.structs.astuple(d) for d in parsed.dead_letters], parsed.lines
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    kind=st.sampled_from((TRADES, QUOTES)),
+    picks=st.lists(st.integers(0, 10), max_size=40),
+    endings=st.lists(st.sampled_from((b"\n", b"\r\n", b"\r")), min_size=1, max_size=3),
+    last_newline=st.booleans(),
+    size=st.integers(1, 120),
+    max_bad_rows=st.integers(1, 12),
+)
+def test_a_file_read_in_slices_gives_what_the_whole_file_gives(
+    kind: str,
+    picks: list[int],
+    endings: list[bytes],
+    last_newline: bool,
+    size: int,
+    max_bad_rows: int,
+) -> None:
+    pool = _TRADE_LINES if kind == TRADES else _QUOTE_LINES
+    lines = [pool[i % len(pool)] for i in picks]
+    data = b"".join(line + endings[i % len(endings)] for i, line in enumerate(lines))
+    if not last_newline and data:
+        data = data.rstrip(b"\r\n")
+
+    try:
+        expected: Any = parse_whole(kind, data, max_bad_rows)
+    except asx.AsxFormatError as e:
+        expected = str(e)
+    try:
+        got: Any = parse_in_slices(kind, data, size, max_bad_rows)
+    except asx.AsxFormatError as e:
+        got = str(e)
+
+    if isinstance(expected, str):
+        assert got == expected
+    else:
+        assert not isinstance(got, str), got
+        assert got[0].equals(expected[0])
+        assert got[1:] == expected[1:]
+
+
+def test_slices_end_at_line_feeds_and_keep_every_byte() -> None:
+    data = b"a,b\r\nccc\n\n" + b"d" * 50 + b"\ne"
+
+    pieces = list(asx.slices(io.BytesIO(data), 4))
+
+    assert b"".join(pieces) == data
+    assert all(p.endswith(b"\n") for p in pieces[:-1])
+    assert pieces[-1] == b"e"
 
 
 # --- quotes ----------------------------------------------------------------------------

@@ -4,7 +4,13 @@ hub of a capture round."""
 
 from __future__ import annotations
 
+import tracemalloc
+from collections import deque
 from typing import Any
+
+import pyarrow as pa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from actors.live_hub import Fanout, LiveHub, Published
 from k2d.config import LiveConfig
@@ -221,3 +227,174 @@ def test_a_hub_without_a_fanout_still_serves_recent_rows() -> None:
     assert [t.source_sequence for t in h.recent_trades("BINANCE", "BTCUSDT")] == [1, 2]
     h.committed(committed("trades", 1))
     assert h.recent_trades("BINANCE", "BTCUSDT", uncommitted_only=True) == []
+
+
+# --- rows held as Arrow --------------------------------------------------------------------
+
+
+class OldHub:
+    """What the hub held before its rows became Arrow: a deque of objects per symbol."""
+
+    def __init__(self, cfg: LiveConfig) -> None:
+        self.cfg = cfg
+        self.rows: dict[tuple[str, str, str], deque[tuple[int, Any]]] = {}
+        self.pending: dict[str, set[int]] = {"trades": set(), "quotes": set()}
+        self.latest = 0
+
+    def add(self, b: SequencedBatch) -> None:
+        for table, rows in (("trades", b.trades), ("quotes", b.quotes)):
+            if rows:
+                self.pending[table].add(b.batch_id)
+            for r in rows:
+                key = (table, r.exchange, r.symbol)
+                held = self.rows.setdefault(key, deque(maxlen=self.cfg.max_rows_per_symbol))
+                held.append((b.batch_id, r))
+                self.latest = max(self.latest, r.timestamp)
+        oldest = self.latest - int(self.cfg.window_seconds * 1_000_000)
+        for held in self.rows.values():
+            while held and held[0][1].timestamp < oldest:
+                held.popleft()
+
+    def read(self, table: str, symbol: str, since: int, uncommitted: bool) -> list[Any]:
+        held = self.rows.get((table, "BINANCE", symbol), deque())
+        pending = self.pending[table]
+        return [r for b, r in held if r.timestamp >= since and (not uncommitted or b in pending)]
+
+
+_PRICES = ("1.00000000", "2.50000000", "61234.50000000")
+
+
+@st.composite
+def arrow_rows(draw: st.DrawFn, kind: str, i: int, ts: int, provenance: str) -> Any:
+    """A trade or quote with the ways real rows vary: ids derived or not, nulls, big ints."""
+    symbol = draw(st.sampled_from(("BTCUSDT", "ETHUSDT")))
+    seq = draw(st.one_of(st.just(i), st.none(), st.just(i + 2**40)))
+    derived = draw(st.booleans())
+    venue_id = str(seq) if derived and seq is not None else f"x{i}"
+    message_id = f"BINANCE:{symbol}:{kind}:{venue_id}"
+    common: dict[str, Any] = {
+        "message_id": message_id,
+        "symbol": symbol,
+        "exchange": "BINANCE",
+        "asset_class": "crypto",
+        "timestamp": ts,
+        "currency": draw(st.sampled_from(("USDT", "USDT", "USD"))),
+        "source_sequence": seq,
+        "ingestion_timestamp": ts + draw(st.integers(0, 2**33)),
+        "platform_sequence": i,
+        "vendor_data": draw(st.one_of(st.none(), st.just('{"M":true}'), st.text(max_size=5))),
+        "provenance": provenance,
+    }
+    if kind == "trade":
+        return Trade(
+            trade_id=venue_id,
+            price=draw(st.one_of(st.sampled_from(_PRICES), st.decimals(0, 9, places=3).map(str))),
+            quantity=draw(st.sampled_from(_PRICES)),
+            side=draw(st.sampled_from(("BUY", "SELL"))),
+            trade_conditions=draw(st.one_of(st.none(), st.just(()), st.just(("3", "XT")))),
+            **common,
+        )
+    price = draw(st.one_of(st.none(), st.sampled_from(_PRICES)))
+    return Quote(
+        bid_price=price,
+        bid_quantity=price,
+        ask_price=draw(st.sampled_from(_PRICES)),
+        ask_quantity=draw(st.one_of(st.none(), st.sampled_from(_PRICES))),
+        **common,
+    )
+
+
+@st.composite
+def hub_steps(draw: st.DrawFn) -> list[tuple[str, Any]]:
+    steps: list[tuple[str, Any]] = []
+    ts = T0
+    i = 0
+    for batch_id in range(1, draw(st.integers(1, 25)) + 1):
+        rows: dict[str, list[Any]] = {"trade": [], "quote": []}
+        for _ in range(draw(st.integers(0, 12))):
+            i += 1
+            kind = draw(st.sampled_from(("trade", "quote")))
+            # Mostly forward in time; now and then a late row (a backfill) from the past.
+            step = draw(st.sampled_from((1_000_000, 3_000_000, -50_000_000, 0)))
+            ts = max(T0, ts + step)
+            provenance = "backfill" if step < 0 else draw(st.sampled_from(("live", "replay")))
+            rows[kind].append(draw(arrow_rows(kind, i, ts, provenance)))
+        steps.append(("add", batch(batch_id, rows["trade"], rows["quote"])))
+        if draw(st.booleans()):
+            table = draw(st.sampled_from(("trades", "quotes")))
+            ids = draw(st.lists(st.integers(1, batch_id), max_size=4))
+            steps.append(("commit", committed(table, *ids)))
+    return steps
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    steps=hub_steps(),
+    window=st.sampled_from((10.0, 40.0, 900.0)),
+    max_rows=st.sampled_from((3, 7, 100_000)),
+    seal_rows=st.sampled_from((1, 2, 5)),
+    since_back=st.sampled_from((0, 5_000_000, 30_000_000)),
+)
+def test_the_hub_reads_back_exactly_the_rows_a_deque_of_objects_would_hold(
+    steps: list[tuple[str, Any]], window: float, max_rows: int, seal_rows: int, since_back: int
+) -> None:
+    cfg = LiveConfig(window_seconds=window, max_rows_per_symbol=max_rows)
+    h = LiveHub(cfg, Metrics(Registry()), seal_rows=seal_rows)
+    old = OldHub(cfg)
+
+    for op, msg in steps:
+        if op == "add":
+            h.add(msg)
+            old.add(msg)
+        else:
+            h.committed(msg)
+            old.pending[msg.table].difference_update(msg.batch_ids)
+        since = old.latest - since_back if since_back else 0
+        for symbol in ("BTCUSDT", "ETHUSDT"):
+            for uncommitted in (False, True):
+                assert h.recent_trades(
+                    "BINANCE", symbol, since, uncommitted_only=uncommitted
+                ) == old.read("trades", symbol, since, uncommitted)
+                assert h.recent_quotes(
+                    "BINANCE", symbol, since, uncommitted_only=uncommitted
+                ) == old.read("quotes", symbol, since, uncommitted)
+        assert h.row_count() == sum(map(len, old.rows.values()))
+
+
+def binance_trade(i: int) -> Trade:
+    return Trade(
+        message_id=f"BINANCE:BTCUSDT:trade:{i}",
+        trade_id=str(i),
+        symbol="BTCUSDT",
+        exchange="BINANCE",
+        asset_class="crypto",
+        timestamp=T0 + i * 1000,
+        price=f"{61000 + i % 500}.{i % 100:02d}000000",
+        quantity=f"0.{i % 997:05d}000",
+        currency="USDT",
+        side="BUY" if i % 3 else "SELL",
+        source_sequence=i,
+        ingestion_timestamp=T0 + i * 1000 + 150,
+        platform_sequence=i,
+        vendor_data=f'{{"E":{T0 // 1000 + i},"M":true}}',
+    )
+
+
+def test_a_full_window_costs_bytes_a_row_not_an_object() -> None:
+    h = LiveHub(LiveConfig(), Metrics(Registry()))
+    n = 50_000
+    before = pa.total_allocated_bytes()
+    tracemalloc.start()
+    try:
+        for start in range(0, n, 500):
+            h.add(batch(start // 500 + 1, [binance_trade(i) for i in range(start, start + 500)]))
+        python_bytes = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+
+    # All the hub holds: Arrow's buffers, and Python's objects (the rows not yet sealed).
+    per_row = (pa.total_allocated_bytes() - before + python_bytes) / n
+    assert h.row_count() == n
+    assert per_row < 60, f"{per_row:.0f} bytes a row"
+    last = [binance_trade(i) for i in range(n - 3, n)]
+    assert h.recent_trades("BINANCE", "BTCUSDT", T0 + (n - 3) * 1000) == last
