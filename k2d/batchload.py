@@ -4,7 +4,8 @@ A file is read a slice at a time and its rows written as Parquet as they come (m
 follows the slice, not the file), but committed whole, alone or with others of its kind,
 and its sha256 goes into the commit's snapshot properties (`k2.batch_files`). A file whose
 hash is in the table's history is skipped, so a load can be repeated, or resumed after a
-crash, without a duplicate row.
+crash, without a duplicate row. A load killed before a commit leaves data files that no
+snapshot references: the Maintainer's orphan sweep deletes them (maintenance.orphan_file_age).
 
 Batch commits carry no `k2.watermarks` / `k2.log_position`: Warehouse.k2_state() passes
 over snapshots without them (as it does over compaction's), so a load running beside the
@@ -412,9 +413,8 @@ class _Writer:
     """Sorts and writes rows as Parquet data files, and commits groups, on one thread beside
     the reading. One batch of rows is written at a time, none waits in a queue."""
 
-    def __init__(self, wh: Warehouse, pool: ThreadPoolExecutor, retries: int) -> None:
+    def __init__(self, wh: Warehouse, pool: ThreadPoolExecutor) -> None:
         self.wh = wh
-        self.retries = retries
         self._pool = pool
         self._tables: dict[str, Table] = {}
         self._last: _Written | None = None
@@ -436,7 +436,7 @@ class _Writer:
             self._pool.submit(_delete_files, self._tables[kind], written)
 
     def commit(self, group: _Group, reg: _Registry) -> Future[None]:
-        return self._pool.submit(_commit, self.wh, group, reg, self.retries)
+        return self._pool.submit(_commit, self.wh, group, reg)
 
 
 def _wait_quietly(future: Future[Any]) -> None:
@@ -553,15 +553,7 @@ def _delete_files(table: Table, written: list[_Written]) -> None:
                 table.io.delete(f.file_path)
 
 
-def _append_files(
-    wh: Warehouse, kind: str, files: list[DataFile], properties: dict[str, str], retries: int
-) -> None:
-    """Commit data files already written as one append snapshot of table `kind`."""
-    table = wh.load_table(kind)
-    wh._commit_files(table, files, properties, retries, None)
-
-
-def _commit(wh: Warehouse, group: _Group, reg: _Registry, retries: int) -> None:
+def _commit(wh: Warehouse, group: _Group, reg: _Registry) -> None:
     """Commit a group's dead letters, then its rows. A crash between the two commits
     leaves the files unloaded; the reload then adds their rows but not their dead letters
     a second time (the dead-letter commit is in the registry)."""
@@ -587,7 +579,7 @@ def _commit(wh: Warehouse, group: _Group, reg: _Registry, retries: int) -> None:
     if with_rows:
         data_files = [d for written in group.written for d in written.result()]
         properties = {BATCH_FILES: _encoder.encode(with_rows).decode()}
-        _append_files(wh, kind, data_files, properties, retries)
+        wh.append_files(kind, data_files, properties)
     for f in group.files:
         f.result.status, f.result.detail = "loaded", ""
         reg.rows[kind][f.digest] = f.source
@@ -660,7 +652,7 @@ def load_asx(
         summary.instruments_changed = upsert_instruments(wh, companies)
         summary.instruments = len(companies)
         reg = _read_registry(wh)
-        _load_files(wh, reg, inputs, symbols, opts, summary, progress, retries)
+        _load_files(wh, reg, inputs, symbols, opts, summary, progress)
     progress.close()
     summary.seconds = time.monotonic() - started
     return summary
@@ -674,7 +666,6 @@ def _load_files(
     opts: LoadOptions,
     summary: LoadSummary,
     progress: Progress,
-    retries: int,
 ) -> None:
     """Read files on this thread while their rows are written, and groups committed, on
     another."""
@@ -703,7 +694,7 @@ def _load_files(
         pending = pending_group = None
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="k2d-load-write") as pool:
-        writer = _Writer(wh, pool, retries)
+        writer = _Writer(wh, pool)
 
         def submit(group: _Group) -> None:
             nonlocal pending, pending_group

@@ -11,7 +11,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -214,6 +214,16 @@ class Warehouse:
             assert snapshot is not None
         infos = tuple(_file_info(table, f) for f in files)
         return _result(table, snapshot, infos, data.num_rows, attempts)
+
+    def append_files(
+        self, table_name: str, files: Sequence[DataFile], properties: dict[str, str]
+    ) -> None:
+        """Commit data files written beforehand (a batch load writes them as it reads) as one
+        append snapshot carrying `properties`; conflicts are retried as in `append`."""
+        with self._locks[table_name]:
+            table = self._tables.pop(table_name, None) or self.load_table(table_name)
+            self._commit_files(table, list(files), properties, self._commit.commit_retries, None)
+            self._tables[table_name] = table
 
     def _commit_files(
         self,

@@ -374,13 +374,7 @@ class FileReader:
             if not self._over:
                 self._encoding.extend(encoding)
             return self._schema.empty_table()
-        table, invalid = _read_csv(
-            data,
-            names,
-            ctx,
-            self._field_count_rows,
-            threads=not __import__("os").environ.get("NOCSVTHREADS"),
-        )
+        table, invalid = _read_csv(data, names, ctx, self._field_count_rows, threads=True)
         if invalid and any(number is None for number, _, _ in invalid):
             # Threaded reads do not number rows: read again, single-threaded, for line numbers.
             table, invalid = _read_csv(data, names, ctx, self._field_count_rows, threads=False)

@@ -263,14 +263,15 @@ def test_each_batch_commit_records_its_files_by_content_hash(
 def test_a_crash_between_dead_letters_and_rows_reloads_exactly_once(
     cfg: Config, vendor: Path, wh: Warehouse, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_append = batchload._append_files
+    real_append_files = Warehouse.append_files
 
-    def crash_on_trades(wh: Warehouse, table: str, *args: Any) -> Any:
+    def crash_on_trades(self: Warehouse, table: str, *args: Any) -> Any:
         if table == "trades":
             raise OSError("disk gone")
-        return real_append(wh, table, *args)
+        return real_append_files(self, table, *args)
 
-    monkeypatch.setattr(batchload, "_append_files", crash_on_trades)
+    # Dead letters commit through Warehouse.append, the rows' data files through this.
+    monkeypatch.setattr(Warehouse, "append_files", crash_on_trades)
     first = load(cfg, vendor)
     monkeypatch.undo()
 
