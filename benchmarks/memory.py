@@ -11,6 +11,10 @@ says otherwise (it is passed on to the daemon), and is printed.
     python benchmarks/memory.py                         # 15 minutes with 3, then with 20
     python benchmarks/memory.py --minutes 4 --symbols 3 --first-round-after 120
 
+The daemon is `python -m k2d` of the interpreter running this script, so another checkout's
+daemon is measured by running the script with that checkout's environment (its venv, or
+PYTHONPATH pointing at it).
+
 The Maintainer's first round comes `maintenance.first_round_after` (300 s) after start; a
 run shorter than that includes one only with --first-round-after. Targets (issue 14):
 under 500 MB with 3 symbols and under 700 MB with 20, at 3,000 trades/s plus 3,000
