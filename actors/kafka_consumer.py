@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 _PROPAGATOR = TraceContextTextMapPropagator()
 # Group commits, lag figures and the broker probe, this often, seconds.
 _TICK = 1.0
+# Broker probes that must fail in a row before the consumer is closed as broker-less.
+_AWAY_AFTER_MISSES = 3
 # A poll waits this long for records, seconds.
 _POLL_WAIT = 0.2
 
@@ -294,13 +296,20 @@ class KafkaConsumer(Actor[None, RecordBatch]):
     async def _tick(self, consumer: Consumer, scope: anyio.CancelScope) -> None:
         """Offsets committed to Iceberg go to the group, lag figures; when no broker answers,
         the consumer is stopped (`scope` cancelled) to be made anew."""
+        misses = 0
         while True:
             await anyio.sleep(_TICK)
             if not await reachable(self.cfg.bootstrap_servers):
+                # A probe can miss on a busy box (its 1 s covers this event loop's delay
+                # too): only a few misses in a row mean the broker is away.
+                misses += 1
+                if misses < _AWAY_AFTER_MISSES:
+                    continue
                 self.set_degraded(f"kafka: no broker answers at {self.cfg.bootstrap_servers}")
                 self._away = True
                 scope.cancel()
                 return
+            misses = 0
             try:
                 with anyio.fail_after(min(5.0, self.cfg.request_timeout)):
                     await self._commit_group(consumer)
