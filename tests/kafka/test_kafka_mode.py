@@ -322,7 +322,10 @@ enabled = false
     a = daemon(cfg_a, stdout=log)
     try:
         wait_capturing(port_a)
-        b = daemon(cfg_b, stdout=log)
+        # b's 4th commit to trades stalls (10 s, in its commit thread) after the same
+        # flush's quotes commit landed: b is killed there, in the middle of a flush.
+        cut = 4
+        b = daemon(cfg_b, env={"K2D_FAILPOINTS": f"writer.commit.trades={cut}:block"}, stdout=log)
         try:
             wait_ready(port_b)
             # The group splits the partitions between the two, and both store rows.
@@ -335,7 +338,10 @@ enabled = false
                 assert time.monotonic() < deadline, (held_a, held_b, b_rows)
                 time.sleep(0.5)
             assert held_a | held_b == set(range(PARTITIONS))
-            time.sleep(random.Random(41).uniform(1.0, 3.0))
+            deadline = time.monotonic() + 60
+            while not (commits(port_b, "trades") == cut - 1 and commits(port_b, "quotes") >= cut):
+                assert time.monotonic() < deadline, "b did not reach the stalled commit"
+                time.sleep(0.2)
         finally:
             b.send_signal(signal.SIGKILL)
             b.wait(timeout=30)
@@ -351,6 +357,9 @@ enabled = false
     finally:
         stop(a)
     counts = assert_each_trade_once(data, manifest)
+    quote_ids = read_table(data, "quotes").column("message_id").to_pylist()
+    assert len(quote_ids) == len(set(quote_ids)), "b's half flush was undone, not repeated"
+    assert "of member" in (tmp_path / "daemons.log").read_text(), "a undid b's half flush"
     members = {
         s.summary.additional_properties.get("k2.member")
         for s in read_snapshots(data, "trades")
@@ -361,6 +370,10 @@ enabled = false
         f"two members: {counts.stored} trades stored once, partitions split "
         f"{sorted(held_a)} / {sorted(held_b)}, then all taken over by the survivor"
     )
+
+
+def commits(port: int, table: str) -> float:
+    return metric_sum(port, f'k2d_commits_total{{table="{table}"}}') or 0.0
 
 
 def read_snapshots(data: Path, table: str) -> list[Any]:
