@@ -6,7 +6,8 @@ history, so gaps open and are backfilled).
 Every test checks what a person at the browser would notice: no console errors, no request
 to anything but the daemon on 127.0.0.1, the chart moving with live trades, a dropped trade
 on the gap timeline turning backfilled, a trace drawn as a waterfall. Screenshots go to
-docs/screenshots/ for the README. Without chromium/chromedriver the tests are skipped,
+a temporary directory, or to docs/screenshots/ for the README when K2D_UPDATE_SCREENSHOTS=1
+(a test run leaves the checkout as it was). Without chromium/chromedriver the tests are skipped,
 except in CI (CI=true), where that is a failure.
 """
 
@@ -18,6 +19,7 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -211,8 +213,12 @@ def enter_key(driver: Any) -> None:
 
 
 def screenshot(driver: Any, name: str) -> Path:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    path = SCREENSHOTS / name
+    if os.environ.get("K2D_UPDATE_SCREENSHOTS") == "1":
+        folder = SCREENSHOTS
+    else:
+        folder = Path(tempfile.gettempdir()) / "k2d-screenshots"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
     assert driver.save_screenshot(str(path))
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and 20_000 < len(data) < 600_000, len(data)
