@@ -1,8 +1,9 @@
 """`k2d demo`: the venue simulator in a subprocess and the real daemon pointed at it.
 
 Stop order matters for the demo's promise (every sent trade is stored or inside a gap):
-the simulator stops first, sending its final trades and serverShutdown; the feed reads
-them; only then does the daemon drain.
+the simulator's market closes first, sending its final trades and serverShutdown; the feed
+reads them; then the daemon drains while the venue's REST history still answers (the
+backfiller closes the last gaps), and only then does the simulator stop.
 """
 
 from __future__ import annotations
@@ -142,10 +143,12 @@ async def _demo(cfg: Any, proc: subprocess.Popen[str], exit_after: float | None)
             f"API: http://{cfg.api.host}:{d.api_port}  (data in {cfg.storage.data_dir})", flush=True
         )
         await _until_stop(d, exit_after)
-        await _stop_simulator(proc)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGUSR1)  # the market closes; REST history stays up
         # Let the feed parse the simulator's last frames before the pipeline drains.
-        await anyio.sleep(cfg.pipeline.batch_max_age * 4 + 0.5)
+        await anyio.sleep(cfg.pipeline.batch_max_age * 4 + 1.0)
         d.request_stop()
+    await _stop_simulator(proc)
     print("after drain: " + status_line(d, 0.0, 0.0).split("|", 2)[2].strip(), flush=True)
     return exit_code
 
