@@ -209,7 +209,7 @@ def merge_lanes(
     alone before."""
     base = lanes.get(own) or lanes.get("") or K2State({}, {}, 0, {}, True)
     watermarks = dict(base.watermarks)
-    position = {k: v for k, v in base.log_position.items()}
+    position = dict(base.log_position)
     for p in range(partitions):
         best = max(lanes.values(), key=lambda s: _progress(s, p), default=None)
         if best is None or best is base or _progress(best, p) <= _progress(base, p):
