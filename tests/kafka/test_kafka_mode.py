@@ -152,7 +152,10 @@ def test_simulator_to_kafka_to_iceberg_stores_what_was_sent(
         stop(proc)
     counts = assert_each_trade_once(data, manifest)
     assert counts.backfilled > 0, "the dropped trades came back by backfill"
-    assert produced and consumed and produced == consumed
+    # Every produced record was consumed; a recovery inside the run (a rejoin after a
+    # coordinator hiccup revokes and reassigns) reads again from the snapshot's offsets, and
+    # those reads count too. That each trade is stored once is checked on the tables above.
+    assert produced and consumed and consumed >= produced
     assert group_commits and group_commits > 0
 
     # What Kafka holds, read by an independent consumer with the .avsc files alone: every
