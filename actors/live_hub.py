@@ -23,7 +23,7 @@ from array import array
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from operator import attrgetter
+from itertools import chain
 from typing import Any, Protocol
 
 import pyarrow as pa
@@ -35,6 +35,7 @@ from k2d.config import LiveConfig
 from k2d.messages import Committed, SequencedBatch
 from k2d.model import Quote, SequenceEvent, Trade, now_us
 from k2d.runtime import Actor, Outbox
+from k2d.storage import batch_columns
 from k2d.telemetry.metrics import Metrics
 
 __all__ = ["Fanout", "LiveHub", "Published", "Subscriber"]
@@ -49,8 +50,9 @@ _PRUNE_AT = 1_024
 class _Recent:
     """Rows of one (exchange, symbol) and table, oldest first, with the batch each came in.
 
-    The newest rows wait as objects in `tail`; every _SEAL_ROWS of them become a sealed
-    _Chunk of Arrow columns. Rows leave from the front, by age or by count, as a deque's.
+    The newest rows wait in `tail`, as objects for reads and as the tracker's Arrow columns
+    for sealing; every _SEAL_ROWS of them become a sealed _Chunk. Rows leave from the
+    front, by age or by count, as a deque's.
     """
 
     def __init__(self, max_rows: int, cls: type[Trade] | type[Quote], seal_rows: int) -> None:
@@ -59,6 +61,7 @@ class _Recent:
         self.seal_rows = seal_rows
         self.chunks: deque[_Chunk] = deque()
         self.tail: list[Any] = []
+        self.tail_columns: list[pa.Table] = []
         # The batch of the tail's rows, as runs: [batch_id, rows], oldest first.
         self.tail_runs: deque[list[int]] = deque()
         self.sealed_rows = 0
@@ -66,15 +69,21 @@ class _Recent:
     def __len__(self) -> int:
         return self.sealed_rows + len(self.tail)
 
-    def append(self, batch_id: int, rows: Sequence[Any]) -> None:
+    def append(self, batch_id: int, rows: Sequence[Any], columns: pa.Table) -> None:
+        """Add one batch's rows of this symbol; `columns` are the same rows as Arrow."""
         self.tail.extend(rows)
+        self.tail_columns.append(columns)
         self.tail_runs.append([batch_id, len(rows)])
         seal = self.seal_rows
-        while len(self.tail) >= seal:
-            chunk = _Chunk(self.cls, self.tail[:seal], _take_runs(self.tail_runs, seal))
-            del self.tail[:seal]
-            self.chunks.append(chunk)
-            self.sealed_rows += len(chunk)
+        if len(self.tail) >= seal:
+            waiting = pa.concat_tables(self.tail_columns)
+            while len(self.tail) >= seal:
+                chunk = _Chunk(self.cls, waiting.slice(0, seal), _take_runs(self.tail_runs, seal))
+                del self.tail[:seal]
+                waiting = waiting.slice(seal)
+                self.chunks.append(chunk)
+                self.sealed_rows += len(chunk)
+            self.tail_columns = [waiting] if waiting.num_rows else []
         excess = len(self) - self.max_rows
         if excess > 0:
             self._drop(excess)
@@ -110,6 +119,7 @@ class _Recent:
             self.chunks.popleft()
         if n:
             del self.tail[:n]
+            self.tail_columns = [pa.concat_tables(self.tail_columns).slice(n)]
             _take_runs(self.tail_runs, n)
 
     def oldest_batch(self) -> int | None:
@@ -149,11 +159,10 @@ def _take_runs(runs: deque[list[int]], n: int) -> list[tuple[int, int]]:
     return out
 
 
-# Rows of a symbol that wait as objects before they become Arrow columns.
+# Rows of a symbol that wait in the tail before they are sealed into a chunk.
 _SEAL_ROWS = 1_024
 _FIELDS = {Trade: Trade.__struct_fields__, Quote: Quote.__struct_fields__}
-# Arrow types of the fields that are not str or str | None (timestamp is held apart).
-_INTS = frozenset({"source_sequence", "ingestion_timestamp", "platform_sequence"})
+# The list-typed field, read back as a tuple.
 _TUPLES = frozenset({"trade_conditions"})
 # Ids the venues derive from another column (model.trade_message_id and the like).
 _DERIVED = {"message_id": ("trade_id", "source_sequence"), "trade_id": ("source_sequence",)}
@@ -181,23 +190,35 @@ class _Chunk:
     )
 
     def __init__(
-        self, cls: type[Trade] | type[Quote], rows: list[Any], runs: list[tuple[int, int]]
+        self, cls: type[Trade] | type[Quote], columns: pa.Table, runs: list[tuple[int, int]]
     ) -> None:
         self.cls = cls
-        self.n = len(rows)
+        self.n: int = columns.num_rows
         self.start = 0
-        values = {name: list(map(attrgetter(name), rows)) for name in _FIELDS[cls]}
+        arrays = {
+            name: columns.column(name).combine_chunks()
+            for name in _FIELDS[cls]
+            if name != "timestamp"
+        }
         # Timestamps apart, as a plain array: trimming and reading scan them often.
-        stamps: list[int] = values.pop("timestamp")
-        low = min(stamps)
-        wide = max(stamps) - low >= 2**31
+        stamps = columns.column("timestamp").combine_chunks()
+        bounds = pc.min_max(stamps)
+        low: int = bounds["min"].as_py()
+        high: int = bounds["max"].as_py()
+        wide = high - low >= 2**31
         self.ts_base = 0 if wide else low
-        self.ts = array("q", stamps) if wide else array("i", [t - low for t in stamps])
-        self.ts_sorted = stamps == sorted(stamps)  # timsort: linear on sorted input
-        arrays = {name: pa.array(column, _arrow_type(name)) for name, column in values.items()}
+        self.ts: array[int]
+        if wide:
+            self.ts = array("q", stamps.to_pylist())
+        else:
+            self.ts = array("i", pc.subtract(stamps, low).to_pylist())
+        self.ts_sorted = (
+            self.n < 2
+            or pc.all(pc.greater_equal(stamps.slice(1), stamps.slice(0, self.n - 1))).as_py()
+        )
         self.fixed: dict[str, _Const | _Derived] = {}
-        for name in values:
-            fixed = _fixed(name, values, arrays)
+        for name in list(arrays):
+            fixed = _fixed(name, arrays)
             if fixed is not None:
                 self.fixed[name] = fixed
                 del arrays[name]
@@ -295,28 +316,26 @@ class _Derived:
         self.source = source
 
 
-def _arrow_type(name: str) -> pa.DataType:
-    if name in _INTS:
-        return pa.int64()
-    if name in _TUPLES:
-        return pa.list_(pa.string())
-    return pa.string()
-
-
-def _fixed(
-    name: str, values: dict[str, list[Any]], arrays: dict[str, pa.Array]
-) -> _Const | _Derived | None:
+def _fixed(name: str, arrays: dict[str, pa.Array]) -> _Const | _Derived | None:
     """Column `name` as one value, or as derived from another column, if it is."""
-    column, array_ = values[name], arrays[name]
-    if column.count(column[0]) == len(column):
-        return _Const(column[0])
+    array_ = arrays[name]
+    n = len(array_)
+    if array_.null_count == n:
+        return _Const(None)
     if array_.null_count:
         return None
+    if name in _TUPLES:
+        values = array_.to_pylist()
+        if values.count(values[0]) == n:
+            return _Const(tuple(values[0]))
+        return None
+    if pc.count_distinct(array_).as_py() == 1:
+        return _Const(array_[0].as_py())
     for source in _DERIVED.get(name, ()):
         other = arrays.get(source)
         if other is None or other.null_count:
             continue
-        first, text = column[0], str(values[source][0])
+        first, text = array_[0].as_py(), str(other[0].as_py())
         if not first.endswith(text):
             continue
         prefix = first[: len(first) - len(text)]
@@ -503,32 +522,40 @@ class LiveHub(Actor[SequencedBatch | Committed, None]):
                 self.committed(msg)
 
     def add(self, batch: SequencedBatch) -> None:
-        for table, rows, store in (
+        tables: tuple[tuple[str, Sequence[Trade | Quote], dict[_Key, _Recent]], ...] = (
             ("trades", batch.trades, self._trades),
             ("quotes", batch.quotes, self._quotes),
-        ):
+        )
+        for table, rows, store in tables:
             if not rows:
                 continue
             self._uncommitted[table].add(batch.batch_id)
             cls = Trade if table == "trades" else Quote
-            groups: dict[_Key, list[Any]] = {}
+            groups: dict[_Key, list[int]] = {}
             latest = self.latest_us
-            for r in rows:
+            for i, r in enumerate(rows):
                 key = (r.exchange, r.symbol)
                 group = groups.get(key)
                 if group is None:
                     group = groups[key] = []
-                group.append(r)
+                group.append(i)
                 if r.timestamp > latest:
                     latest = r.timestamp
             self.latest_us = latest
+            columns = batch_columns(batch, table)
+            if len(groups) > 1:  # one take puts each symbol's rows together, in order
+                columns = columns.take(pa.array(list(chain.from_iterable(groups.values()))))
+            at = 0
             for key, group in groups.items():
                 recent = store.get(key)
                 if recent is None:
                     recent = store[key] = _Recent(
                         self.cfg.max_rows_per_symbol, cls, self._seal_rows
                     )
-                recent.append(batch.batch_id, group)
+                recent.append(
+                    batch.batch_id, [rows[i] for i in group], columns.slice(at, len(group))
+                )
+                at += len(group)
         oldest = self.latest_us - self._window_us
         for store in (self._trades, self._quotes):
             for recent in store.values():

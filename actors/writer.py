@@ -37,11 +37,11 @@ from k2d.storage import (
     TRADES,
     CommitResult,
     Warehouse,
+    batch_columns,
+    columns_to_table,
     dead_letters_to_arrow,
     events_to_arrow,
     flush_properties,
-    quotes_to_arrow,
-    trades_to_arrow,
 )
 
 if TYPE_CHECKING:
@@ -63,8 +63,6 @@ _TIE_ORDER = (DEAD_LETTERS, QUOTES, TRADES)
 _TABLES = (*_TIE_ORDER, SEQUENCE_EVENTS)
 
 _BUILDERS: dict[str, Callable[[Any], pa.Table]] = {
-    TRADES: trades_to_arrow,
-    QUOTES: quotes_to_arrow,
     SEQUENCE_EVENTS: events_to_arrow,
     DEAD_LETTERS: dead_letters_to_arrow,
 }
@@ -103,7 +101,10 @@ class _Buffer:
             (DEAD_LETTERS, batch.dead_letters),
         ):
             if rows:
-                table = _BUILDERS[name](rows)
+                if name in _BUILDERS:
+                    table = _BUILDERS[name](rows)
+                else:  # trades, quotes: the hub may have gathered the columns already
+                    table = columns_to_table(batch_columns(batch, name), name)
                 self.rows[name].append(table)
                 added += len(rows)
                 self.est_bytes += table.nbytes

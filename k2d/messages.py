@@ -102,6 +102,9 @@ class SequencedBatch(msgspec.Struct, kw_only=True):
     watermarks: dict[str, Watermark]
     log_position: dict[str, Any] | None = None
     span_context: Any = None
+    # The trades and quotes as Arrow columns, gathered once by whichever of the live hub and
+    # the writer reads them first (k2d.storage.batch_columns); the rows do not change after.
+    columns: dict[str, Any] = msgspec.field(default_factory=dict)
 
     def row_count(self) -> int:
         return len(self.trades) + len(self.quotes) + len(self.events) + len(self.dead_letters)

@@ -1,6 +1,8 @@
 """Iceberg adapter: the catalog, the `market` tables, Arrow builders, commits with k2 state."""
 
 from k2d.storage._arrow import (
+    batch_columns,
+    columns_to_table,
     dead_letters_to_arrow,
     events_to_arrow,
     quotes_to_arrow,
@@ -74,6 +76,8 @@ __all__ = [
     "TableMaintenance",
     "TableStats",
     "Warehouse",
+    "batch_columns",
+    "columns_to_table",
     "dead_letters_to_arrow",
     "events_to_arrow",
     "flush_properties",

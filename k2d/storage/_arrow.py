@@ -2,6 +2,8 @@
 
 Column-at-a-time: one C-level `map(attrgetter)` pass per field, then one vectorised
 conversion per column (decimal strings are cast by Arrow, never through Python Decimal).
+A tracker's batch is gathered into columns once (`batch_columns`): the live hub keeps
+those columns as they are, and the writer casts them to the table's types.
 """
 
 from __future__ import annotations
@@ -12,10 +14,18 @@ from typing import Any
 
 import pyarrow as pa
 
+from k2d.messages import SequencedBatch
 from k2d.model import DeadLetter, Quote, SequenceEvent, Trade
 from k2d.storage._schemas import DEAD_LETTERS, QUOTES, SEQUENCE_EVENTS, TABLES, TRADES
 
-__all__ = ["dead_letters_to_arrow", "events_to_arrow", "quotes_to_arrow", "trades_to_arrow"]
+__all__ = [
+    "batch_columns",
+    "columns_to_table",
+    "dead_letters_to_arrow",
+    "events_to_arrow",
+    "quotes_to_arrow",
+    "trades_to_arrow",
+]
 
 
 def _column(values: list[Any], typ: pa.DataType) -> pa.Array:
@@ -34,10 +44,55 @@ def _build(rows: Sequence[Any], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
+def _raw_type(typ: pa.DataType) -> pa.DataType:
+    """The type a record's field has before the table's conversion (decimals are the venue's
+    text, times are microseconds)."""
+    if pa.types.is_decimal(typ):
+        return pa.string()
+    if pa.types.is_timestamp(typ):
+        return pa.int64()
+    if pa.types.is_list(typ):
+        return pa.list_(pa.string())
+    return typ
+
+
+def _raw_schema(schema: pa.Schema) -> pa.Schema:
+    return pa.schema([pa.field(f.name, _raw_type(f.type)) for f in schema])
+
+
 _TRADES = TABLES[TRADES].arrow_schema
 _QUOTES = TABLES[QUOTES].arrow_schema
 _EVENTS = TABLES[SEQUENCE_EVENTS].arrow_schema
 _DEAD = TABLES[DEAD_LETTERS].arrow_schema
+
+
+_RAW = {TRADES: _raw_schema(_TRADES), QUOTES: _raw_schema(_QUOTES)}
+_TYPED = {TRADES: _TRADES, QUOTES: _QUOTES}
+
+
+def batch_columns(batch: SequencedBatch, table: str) -> pa.Table:
+    """The batch's trades or quotes as columns of the records' own types (text decimals,
+    integer microseconds), gathered on first use and kept on the batch for the next reader."""
+    got: pa.Table | None = batch.columns.get(table)
+    if got is None:
+        rows = batch.trades if table == TRADES else batch.quotes
+        schema = _RAW[table]
+        arrays = [pa.array(list(map(attrgetter(f.name), rows)), f.type) for f in schema]
+        got = batch.columns[table] = pa.Table.from_arrays(arrays, schema=schema)
+    return got
+
+
+def columns_to_table(columns: pa.Table, table: str) -> pa.Table:
+    """`batch_columns` output with the table's types: exactly what trades_to_arrow or
+    quotes_to_arrow makes of the same records."""
+    schema = _TYPED[table]
+    arrays = []
+    for f, column in zip(schema, columns.itercolumns(), strict=True):
+        if pa.types.is_list(f.type) and column.null_count == len(column):
+            arrays.append(pa.nulls(len(column), f.type))
+        else:
+            arrays.append(column.cast(f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def trades_to_arrow(rows: Sequence[Trade]) -> pa.Table:
