@@ -23,6 +23,7 @@ import anyio.to_thread
 from litestar import Request, Response, get
 from litestar.di import NamedDependency
 from litestar.enums import ScopeType
+from litestar.params import FromPath
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from k2d import __version__
@@ -125,13 +126,13 @@ async def index(request: Request[Any, Any, Any]) -> Response[bytes]:
 
 
 @get("/ui/{name:str}", include_in_schema=False)
-async def page_file(request: Request[Any, Any, Any], name: str) -> Response[bytes]:
+async def page_file(request: Request[Any, Any, Any], name: FromPath[str]) -> Response[bytes]:
     """The page's own files (k2d/ui)."""
     return _serve(request, await _page_file(name), name)
 
 
 @get("/ui/vendor/{name:str}", include_in_schema=False)
-async def vendor_file(request: Request[Any, Any, Any], name: str) -> Response[bytes]:
+async def vendor_file(request: Request[Any, Any, Any], name: FromPath[str]) -> Response[bytes]:
     """A library from the installed package that ships it."""
     source = VENDOR.get(name)
     return _serve(request, await _asset(*source) if source else None, name)
