@@ -359,8 +359,9 @@ class MaintenanceConfig(_Section, frozen=True):
     orphan_file_age: float = 86_400.0
     # The current snapshot's data manifests are merged when there are more than this.
     max_manifests: int = 16
-    # DuckDB sorts a partition being compacted within this memory, spilling beyond it.
-    sort_memory_mb: int = 256
+    # DuckDB sorts a partition being compacted within this memory, spilling beyond it (at
+    # least 128: the part of a sort that cannot spill took ~61 MB for trades).
+    sort_memory_mb: int = 128
     sort_threads: int = 1
     # Maintenance commits retry conflicts with the writer this often, with this backoff.
     commit_retries: int = 20

@@ -14,6 +14,8 @@ them expire, so a query planned on an older snapshot still reads its files.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
 import itertools
 import logging
@@ -23,7 +25,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import duckdb
 import msgspec
@@ -447,6 +449,8 @@ class TableMaintenance:
             except Exception as exc:
                 report.errors.append(("stats", name, repr(exc)))
                 log.exception("%s: stats failed", name)
+        if report.compactions or report.retentions:
+            give_back_memory()
         return report
 
     def _retention_step(
@@ -747,7 +751,7 @@ class TableMaintenance:
             config={
                 "threads": max(1, self._cfg.sort_threads),
                 # The sort spills to temp_directory beyond this: memory stays bounded.
-                "memory_limit": f"{max(64, self._cfg.sort_memory_mb)}MB",
+                "memory_limit": f"{max(128, self._cfg.sort_memory_mb)}MB",
                 "temp_directory": str(tmp),
                 "preserve_insertion_order": False,
             }
@@ -1219,6 +1223,23 @@ def _row_group_rows(table: Table) -> int:
         table.properties, TableProperties.PARQUET_ROW_GROUP_LIMIT, ROW_GROUP_ROWS
     )
     return rows or ROW_GROUP_ROWS
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    libc = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+    return cast("Callable[[int], int] | None", trim)
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def give_back_memory() -> None:
+    """Return the pages a rewrite freed to the OS. Arrow's pool and glibc's heap keep freed
+    memory for reuse, so without this a daemon stays at its compaction peak for good."""
+    pa.default_memory_pool().release_unused()
+    if _MALLOC_TRIM is not None:  # glibc only
+        _MALLOC_TRIM(0)
 
 
 def _delete_quietly(io: Any, path: str) -> int:
