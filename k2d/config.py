@@ -81,6 +81,9 @@ class WriterConfig(_Section, frozen=True):
     commit_backoff_initial: float = 0.1
     commit_backoff_max: float = 5.0
     commit_deadline: float = 30.0
+    # Processes on this machine that share the catalog take turns at a table's commits (a
+    # lock file under data_dir); one waits at most this long, then commits without its turn.
+    commit_lock_wait: float = 30.0
 
 
 class PipelineConfig(_Section, frozen=True):
@@ -484,6 +487,7 @@ _POSITIVE = {
     "writer.flush_bytes",
     "writer.flush_interval",
     "writer.commit_retries",
+    "writer.commit_lock_wait",
     "pipeline.partitions",
     "pipeline.stream_size",
     "pipeline.batch_max_records",

@@ -536,7 +536,8 @@ class TableMaintenance:
         lock = self._wh._locks.get(name)
         with lock if lock is not None else contextlib.nullcontext():
             try:
-                yield
+                with self._wh.commit_turn(name):
+                    yield
             finally:
                 self._wh._tables.pop(name, None)
 

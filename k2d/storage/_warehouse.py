@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -123,6 +125,58 @@ def _open_catalog(cfg: StorageConfig) -> SqlCatalog:
     return catalog
 
 
+class CommitTurn:
+    """A table's commits, one process at a time on this machine: an attempt that holds its
+    turn (fcntl lock on `path`) cannot be overtaken by another process's commit, so a slow
+    committer (a compaction rewriting manifests) is not starved by a fast one (a writer
+    committing every second). A process waits at most `wait` seconds, then goes on without
+    its turn: conflict retries keep commits correct either way. Threads of one process are
+    kept apart by the Warehouse's own locks, which are held around this."""
+
+    def __init__(self, path: Path, wait: float) -> None:
+        self.path = path
+        self.wait = wait
+        self._fd: int | None = None
+        self._depth = 0  # holds inside a hold (a commit made while holding) nest
+        self._held = False
+        # Whether the last hold had to wait: another process may have committed meanwhile.
+        self.waited = False
+
+    def __enter__(self) -> CommitTurn:
+        self._depth += 1
+        if self._depth > 1:
+            return self
+        if self._fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self.wait
+        self.waited = False
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._held = True
+                return self
+            except BlockingIOError:
+                self.waited = True
+                if time.monotonic() >= deadline:
+                    log.warning(
+                        "%s: no commit turn after %.0fs; committing anyway", self.path, self.wait
+                    )
+                    return self
+                time.sleep(0.005)
+
+    def __exit__(self, *_exc: object) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._held and self._fd is not None:
+            self._held = False
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class Warehouse:
     """The `market` namespace in an Iceberg SQL catalog. Thread-safe per table."""
 
@@ -133,9 +187,21 @@ class Warehouse:
         self.catalog = _open_catalog(cfg)
         self._tables: dict[str, Table] = {}
         self._locks = {name: threading.Lock() for name in TABLE_NAMES}
+        self._turns = {
+            name: CommitTurn(
+                cfg.data_path() / "locks" / f"{name}.lock", self._commit.commit_lock_wait
+            )
+            for name in TABLE_NAMES
+        }
 
     def close(self) -> None:
         self.catalog.engine.dispose()
+        for turn in self._turns.values():
+            turn.close()
+
+    def commit_turn(self, table_name: str) -> CommitTurn:
+        """This process's turn at `table_name`'s commits; hold it with the table's lock."""
+        return self._turns[table_name]
 
     def __enter__(self) -> Warehouse:
         return self
@@ -240,20 +306,24 @@ class Warehouse:
         if member is not None:
             # Other members commit to these tables too: start from the latest metadata.
             table.refresh()
+        turn = self._turns[table.name()[-1]]
         while True:
             try:
-                tx = table.transaction()
-                carried = props
-                if member is not None:
-                    # Every other member's latest state rides along, read from the very
-                    # parent this attempt commits on (a conflict re-reads it).
-                    lanes = lane_states(table, table.name()[-1]).values()
-                    carried = props | lanes_property((st for st, _ in lanes), member)
-                update = tx.update_snapshot(snapshot_properties=carried)
-                with update.merge_append() if merge else update.fast_append() as append:
-                    for f in files:
-                        append.append_data_file(f)
-                tx.commit_transaction()
+                with turn:
+                    if backoff.attempt or turn.waited:
+                        table.refresh()
+                    tx = table.transaction()
+                    carried = props
+                    if member is not None:
+                        # Every other member's latest state rides along, read from the very
+                        # parent this attempt commits on (a conflict re-reads it).
+                        lanes = lane_states(table, table.name()[-1]).values()
+                        carried = props | lanes_property((st for st, _ in lanes), member)
+                    update = tx.update_snapshot(snapshot_properties=carried)
+                    with update.merge_append() if merge else update.fast_append() as append:
+                        for f in files:
+                            append.append_data_file(f)
+                    tx.commit_transaction()
                 return backoff.attempt
             except CommitFailedException as exc:
                 if retries is not None and backoff.attempt >= retries:
@@ -269,7 +339,6 @@ class Warehouse:
                     delay,
                 )
                 time.sleep(delay)
-                table.refresh()
 
     def find_flush(self, table_name: str, flush: int, member: str = "") -> CommitResult | None:
         """The commit of `member`'s flush number `flush` to `table_name` if it is that lane's

@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -357,6 +358,7 @@ async def test_a_failed_commit_crashes_the_writer_and_sends_nothing(wh: Warehous
 
 CHILD = """
 import sys
+import threading
 from k2d.config import StorageConfig
 from k2d.model import Trade
 from k2d.storage import Warehouse, flush_properties, trades_to_arrow
@@ -408,3 +410,43 @@ def test_sigkill_mid_commit_leaves_a_readable_table(storage: StorageConfig) -> N
         # Every commit the child reported is there (each child restarts its numbering at 1).
         assert flushes.count("1") == 2
         assert set(map(str, reported)) <= set(flushes)
+
+
+def test_a_commit_waits_while_another_committer_has_its_turn(
+    wh: Warehouse, storage: StorageConfig
+) -> None:
+    # Another process sharing the catalog (a Warehouse of its own: its own lock file handle).
+    other = Warehouse(storage)
+    results: list[int] = []
+    thread = threading.Thread(
+        target=lambda: results.append(
+            other.append("trades", trades_to_arrow(trades(100, 10)), {FLUSH: "2"}).retries
+        )
+    )
+    try:
+        with wh.commit_turn("trades"):
+            thread.start()
+            thread.join(timeout=0.5)
+            assert thread.is_alive(), "the other committer did not wait for its turn"
+            # Meanwhile this committer's attempt lands on metadata nobody else has moved.
+            wh.append("trades", trades_to_arrow(trades(0, 10)), {FLUSH: "1"})
+        thread.join(timeout=30)
+        assert results == [0], "it waited, so it met no conflict"
+    finally:
+        other.close()
+    assert len(wh.load_table("trades").scan().to_arrow()) == 20
+
+
+def test_a_turn_not_given_within_commit_lock_wait_is_not_waited_for(
+    wh: Warehouse, storage: StorageConfig
+) -> None:
+    impatient = Warehouse(storage, writer_cfg(commit_lock_wait=0.3))
+    try:
+        with wh.commit_turn("trades"):
+            started = time.monotonic()
+            impatient.append("trades", trades_to_arrow(trades(0, 10)), {FLUSH: "1"})
+            waited = time.monotonic() - started
+    finally:
+        impatient.close()
+    assert 0.3 <= waited < 10
+    assert len(wh.load_table("trades").scan().to_arrow()) == 10
