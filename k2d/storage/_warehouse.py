@@ -139,8 +139,10 @@ class CommitTurn:
         self._fd: int | None = None
         self._depth = 0  # holds inside a hold (a commit made while holding) nest
         self._held = False
-        # Whether the last hold had to wait: another process may have committed meanwhile.
+        # Whether the last hold had to wait (another process may have committed meanwhile),
+        # and how many holds have.
         self.waited = False
+        self.waits = 0
 
     def __enter__(self) -> CommitTurn:
         self._depth += 1
@@ -157,7 +159,9 @@ class CommitTurn:
                 self._held = True
                 return self
             except BlockingIOError:
-                self.waited = True
+                if not self.waited:
+                    self.waited = True
+                    self.waits += 1
                 if time.monotonic() >= deadline:
                     log.warning(
                         "%s: no commit turn after %.0fs; committing anyway", self.path, self.wait
@@ -187,10 +191,11 @@ class Warehouse:
         self.catalog = _open_catalog(cfg)
         self._tables: dict[str, Table] = {}
         self._locks = {name: threading.Lock() for name in TABLE_NAMES}
+        # Beside a SQLite catalog's file, which every process sharing the catalog can reach.
+        db = _sqlite_path(cfg.catalog_url())
+        turns = db.with_name(f"{db.name}.turns") if db is not None else cfg.data_path() / "turns"
         self._turns = {
-            name: CommitTurn(
-                cfg.data_path() / "locks" / f"{name}.lock", self._commit.commit_lock_wait
-            )
+            name: CommitTurn(turns / f"{name}.lock", self._commit.commit_lock_wait)
             for name in TABLE_NAMES
         }
 
