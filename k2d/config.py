@@ -83,7 +83,7 @@ class WriterConfig(_Section, frozen=True):
     commit_deadline: float = 30.0
     # Processes on this machine that share the catalog take turns at a table's commits (a
     # lock file under data_dir); one waits at most this long, then commits without its turn.
-    commit_lock_wait: float = 30.0
+    commit_lock_wait: float = 5.0
 
 
 class PipelineConfig(_Section, frozen=True):
