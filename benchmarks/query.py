@@ -14,7 +14,8 @@ The floor runs the SQL the plan builds (same files, same parameters) on a DuckDB
 the pool's settings, fetching all rows as Arrow. With --commits N the last day arrives in N
 commits, as the writer streams it, and its queries are measured before and after the
 Maintainer's compaction of that day (target: flat, as on the days written whole). Prints
-figures; never fails on a timing.
+figures, with the server's CPU time per request beside the HTTP ones (steadier than latency
+on a shared box); never fails on a timing.
 
     python benchmarks/query.py
     python benchmarks/query.py --data-dir /tmp/k2d-bench --keep   # reuse the table next time
@@ -228,6 +229,13 @@ def serve(data_dir: str, query: QueryConfig) -> None:
 def pct(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) a process has used: what a request costs the
+    server, which a loaded shared box changes far less than it changes latency."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def line(name: str, ms: Sequence[float], extra: str = "") -> tuple[float, float]:
@@ -488,11 +496,15 @@ def main() -> None:
 
         work = Workload(args.days, args.symbols)
         print("\nsingle client, sequential (HTTP; then the same SQL in DuckDB directly)")
+        cpu = cpu_seconds(server.pid)
         t_http, t_err, t_size = anyio.run(
             http_runs, base, lambda: trades_url(*work.trades()), args.runs, args.warmup
         )
+        cpu = (cpu_seconds(server.pid) - cpu) * 1_000 / (args.runs + args.warmup)
         _, t_p99 = line(
-            "trades 10m JSON  (HTTP)", t_http, f"errors={t_err}, ~{t_size / 1024:.0f} KiB"
+            "trades 10m JSON  (HTTP)",
+            t_http,
+            f"errors={t_err}, ~{t_size / 1024:.0f} KiB, server CPU {cpu:.1f} ms/request",
         )
         work = Workload(args.days, args.symbols)
         t_floor = floor(storage, query, lambda: trades_plan(*work.trades()), args.runs, args.warmup)
@@ -500,11 +512,15 @@ def main() -> None:
         print(f"  {'':<30} p99 ratio HTTP/floor {t_p99 / tf_p99:.2f}x (HTTP p99 target <= 20 ms)")
 
         work = Workload(args.days, args.symbols, seed=11)
+        cpu = cpu_seconds(server.pid)
         o_http, o_err, o_size = anyio.run(
             http_runs, base, lambda: ohlcv_url(*work.ohlcv()), args.runs, args.warmup
         )
+        cpu = (cpu_seconds(server.pid) - cpu) * 1_000 / (args.runs + args.warmup)
         _, o_p99 = line(
-            "ohlcv 1m 1 day   (HTTP)", o_http, f"errors={o_err}, ~{o_size / 1024:.0f} KiB"
+            "ohlcv 1m 1 day   (HTTP)",
+            o_http,
+            f"errors={o_err}, ~{o_size / 1024:.0f} KiB, server CPU {cpu:.1f} ms/request",
         )
         work = Workload(args.days, args.symbols, seed=11)
         o_floor = floor(storage, query, lambda: ohlcv_plan(*work.ohlcv()), args.runs, args.warmup)
@@ -513,13 +529,15 @@ def main() -> None:
 
         print(f"\n{args.clients} concurrent clients, alternating trades 10m and ohlcv 1m")
         work = Workload(args.days, args.symbols, seed=13)
+        cpu = cpu_seconds(server.pid)
         mt, mo, m_err, took = anyio.run(mixed, base, work, args.clients, args.per_client)
+        cpu = (cpu_seconds(server.pid) - cpu) * 1_000 / (args.clients * args.per_client)
         _, mt_p99 = line("trades 10m JSON", mt)
         _, mo_p99 = line("ohlcv 1m 1 day", mo)
         total = len(mt) + len(mo)
         print(
             f"  {total} requests in {took:.1f}s ({total / took:.0f}/s, target >= 150/s), "
-            f"errors={m_err}"
+            f"errors={m_err}, server CPU {cpu:.1f} ms/request"
         )
         print(
             f"  p99 vs single client: trades {mt_p99 / t_p99:.1f}x, ohlcv {mo_p99 / o_p99:.1f}x "

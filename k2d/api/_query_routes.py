@@ -17,7 +17,7 @@ from litestar import Request, Router, get, post
 from litestar.di import NamedDependency
 from litestar.openapi.spec import Example
 from litestar.params import JSONBody, Parameter, QueryParameter
-from litestar.response import Stream
+from litestar.response import Response, Stream
 
 from k2d.api._access import client_key
 from k2d.api._errors import ApiError
@@ -252,11 +252,18 @@ def _pool(api: ApiState) -> QueryService:
     return api.query_pool
 
 
-async def _answer(api: ApiState, request: Request[Any, Any, Any], plan: Plan, fmt: Any) -> Stream:
+async def _answer(
+    api: ApiState, request: Request[Any, Any, Any], plan: Plan, fmt: Any
+) -> Response[Any]:
+    """The query's answer: one body when it was read whole before the head (a page that
+    fits a read), else streamed as the worker reads it."""
     pool = _pool(api)
     with _as_api_errors():
         result = await pool.execute(client_key(request.scope), plan, fmt)
-    return Stream(result, media_type=result.head.media_type, headers=result.head.headers)
+    head = result.head
+    if head.body is not None:
+        return Response(head.body, media_type=head.media_type, headers=head.headers)
+    return Stream(result, media_type=head.media_type, headers=head.headers)
 
 
 def _rows_plan(
@@ -325,7 +332,7 @@ async def trades(
     as_of: AsOf = None,
     snapshot_id: SnapshotId = None,
     fmt: Fmt = None,
-) -> Stream:
+) -> Response[Any]:
     """Trades in a time window, ordered by (timestamp, symbol, source_sequence, message_id),
     in keyset pages. `meta` says which snapshot was read and which known gaps meet the window."""
     with _as_api_errors():
@@ -398,7 +405,7 @@ async def quotes(
     as_of: AsOf = None,
     snapshot_id: SnapshotId = None,
     fmt: Fmt = None,
-) -> Stream:
+) -> Response[Any]:
     """Best bid/ask quotes in a time window, paged like /v1/trades."""
     with _as_api_errors():
         out = negotiate_format(fmt, request.headers.get("accept"))
@@ -434,7 +441,7 @@ async def quotes(
 )
 async def trades_query(
     api: NamedDependency[ApiState], request: Request[Any, Any, Any], data: JSONBody[TradesQuery]
-) -> Stream:
+) -> Response[Any]:
     """Trades of several symbols and exchanges in one query: the parameters of GET /v1/trades
     as a JSON body (`symbols`, `exchanges`, `columns` as lists)."""
 
@@ -499,7 +506,7 @@ async def recent_trades(
         Parameter(description="Columns to return (allow-listed; default all)"),
     ] = None,
     fmt: Fmt = None,
-) -> Stream:
+) -> Response[Any]:
     """The last minutes of trades: committed rows merged with the ones the live hub holds
     but the writer has not committed yet, each message_id once."""
     return await _recent(
@@ -575,7 +582,7 @@ async def recent_quotes(
         Parameter(description="Columns to return (allow-listed; default all)"),
     ] = None,
     fmt: Fmt = None,
-) -> Stream:
+) -> Response[Any]:
     """The last minutes of quotes, merged with the live hub's uncommitted ones as
     /v1/trades/recent does for trades."""
     return await _recent(
@@ -604,7 +611,7 @@ async def _recent(
     order: str | None,
     columns: Any,
     fmt: str | None,
-) -> Stream:
+) -> Response[Any]:
     pool = _pool(api)
     cfg = pool.cfg
     with _as_api_errors():
@@ -709,7 +716,7 @@ async def ohlcv(
     as_of: AsOf = None,
     snapshot_id: SnapshotId = None,
     fmt: Fmt = None,
-) -> Stream:
+) -> Response[Any]:
     """OHLCV bars with VWAP and trade count. Open and close are the first and last trade by
     (timestamp, source_sequence, platform_sequence); bars without trades are left out; bars
     at the window's edges cover only the part inside it."""
@@ -779,7 +786,7 @@ async def symbols(
     limit: Limit = None,
     cursor: Cursor = None,
     fmt: Fmt = None,
-) -> Stream:
+) -> Response[Any]:
     """Every (exchange, symbol) stored: trade and quote counts, first and last times."""
     cfg = _pool(api).cfg
     with _as_api_errors():
@@ -843,7 +850,7 @@ async def snapshots(
     limit: Limit = None,
     cursor: Cursor = None,
     fmt: Fmt = None,
-) -> Stream:
+) -> Response[Any]:
     """A table's snapshots, newest first: id, time, operation, rows added, and the k2.*
     properties (watermarks, log position, flush) each commit carries."""
     cfg = _pool(api).cfg
@@ -924,7 +931,7 @@ async def summary(
     ],
     as_of: AsOf = None,
     fmt: Fmt = None,
-) -> Stream:
+) -> Response[Any]:
     """One trading day of one symbol: OHLC, volume, VWAP and trade count from trades, and
     quoted spread statistics from quotes (one-sided and crossed quotes are counted, not
     averaged in). The day is the exchange's local calendar day."""
@@ -1005,7 +1012,7 @@ async def gaps(
     limit: Limit = None,
     cursor: Cursor = None,
     fmt: Fmt = None,
-) -> Stream:
+) -> Response[Any]:
     """The gap ledger: gaps (missing trade ids) and outages (time without capture), each
     with its current status (the latest ledger row of its event)."""
     cfg = _pool(api).cfg
@@ -1102,7 +1109,7 @@ async def completeness(
     ] = "1h",
     as_of: AsOf = None,
     fmt: Fmt = None,
-) -> Stream:
+) -> Response[Any]:
     """Per bucket: trade ids expected (the id range, counting ids missing since the bucket
     before in this one), stored, of which backfilled, missing inside open gaps, open gaps,
     seconds of outage, and coverage = stored / expected."""

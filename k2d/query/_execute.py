@@ -180,10 +180,12 @@ class Plan(Protocol):
 
 @dataclass(frozen=True)
 class Head:
-    """What is known before the first byte: the media type and headers."""
+    """What is known before the first byte: the media type and headers; and the whole body
+    when the first read reached the end (most pages), so it goes out as one response."""
 
     media_type: str
     headers: dict[str, str]
+    body: bytes | None = None
 
 
 class Opened:

@@ -33,6 +33,10 @@ class ResultStream:
         self._chunks = chunks
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        if self.head.body is not None:
+            self._chunks.close()
+            yield self.head.body
+            return
         async with self._chunks:
             async for msg in self._chunks:
                 if msg is None:

@@ -623,6 +623,22 @@ async def slow_route(api: NamedDependency[ApiState], request: Request[Any, Any, 
     return Stream(result, media_type=result.head.media_type)
 
 
+async def test_a_small_page_is_one_body_and_a_large_one_streams(tmp_path: Path) -> None:
+    async with running(tmp_path, seed=False) as s:
+        await s.append(TRADES, btc(range(1, 6_001)))  # ~1.6 MB of JSON: more than one read
+        window = f"symbol=BTCUSDT&start={T0}&end={T0 + 7_000 * S}"
+        small = await s.client.get(f"/v1/trades?{window}&limit=10")
+        large = await s.client.get(f"/v1/trades?{window}&limit=6000")
+    assert small.status_code == large.status_code == 200
+    assert small.headers["content-length"] == str(len(small.content))
+    assert large.headers["transfer-encoding"] == "chunked"
+    assert len(large.content) > 1 << 20
+    whole, page = large.json(), small.json()
+    assert ids(whole["data"]) == [f"BINANCE:BTCUSDT:trade:{i}" for i in range(1, 6_001)]
+    assert page["data"] == whole["data"][:10]
+    assert (page["meta"]["truncated"], whole["meta"]["truncated"]) == (True, False)
+
+
 async def test_a_query_past_its_timeout_is_504_and_the_worker_carries_on(tmp_path: Path) -> None:
     cfg = QueryConfig(timeout=0.5, workers=1)
     async with running(tmp_path, query=cfg, routes=[slow_route]) as s:

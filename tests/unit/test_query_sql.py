@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from k2d.config import QueryConfig
+from k2d.model import Trade
 from k2d.query import (
     DATE_PATTERN,
     INTERVALS,
@@ -49,6 +50,7 @@ from k2d.query import (
     int_range_pattern,
     negotiate_format,
     open_database,
+    open_result,
     parse_columns,
     parse_date,
     parse_duration,
@@ -65,6 +67,7 @@ from k2d.query import (
 from k2d.query._cursor import TIMESTAMP_US
 from k2d.query._plans import TABLE_COLUMNS, _needs_dedupe
 from k2d.query._render import column_expr, ident, json_row_expr, new_writer
+from k2d.storage import trades_to_arrow
 
 T0 = 1_709_251_200_000_000  # 2024-03-01T00:00:00Z
 S = 1_000_000
@@ -521,6 +524,78 @@ def test_intervals_are_sql_constants() -> None:
     assert "INTERVAL 15 MINUTE" in prepared.sql
     assert "Australia/Sydney" not in prepared.sql and prepared.params[0] == "Australia/Sydney"
     assert "DECIMAL(38,8)" in prepared.sql  # VWAP widened before multiplying
+
+
+def _trade(n: int, ts: int, price: str, seq: int | None, pseq: int) -> Trade:
+    return Trade(
+        message_id=f"BINANCE:BTCUSDT:trade:{n}",
+        trade_id=str(n),
+        symbol="BTCUSDT",
+        exchange="BINANCE",
+        asset_class="crypto",
+        timestamp=ts,
+        price=price,
+        quantity="1",
+        currency="USDT",
+        side="BUY",
+        source_sequence=seq,
+        ingestion_timestamp=ts,
+        platform_sequence=pseq,
+    )
+
+
+@pytest.mark.parametrize("interval", ["1s", "1m", "5m", "1h", "1d"])
+def test_utc_bars_are_the_bars_time_bucket_makes_opened_and_closed_in_trade_order(
+    tmp_path: Path, interval: str
+) -> None:
+    # Ties at the first and the last instant are settled by venue, then platform sequence.
+    rows = [
+        _trade(1, T0, "10", 5, 1),
+        _trade(2, T0, "20", 4, 2),  # the open: same time, lower venue sequence
+        _trade(3, T0 + 59 * S + 999_999, "30", None, 9),  # the close: no venue sequence ...
+        _trade(4, T0 + 59 * S + 999_999, "40", None, 8),  # ... then platform sequence
+        _trade(5, T0 + 60 * S, "50", 7, 3),
+        *(_trade(10 + i, T0 + i * 1_999 * S, f"{60 + i}", 100 + i, 100 + i) for i in range(40)),
+    ]
+    path = str(tmp_path / "t.parquet")
+    pq.write_table(trades_to_arrow(rows), path)
+    bounds = {BTC: stats(len(rows), T0, T0 + 40 * 1_999 * S, 1, 200)}
+    tables = {"trades": TableFiles("trades", 1, 1, [entry(path, T0, T0 + DAY_US, bounds)], None)}
+    db, (cursor,) = open_database(QueryConfig(), [str(tmp_path)], 1)
+
+    def bars(tz: str) -> list[dict[str, Any]]:
+        plan = OhlcvPlan(
+            endpoint="ohlcv",
+            interval=INTERVALS[interval],
+            symbols=("BTCUSDT",),
+            exchanges=(),
+            window=Window(T0, T0 + DAY_US),
+            tz=tz,
+            limit=10_000,
+        )
+        index = FakeIndex(tables)
+        c = PlanContext(index, cursor, QueryConfig(), time.monotonic() + 60)  # type: ignore[arg-type]
+        body, done, _ = open_result(c, plan, Format.JSON).read(1 << 24)
+        assert done
+        data: list[dict[str, Any]] = json.loads(body)["data"]
+        return data
+
+    try:
+        utc = bars("UTC")
+        via_time_bucket = bars("Etc/UTC")  # the same zone, aligned by time_bucket
+    finally:
+        cursor.close()
+        db.close()
+
+    assert utc == via_time_bucket
+    assert sum(b["trade_count"] for b in utc) == len(rows)
+    if interval == "1m":
+        assert utc[0]["bar_start"] == "2024-03-01T00:00:00.000000Z"
+        assert (utc[0]["open"], utc[0]["close"]) == ("20.00000000", "30.00000000")
+        assert (utc[1]["bar_start"], utc[1]["open"]) == (
+            "2024-03-01T00:01:00.000000Z",
+            "50.00000000",
+        )
 
 
 # -- the ledger ---------------------------------------------------------------------------
