@@ -17,7 +17,7 @@ from pyiceberg.exceptions import CommitFailedException
 from pyiceberg.transforms import DayTransform, IdentityTransform
 
 from k2d.config import StorageConfig, WriterConfig
-from k2d.messages import Watermark
+from k2d.messages import SequencedBatch, Watermark
 from k2d.model import DeadLetter, Quote, SequenceEvent, Trade
 from k2d.storage import (
     FLUSH,
@@ -27,6 +27,8 @@ from k2d.storage import (
     TABLES,
     WATERMARKS,
     Warehouse,
+    batch_columns,
+    columns_to_table,
     dead_letters_to_arrow,
     events_to_arrow,
     flush_properties,
@@ -275,6 +277,55 @@ def test_builders_produce_the_iceberg_arrow_schema() -> None:
     }
     for name, table in built.items():
         assert table.schema == TABLES[name].arrow_schema
+
+
+def _batch(trades: list[Trade], quotes: list[Quote]) -> SequencedBatch:
+    return SequencedBatch(
+        batch_id=1,
+        partition=0,
+        trades=trades,
+        quotes=quotes,
+        events=[],
+        dead_letters=[],
+        watermarks={},
+    )
+
+
+def test_a_batchs_columns_become_exactly_what_the_row_builders_make() -> None:
+    trades = [
+        trade(1, conditions=("A", "B")),
+        trade(2, seq=None, price="0.00000001"),
+        trade(3, symbol="ETHUSDT", price="9999999999.99999999"),
+        *(trade(i) for i in range(4, 40)),
+    ]
+    trades[1] = Trade(
+        **{
+            **{f: getattr(trades[1], f) for f in Trade.__struct_fields__},
+            "source_sequence": None,
+            "vendor_data": '{"E":1}',
+        }
+    )
+    quotes = [quote(1), quote(2, bid=None), quote(3, ask=None)]
+    batch = _batch(trades, quotes)
+    for name, rows, build in (
+        ("trades", trades, trades_to_arrow),
+        ("quotes", quotes, quotes_to_arrow),
+    ):
+        made = columns_to_table(batch_columns(batch, name), name)
+        expected = build(rows)
+        assert made.schema == expected.schema == TABLES[name].arrow_schema
+        assert made.equals(expected)
+        # Gathered once: the hub and the writer read the same columns.
+        assert batch_columns(batch, name) is batch_columns(batch, name)
+    no_conditions = _batch([trade(1), trade(2)], [])
+    made = columns_to_table(batch_columns(no_conditions, "trades"), "trades")
+    assert made.equals(trades_to_arrow(no_conditions.trades))
+
+
+def test_a_batchs_too_precise_price_is_refused_as_the_row_builder_refuses_it() -> None:
+    batch = _batch([trade(1, price="1.000000001")], [])
+    with pytest.raises(pa.ArrowInvalid):
+        columns_to_table(batch_columns(batch, "trades"), "trades")
 
 
 def test_decimals_are_exact_at_both_ends_of_decimal_18_8(wh: Warehouse) -> None:
