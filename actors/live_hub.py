@@ -23,7 +23,6 @@ from array import array
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import chain
 from typing import Any, Protocol
 
 import pyarrow as pa
@@ -316,6 +315,32 @@ class _Derived:
         self.source = source
 
 
+def _by_symbol(columns: pa.Table) -> list[tuple[_Key, list[int], pa.Table]]:
+    """The rows of each (exchange, symbol) of a batch, in order: key, row numbers, columns."""
+    exchange, symbol = columns.column("exchange"), columns.column("symbol")
+    first_exchange, first_symbol = exchange[0].as_py(), symbol[0].as_py()
+    n = columns.num_rows
+    if pc.all(pc.equal(symbol, first_symbol)).as_py() and (
+        pc.all(pc.equal(exchange, first_exchange)).as_py()
+    ):
+        return [((first_exchange, first_symbol), list(range(n)), columns)]
+    keyed = pa.table({"exchange": exchange, "symbol": symbol, "row": pa.array(range(n))})
+    # Without threads, groups come in the order their first row does.
+    groups = keyed.group_by(["exchange", "symbol"], use_threads=False).aggregate([("row", "list")])
+    rows_of: list[list[int]] = groups.column("row_list").to_pylist()
+    parts = columns.take(pc.list_flatten(groups.column("row_list")))
+    out, at = [], 0
+    for ex, sym, rows in zip(
+        groups.column("exchange").to_pylist(),
+        groups.column("symbol").to_pylist(),
+        rows_of,
+        strict=True,
+    ):
+        out.append(((ex, sym), rows, parts.slice(at, len(rows))))
+        at += len(rows)
+    return out
+
+
 def _fixed(name: str, arrays: dict[str, pa.Array]) -> _Const | _Derived | None:
     """Column `name` as one value, or as derived from another column, if it is."""
     array_ = arrays[name]
@@ -329,8 +354,9 @@ def _fixed(name: str, arrays: dict[str, pa.Array]) -> _Const | _Derived | None:
         if values.count(values[0]) == n:
             return _Const(tuple(values[0]))
         return None
-    if pc.count_distinct(array_).as_py() == 1:
-        return _Const(array_[0].as_py())
+    first = array_[0].as_py()
+    if first == array_[n - 1].as_py() and pc.all(pc.equal(array_, first)).as_py():
+        return _Const(first)
     for source in _DERIVED.get(name, ()):
         other = arrays.get(source)
         if other is None or other.null_count:
@@ -531,31 +557,15 @@ class LiveHub(Actor[SequencedBatch | Committed, None]):
                 continue
             self._uncommitted[table].add(batch.batch_id)
             cls = Trade if table == "trades" else Quote
-            groups: dict[_Key, list[int]] = {}
-            latest = self.latest_us
-            for i, r in enumerate(rows):
-                key = (r.exchange, r.symbol)
-                group = groups.get(key)
-                if group is None:
-                    group = groups[key] = []
-                group.append(i)
-                if r.timestamp > latest:
-                    latest = r.timestamp
-            self.latest_us = latest
             columns = batch_columns(batch, table)
-            if len(groups) > 1:  # one take puts each symbol's rows together, in order
-                columns = columns.take(pa.array(list(chain.from_iterable(groups.values()))))
-            at = 0
-            for key, group in groups.items():
+            self.latest_us = max(self.latest_us, pc.max(columns.column("timestamp")).as_py())
+            for key, group, part in _by_symbol(columns):
                 recent = store.get(key)
                 if recent is None:
                     recent = store[key] = _Recent(
                         self.cfg.max_rows_per_symbol, cls, self._seal_rows
                     )
-                recent.append(
-                    batch.batch_id, [rows[i] for i in group], columns.slice(at, len(group))
-                )
-                at += len(group)
+                recent.append(batch.batch_id, [rows[i] for i in group], part)
         oldest = self.latest_us - self._window_us
         for store in (self._trades, self._quotes):
             for recent in store.values():
