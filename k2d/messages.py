@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -18,6 +18,8 @@ __all__ = [
     "SequencedBatch",
     "Watermark",
 ]
+
+_R = TypeVar("_R", Trade, Quote)
 
 
 class GapRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -59,20 +61,97 @@ class Outage(msgspec.Struct, frozen=True, kw_only=True):
     reason: str
 
 
-class RecordBatch(msgspec.Struct, kw_only=True):
+class _Rows:
+    """The trades and quotes of a batch, held as records, as Arrow columns of the records' own
+    types (`columns`, keyed "trades" and "quotes"; see k2d.storage.batch_columns), or as both.
+    Either is made from the other on first use; the rows do not change after that. The
+    ingest path hands columns on and never asks for records, which cost an object a row."""
+
+    __slots__ = ("_quotes", "_trades", "columns")
+
+    def __init__(
+        self,
+        trades: list[Trade] | None,
+        quotes: list[Quote] | None,
+        columns: dict[str, Any] | None,
+    ) -> None:
+        self.columns: dict[str, Any] = columns if columns is not None else {}
+        self._trades = trades if trades is not None or "trades" in self.columns else []
+        self._quotes = quotes if quotes is not None or "quotes" in self.columns else []
+
+    @property
+    def trades(self) -> list[Trade]:
+        if self._trades is None:
+            self._trades = _records(self.columns["trades"], Trade)
+        return self._trades
+
+    @trades.setter
+    def trades(self, rows: list[Trade]) -> None:
+        self._trades = rows
+        self.columns.pop("trades", None)
+
+    @property
+    def quotes(self) -> list[Quote]:
+        if self._quotes is None:
+            self._quotes = _records(self.columns["quotes"], Quote)
+        return self._quotes
+
+    @quotes.setter
+    def quotes(self, rows: list[Quote]) -> None:
+        self._quotes = rows
+        self.columns.pop("quotes", None)
+
+    def count(self, table: str) -> int:
+        """Rows of `table` ("trades" or "quotes"), without making records of them."""
+        rows = self._trades if table == "trades" else self._quotes
+        if rows is not None:
+            return len(rows)
+        return int(self.columns[table].num_rows)
+
+
+def _records(columns: Any, cls: type[_R]) -> list[_R]:
+    from k2d.storage import columns_to_records  # the storage package imports this module
+
+    return columns_to_records(columns, cls)
+
+
+class RecordBatch(_Rows):
     """Parsed records from one feed (or a backfill, or a load), in venue order."""
 
-    source: str
-    trades: list[Trade] = msgspec.field(default_factory=list)
-    quotes: list[Quote] = msgspec.field(default_factory=list)
-    dead_letters: list[DeadLetter] = msgspec.field(default_factory=list)
-    outages: list[Outage] = msgspec.field(default_factory=list)
-    resolutions: list[GapResolution] = msgspec.field(default_factory=list)
-    # Journal or Kafka position of the last frame in this batch (JSON-able), if any.
-    log_position: dict[str, Any] | None = None
-    received_at: int = 0
-    # OpenTelemetry SpanContext of the span that produced the batch (for links).
-    span_context: Any = None
+    __slots__ = (
+        "dead_letters",
+        "log_position",
+        "outages",
+        "received_at",
+        "resolutions",
+        "source",
+        "span_context",
+    )
+
+    def __init__(
+        self,
+        *,
+        source: str,
+        trades: list[Trade] | None = None,
+        quotes: list[Quote] | None = None,
+        columns: dict[str, Any] | None = None,
+        dead_letters: list[DeadLetter] | None = None,
+        outages: list[Outage] | None = None,
+        resolutions: list[GapResolution] | None = None,
+        log_position: dict[str, Any] | None = None,
+        received_at: int = 0,
+        span_context: Any = None,
+    ) -> None:
+        super().__init__(trades, quotes, columns)
+        self.source = source
+        self.dead_letters: list[DeadLetter] = dead_letters if dead_letters is not None else []
+        self.outages: list[Outage] = outages if outages is not None else []
+        self.resolutions: list[GapResolution] = resolutions if resolutions is not None else []
+        # Journal or Kafka position of the last frame in this batch (JSON-able), if any.
+        self.log_position = log_position
+        self.received_at = received_at
+        # OpenTelemetry SpanContext of the span that produced the batch (for links).
+        self.span_context = span_context
 
 
 class Watermark(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -89,25 +168,47 @@ class Watermark(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     open_since: int | None = None
 
 
-class SequencedBatch(msgspec.Struct, kw_only=True):
+class SequencedBatch(_Rows):
     """A tracker's verdict on a RecordBatch: the rows to store and the ledger rows."""
 
-    batch_id: int
-    partition: int
-    trades: list[Trade]
-    quotes: list[Quote]
-    events: list[SequenceEvent]
-    dead_letters: list[DeadLetter]
-    # Watermarks after this batch, keyed "EXCHANGE:SYMBOL:stream".
-    watermarks: dict[str, Watermark]
-    log_position: dict[str, Any] | None = None
-    span_context: Any = None
-    # The trades and quotes as Arrow columns, gathered once by whichever of the live hub and
-    # the writer reads them first (k2d.storage.batch_columns); the rows do not change after.
-    columns: dict[str, Any] = msgspec.field(default_factory=dict)
+    __slots__ = (
+        "batch_id",
+        "dead_letters",
+        "events",
+        "log_position",
+        "partition",
+        "span_context",
+        "watermarks",
+    )
+
+    def __init__(
+        self,
+        *,
+        batch_id: int,
+        partition: int,
+        trades: list[Trade] | None = None,
+        quotes: list[Quote] | None = None,
+        columns: dict[str, Any] | None = None,
+        events: list[SequenceEvent],
+        dead_letters: list[DeadLetter],
+        watermarks: dict[str, Watermark],
+        log_position: dict[str, Any] | None = None,
+        span_context: Any = None,
+    ) -> None:
+        super().__init__(trades, quotes, columns)
+        self.batch_id = batch_id
+        self.partition = partition
+        self.events = events
+        self.dead_letters = dead_letters
+        # Watermarks after this batch, keyed "EXCHANGE:SYMBOL:stream".
+        self.watermarks = watermarks
+        self.log_position = log_position
+        self.span_context = span_context
 
     def row_count(self) -> int:
-        return len(self.trades) + len(self.quotes) + len(self.events) + len(self.dead_letters)
+        return (
+            self.count("trades") + self.count("quotes") + len(self.events) + len(self.dead_letters)
+        )
 
 
 class DataFileInfo(msgspec.Struct, frozen=True, kw_only=True):

@@ -2,10 +2,12 @@
 
 from k2d.storage._arrow import (
     batch_columns,
+    columns_to_records,
     columns_to_table,
     dead_letters_to_arrow,
     events_to_arrow,
     quotes_to_arrow,
+    raw_schema,
     trades_to_arrow,
 )
 from k2d.storage._maintenance import (
@@ -77,10 +79,12 @@ __all__ = [
     "TableStats",
     "Warehouse",
     "batch_columns",
+    "columns_to_records",
     "columns_to_table",
     "dead_letters_to_arrow",
     "events_to_arrow",
     "flush_properties",
     "quotes_to_arrow",
+    "raw_schema",
     "trades_to_arrow",
 ]

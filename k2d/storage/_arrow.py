@@ -10,16 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from operator import attrgetter
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 
-from k2d.messages import SequencedBatch
+from k2d.messages import RecordBatch, SequencedBatch
 from k2d.model import DeadLetter, Quote, SequenceEvent, Trade
 from k2d.storage._schemas import DEAD_LETTERS, QUOTES, SEQUENCE_EVENTS, TABLES, TRADES
 
 __all__ = [
     "batch_columns",
+    "columns_to_records",
     "columns_to_table",
     "dead_letters_to_arrow",
     "events_to_arrow",
@@ -70,9 +71,10 @@ _RAW = {TRADES: _raw_schema(_TRADES), QUOTES: _raw_schema(_QUOTES)}
 _TYPED = {TRADES: _TRADES, QUOTES: _QUOTES}
 
 
-def batch_columns(batch: SequencedBatch, table: str) -> pa.Table:
+def batch_columns(batch: RecordBatch | SequencedBatch, table: str) -> pa.Table:
     """The batch's trades or quotes as columns of the records' own types (text decimals,
-    integer microseconds), gathered on first use and kept on the batch for the next reader."""
+    integer microseconds, `raw_schema`), gathered on first use and kept on the batch for the
+    next reader."""
     got: pa.Table | None = batch.columns.get(table)
     if got is None:
         rows = batch.trades if table == TRADES else batch.quotes
@@ -80,6 +82,29 @@ def batch_columns(batch: SequencedBatch, table: str) -> pa.Table:
         arrays = [pa.array(list(map(attrgetter(f.name), rows)), f.type) for f in schema]
         got = batch.columns[table] = pa.Table.from_arrays(arrays, schema=schema)
     return got
+
+
+def raw_schema(table: str) -> pa.Schema:
+    """The schema of `batch_columns` for "trades" or "quotes"."""
+    return _RAW[table]
+
+
+_R = TypeVar("_R", Trade, Quote)
+# The list-typed field, a tuple in a record.
+_TUPLES = frozenset({"trade_conditions"})
+
+
+def columns_to_records(columns: pa.Table, cls: type[_R]) -> list[_R]:
+    """`batch_columns` output back as records, for the readers that want objects (a stream
+    client's rows, a Kafka record); equal to the records the columns were gathered from."""
+    names = cls.__struct_fields__
+    values = []
+    for name in names:
+        column: list[Any] = columns.column(name).to_pylist()
+        if name in _TUPLES:
+            column = [None if v is None else tuple(v) for v in column]
+        values.append(column)
+    return [cls(**dict(zip(names, row, strict=True))) for row in zip(*values, strict=True)]
 
 
 def columns_to_table(columns: pa.Table, table: str) -> pa.Table:
