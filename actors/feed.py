@@ -15,7 +15,6 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
-from typing import Any
 
 import anyio
 import msgspec
@@ -332,19 +331,27 @@ class FeedHandler(Actor[None, RecordBatch]):
         if not p:
             self._pending_since = time.monotonic()
             self._batch_started.set()
-        nt, nq = len(p.trades), len(p.quotes)
+        # Market frames wait to be parsed together; where this frame's rows matter at once
+        # (the first data after a reconnect, repeats while two connections overlap), the
+        # batch is parsed up to it before and after.
+        exact = bool(self._overlap_until) or (
+            self._stable_at_us is not None and received >= self._stable_at_us
+        )
+        if exact:
+            self.parser.settle(p)
+        nt, nq = p.trade_count, p.quote_count
         ctl = self.parser.parse(frame, received, p)
+        if exact:
+            self.parser.settle(p)
         if ctl is not None and ctl.kind == "server_shutdown":
             log.warning("%s: venue announced shutdown; opening a replacement", self.name)
             self._shutdown_announced.set()
         elif (
-            self._stable_at_us is not None
-            and received >= self._stable_at_us
-            and (nt < len(p.trades) or nq < len(p.quotes))
+            exact and self._stable_at_us is not None and (nt < p.trade_count or nq < p.quote_count)
         ):
             self.backoff.reset()
             self._stable_at_us = None
-        if self._overlap_until and (nt < len(p.trades) or nq < len(p.quotes)):
+        if self._overlap_until and (nt < p.trade_count or nq < p.quote_count):
             self._drop_overlap_repeats(nt, nq)
         if len(p) >= self.pipeline.batch_max_records:
             await self._emit()
@@ -355,14 +362,15 @@ class FeedHandler(Actor[None, RecordBatch]):
             self._seen.clear()
             return
         p, seen = self._pending, self._seen
-        for records, start in ((p.trades, nt), (p.quotes, nq)):
-            fresh: list[Any] = []
-            for r in records[start:]:
-                if r.message_id in seen:
-                    continue
-                seen[r.message_id] = None
-                fresh.append(r)
-            records[start:] = fresh
+        for table, start in (("trades", nt), ("quotes", nq)):
+            repeats = set()
+            for i, message_id in enumerate(p.message_ids(table, start), start):
+                if message_id in seen:
+                    repeats.add(i)
+                else:
+                    seen[message_id] = None
+            if repeats:
+                p.drop(table, repeats)
         while len(seen) > _OVERLAP_IDS:
             seen.popitem(last=False)
 
@@ -395,13 +403,12 @@ class FeedHandler(Actor[None, RecordBatch]):
                 if self._journaled:
                     self._journal_span()
                 span.set_attribute("k2d.feed", self.name)
-                span.set_attribute("k2d.trades", len(p.trades))
-                span.set_attribute("k2d.quotes", len(p.quotes))
+                span.set_attribute("k2d.trades", p.trade_count)
+                span.set_attribute("k2d.quotes", p.quote_count)
                 span.set_attribute("k2d.dead_letters", len(p.dead_letters))
                 batch = RecordBatch(
                     source=self.name,
-                    trades=p.trades,
-                    quotes=p.quotes,
+                    columns=p.columns,
                     dead_letters=p.dead_letters,
                     outages=outages,
                     log_position=(
@@ -410,10 +417,10 @@ class FeedHandler(Actor[None, RecordBatch]):
                     received_at=received,
                     span_context=span.get_span_context(),
                 )
-            if p.trades:
-                self.metrics.records.labels(self.name, "trade").inc(len(p.trades))
-            if p.quotes:
-                self.metrics.records.labels(self.name, "quote").inc(len(p.quotes))
+            if p.trade_count:
+                self.metrics.records.labels(self.name, "trade").inc(p.trade_count)
+            if p.quote_count:
+                self.metrics.records.labels(self.name, "quote").inc(p.quote_count)
             for d in p.dead_letters:
                 self.metrics.dead_letters.labels(self.name, d.reason).inc()
             if p.max_event_us:

@@ -10,6 +10,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
+import pyarrow as pa
+import pyarrow.compute as pc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from opentelemetry import trace
 
@@ -191,25 +193,34 @@ class SequenceTracker(Actor[RecordBatch, SequencedBatch]):
                 key = (res.exchange, res.symbol, res.stream)
                 self.book(key).resolve(res, now, events)
                 touched.add(key)
-            trades = self._check(batch.trades, "trade", now, events, touched)
-            quotes = self._check(batch.quotes, "quote", now, events, touched)
+            trades, quotes = [], []
+            columns: dict[str, pa.Table] = {}
+            for table, stream in (("trades", "trade"), ("quotes", "quote")):
+                given = batch.columns.get(table)
+                if given is not None:
+                    columns[table] = self._check_columns(given, stream, now, events, touched)
+                elif table == "trades":
+                    trades = self._check(batch.trades, stream, now, events, touched)
+                else:
+                    quotes = self._check(batch.quotes, stream, now, events, touched)
             for key in touched:
                 self._books[key].emit_pending(now, events)
             self._send_requests(now)
             span.set_attribute("k2d.partition", self.partition)
-            span.set_attribute("k2d.records_in", len(batch.trades) + len(batch.quotes))
-            span.set_attribute("k2d.records_out", len(trades) + len(quotes))
             out = SequencedBatch(
                 batch_id=next(self._batch_ids),
                 partition=self.partition,
-                trades=trades,
-                quotes=quotes,
+                trades=None if "trades" in columns else trades,
+                quotes=None if "quotes" in columns else quotes,
+                columns=columns,
                 events=events,
                 dead_letters=[] if replayed_before else batch.dead_letters,
                 watermarks={stream_key(k): self._books[k].watermark() for k in touched},
                 log_position=self._position(batch),
                 span_context=span.get_span_context(),
             )
+            span.set_attribute("k2d.records_in", batch.count("trades") + batch.count("quotes"))
+            span.set_attribute("k2d.records_out", out.count("trades") + out.count("quotes"))
         self._count(events)
         return out
 
@@ -274,6 +285,72 @@ class SequenceTracker(Actor[RecordBatch, SequencedBatch]):
             self.metrics.sequence_records.labels(stream, "dropped").inc(dropped)
         return out
 
+    def _check_columns(
+        self,
+        table: pa.Table,
+        stream: str,
+        now: int,
+        events: list[SequenceEvent],
+        touched: set[StreamKey],
+    ) -> pa.Table:
+        """`_check` on Arrow columns: the rows to keep, numbered by platform_sequence. When
+        every stream of the batch goes on from its high-water mark in order (nearly always),
+        the ids are checked a column at a time; otherwise row by row, as `_check` does."""
+        n = table.num_rows
+        if not n:
+            return table
+        groups = _streams_of(table)
+        books = self._books
+        in_order = True
+        for (exchange, symbol), _rows, seqs in groups:
+            key = (exchange, symbol, stream)
+            b = books.get(key) or self.book(key)
+            touched.add(key)
+            in_order = in_order and b.goes_on(seqs)
+        if in_order:
+            numbers = []
+            for (exchange, symbol), _rows, seqs in groups:
+                b = books[(exchange, symbol, stream)]
+                b.hi = seqs[-1].as_py()
+                b.last_seen_us = now
+                start = b.platform_sequence
+                b.platform_sequence += len(seqs)
+                numbers.append(pa.array(range(start + 1, b.platform_sequence + 1), pa.int64()))
+            platform = _scatter(groups, numbers, n)
+            kept = table
+        else:
+            keep, platform_list = self._check_rows(table, stream, now, events)
+            kept = table.filter(pa.array(keep, pa.bool_()))
+            platform = pa.array(platform_list, pa.int64())
+        self.metrics.sequence_records.labels(stream, "accepted").inc(kept.num_rows)
+        if kept.num_rows < n:
+            self.metrics.sequence_records.labels(stream, "dropped").inc(n - kept.num_rows)
+        at = kept.schema.get_field_index("platform_sequence")
+        return kept.set_column(at, kept.schema.field(at), platform)
+
+    def _check_rows(
+        self, table: pa.Table, stream: str, now: int, events: list[SequenceEvent]
+    ) -> tuple[list[bool], list[int]]:
+        """Row by row, in batch order: whether each row is kept, and the kept rows' numbers."""
+        keep: list[bool] = []
+        numbers: list[int] = []
+        books = self._books
+        for exchange, symbol, seq, provenance in zip(
+            table.column("exchange").to_pylist(),
+            table.column("symbol").to_pylist(),
+            table.column("source_sequence").to_pylist(),
+            table.column("provenance").to_pylist(),
+            strict=True,
+        ):
+            b = books[(exchange, symbol, stream)]
+            if seq is not None and not b.check(seq, now, provenance, events):
+                keep.append(False)
+                continue
+            b.platform_sequence += 1
+            numbers.append(b.platform_sequence)
+            keep.append(True)
+        return keep, numbers
+
     def flush_all(self) -> SequencedBatch:
         """Write every pending ledger row (at end of input)."""
         now = self._clock()
@@ -297,3 +374,36 @@ class SequenceTracker(Actor[RecordBatch, SequencedBatch]):
         for key, b in self._books.items():
             if key[2] == "trade":
                 self.metrics.open_gaps.labels(stream_key(key)).set(len(b.gaps))
+
+
+def _streams_of(table: pa.Table) -> list[tuple[tuple[str, str], pa.Array | None, pa.Array]]:
+    """The (exchange, symbol) of a batch's rows, in the order each first comes: its row
+    numbers (None when it has every row) and its ids."""
+    exchange, symbol = table.column("exchange"), table.column("symbol")
+    seqs = table.column("source_sequence").combine_chunks()
+    first = (exchange[0].as_py(), symbol[0].as_py())
+    if pc.all(pc.equal(symbol, first[1])).as_py() and pc.all(pc.equal(exchange, first[0])).as_py():
+        return [(first, None, seqs)]
+    keyed = pa.table({"e": exchange, "s": symbol, "row": pa.array(range(len(seqs)), pa.int64())})
+    # Without threads, groups come in the order their first row does.
+    groups = keyed.group_by(["e", "s"], use_threads=False).aggregate([("row", "list")])
+    lists = groups.column("row_list").combine_chunks()
+    out = []
+    for i, (e, s) in enumerate(
+        zip(groups.column("e").to_pylist(), groups.column("s").to_pylist(), strict=True)
+    ):
+        rows = lists[i].values
+        out.append(((e, s), rows, seqs.take(rows)))
+    return out
+
+
+def _scatter(
+    groups: list[tuple[tuple[str, str], pa.Array | None, pa.Array]],
+    values: list[pa.Array],
+    n: int,
+) -> pa.Array:
+    """One array of n values, row by row, from each group's values in its rows' order."""
+    if len(groups) == 1:
+        return values[0]
+    rows = pa.concat_arrays([r for _, r, _ in groups if r is not None])
+    return pa.concat_arrays(values).take(pc.sort_indices(rows))

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 
+from k2d.columns import columns_to_records
 from k2d.model import DeadLetter, Quote, SequenceEvent, Trade
 
 __all__ = [
@@ -18,8 +19,6 @@ __all__ = [
     "SequencedBatch",
     "Watermark",
 ]
-
-_R = TypeVar("_R", Trade, Quote)
 
 
 class GapRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -82,7 +81,7 @@ class _Rows:
     @property
     def trades(self) -> list[Trade]:
         if self._trades is None:
-            self._trades = _records(self.columns["trades"], Trade)
+            self._trades = columns_to_records(self.columns["trades"], Trade)
         return self._trades
 
     @trades.setter
@@ -93,7 +92,7 @@ class _Rows:
     @property
     def quotes(self) -> list[Quote]:
         if self._quotes is None:
-            self._quotes = _records(self.columns["quotes"], Quote)
+            self._quotes = columns_to_records(self.columns["quotes"], Quote)
         return self._quotes
 
     @quotes.setter
@@ -107,12 +106,6 @@ class _Rows:
         if rows is not None:
             return len(rows)
         return int(self.columns[table].num_rows)
-
-
-def _records(columns: Any, cls: type[_R]) -> list[_R]:
-    from k2d.storage import columns_to_records  # the storage package imports this module
-
-    return columns_to_records(columns, cls)
 
 
 class RecordBatch(_Rows):

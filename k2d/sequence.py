@@ -15,6 +15,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from k2d.config import SequencerConfig
 from k2d.messages import GapResolution, Outage, Watermark
 from k2d.model import SequenceEvent, StreamKey
@@ -123,6 +126,23 @@ class StreamBook:
         self._left: tuple[int, int | None] | None = None
 
     # -- classification -------------------------------------------------------------------
+
+    def goes_on(self, seqs: pa.Array) -> bool:
+        """Whether `check` would take ids `seqs`, in this order, as in order one after the
+        other and change nothing but the high-water mark (and last_seen_us)."""
+        hi = self.hi
+        if hi is None or self.awaiting or seqs.null_count or not len(seqs):
+            return False
+        step = seqs[0].as_py() - hi
+        if len(seqs) > 1:
+            bounds = pc.min_max(pc.pairwise_diff(seqs))
+            low, high = bounds["min"].as_py(), bounds["max"].as_py()
+        else:
+            low = high = step
+        if self.contiguous:
+            return bool(step == 1 and low == high == 1)
+        jump = self.cfg.max_jump
+        return bool(0 < step <= jump and low > 0 and high <= jump)
 
     def check(self, seq: int, now: int, provenance: str, events: list[SequenceEvent]) -> bool:
         """Classify `seq`; True when the record is to be stored."""

@@ -2,7 +2,6 @@
 
 from k2d.storage._arrow import (
     batch_columns,
-    columns_to_records,
     columns_to_table,
     dead_letters_to_arrow,
     events_to_arrow,
@@ -79,7 +78,6 @@ __all__ = [
     "TableStats",
     "Warehouse",
     "batch_columns",
-    "columns_to_records",
     "columns_to_table",
     "dead_letters_to_arrow",
     "events_to_arrow",

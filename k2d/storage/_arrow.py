@@ -10,17 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from operator import attrgetter
-from typing import Any, TypeVar
+from typing import Any
 
 import pyarrow as pa
 
+from k2d.columns import QUOTE_COLUMNS, TRADE_COLUMNS
 from k2d.messages import RecordBatch, SequencedBatch
 from k2d.model import DeadLetter, Quote, SequenceEvent, Trade
 from k2d.storage._schemas import DEAD_LETTERS, QUOTES, SEQUENCE_EVENTS, TABLES, TRADES
 
 __all__ = [
     "batch_columns",
-    "columns_to_records",
     "columns_to_table",
     "dead_letters_to_arrow",
     "events_to_arrow",
@@ -45,29 +45,13 @@ def _build(rows: Sequence[Any], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def _raw_type(typ: pa.DataType) -> pa.DataType:
-    """The type a record's field has before the table's conversion (decimals are the venue's
-    text, times are microseconds)."""
-    if pa.types.is_decimal(typ):
-        return pa.string()
-    if pa.types.is_timestamp(typ):
-        return pa.int64()
-    if pa.types.is_list(typ):
-        return pa.list_(pa.string())
-    return typ
-
-
-def _raw_schema(schema: pa.Schema) -> pa.Schema:
-    return pa.schema([pa.field(f.name, _raw_type(f.type)) for f in schema])
-
-
 _TRADES = TABLES[TRADES].arrow_schema
 _QUOTES = TABLES[QUOTES].arrow_schema
 _EVENTS = TABLES[SEQUENCE_EVENTS].arrow_schema
 _DEAD = TABLES[DEAD_LETTERS].arrow_schema
 
 
-_RAW = {TRADES: _raw_schema(_TRADES), QUOTES: _raw_schema(_QUOTES)}
+_RAW = {TRADES: TRADE_COLUMNS, QUOTES: QUOTE_COLUMNS}
 _TYPED = {TRADES: _TRADES, QUOTES: _QUOTES}
 
 
@@ -87,24 +71,6 @@ def batch_columns(batch: RecordBatch | SequencedBatch, table: str) -> pa.Table:
 def raw_schema(table: str) -> pa.Schema:
     """The schema of `batch_columns` for "trades" or "quotes"."""
     return _RAW[table]
-
-
-_R = TypeVar("_R", Trade, Quote)
-# The list-typed field, a tuple in a record.
-_TUPLES = frozenset({"trade_conditions"})
-
-
-def columns_to_records(columns: pa.Table, cls: type[_R]) -> list[_R]:
-    """`batch_columns` output back as records, for the readers that want objects (a stream
-    client's rows, a Kafka record); equal to the records the columns were gathered from."""
-    names = cls.__struct_fields__
-    values = []
-    for name in names:
-        column: list[Any] = columns.column(name).to_pylist()
-        if name in _TUPLES:
-            column = [None if v is None else tuple(v) for v in column]
-        values.append(column)
-    return [cls(**dict(zip(names, row, strict=True))) for row in zip(*values, strict=True)]
 
 
 def columns_to_table(columns: pa.Table, table: str) -> pa.Table:

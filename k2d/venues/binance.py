@@ -7,14 +7,20 @@ with a reason from REASONS, never an exception.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+import itertools
+import operator
+from collections.abc import Container, Iterable
+from dataclasses import dataclass, field, fields
+from itertools import compress
+from operator import attrgetter
+from typing import TypeVar, cast
 from urllib.parse import quote
 
 import msgspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from k2d.columns import QUOTE_COLUMNS, TRADE_COLUMNS, columns_to_records
 from k2d.model import DeadLetter, Quote, Trade, quote_message_id, trade_message_id
 
 __all__ = [
@@ -72,7 +78,7 @@ def historical_trades_url(rest_url: str, symbol: str, from_id: int, limit: int) 
     return f"{base}/api/v3/historicalTrades?symbol={symbol}&fromId={from_id}&limit={limit}"
 
 
-class _TradePayload(msgspec.Struct):
+class _TradePayload(msgspec.Struct, gc=False):
     e: str
     E: int
     s: str
@@ -84,7 +90,7 @@ class _TradePayload(msgspec.Struct):
     M: bool = True
 
 
-class _BookTickerPayload(msgspec.Struct):
+class _BookTickerPayload(msgspec.Struct, gc=False):
     u: int
     s: str
     b: str
@@ -93,9 +99,46 @@ class _BookTickerPayload(msgspec.Struct):
     A: str
 
 
-class _Envelope(msgspec.Struct):
+class _Envelope(msgspec.Struct, gc=False):
     stream: str
     data: msgspec.Raw
+
+
+class _Data(msgspec.Struct, gc=False):
+    """A trade's or a bookTicker's payload, whichever it is: a batch of frames of both kinds
+    decodes in one call. gc=False: a batch is thousands of them, which the cycle collector
+    would otherwise walk again and again while they are made."""
+
+    e: str | None = None
+    E: int | None = None
+    s: str | None = None
+    t: int | None = None
+    p: str | None = None
+    q: str | None = None
+    T: int | None = None
+    m: bool | None = None
+    M: bool | None = None
+    u: int | None = None
+    b: str | None = None
+    B: str | None = None
+    a: str | None = None
+    A: str | None = None
+
+
+class _Frame(msgspec.Struct, gc=False):
+    stream: str
+    data: _Data
+
+
+_STREAM = attrgetter("stream")
+_DATA = attrgetter("data")
+_TRADE_FIELDS = tuple(map(attrgetter, ("e", "E", "s", "t", "p", "q", "T", "m", "M")))
+_QUOTE_FIELDS = tuple(map(attrgetter, ("u", "s", "b", "B", "a", "A")))
+# Frames of the combined stream start so (the venue writes compact JSON); others, such as
+# subscription replies and serverShutdown, are parsed at once.
+_MARKET = b'{"stream":'
+# Market frames that wait for one decode, at most (a feed's batch is usually smaller).
+_DEFER_MAX = 4_096
 
 
 class _Control(msgspec.Struct, omit_defaults=True):
@@ -127,19 +170,121 @@ class Control:
 
 
 @dataclass
-class ParsedFrames:
-    """Accumulator for one batch of parsed frames."""
+class _TradeColumns:
+    """Trades of a batch, a list per field as the frames carry them, until finish()."""
 
-    trades: list[Trade] = field(default_factory=list)
-    quotes: list[Quote] = field(default_factory=list)
+    symbol: list[str] = field(default_factory=list)
+    id: list[int] = field(default_factory=list)
+    time_ms: list[int] = field(default_factory=list)
+    event_ms: list[int] = field(default_factory=list)
+    price: list[str] = field(default_factory=list)
+    qty: list[str] = field(default_factory=list)
+    maker: list[bool] = field(default_factory=list)
+    best: list[bool] = field(default_factory=list)
+    received: list[int] = field(default_factory=list)
+    frame: list[bytes] = field(default_factory=list)
+
+    def extend(self, other: _TradeColumns) -> None:
+        for f in fields(self):
+            getattr(self, f.name).extend(getattr(other, f.name))
+
+    def without(self, rows: Container[int]) -> _TradeColumns:
+        return _without(self, rows)
+
+    def message_ids(self, start: int) -> list[str]:
+        """message_id of the rows from `start` on, as model.trade_message_id makes them."""
+        return [
+            trade_message_id(EXCHANGE, s, i)
+            for s, i in zip(self.symbol[start:], self.id[start:], strict=True)
+        ]
+
+
+@dataclass
+class _QuoteColumns:
+    symbol: list[str] = field(default_factory=list)
+    id: list[int] = field(default_factory=list)
+    bid: list[str] = field(default_factory=list)
+    bid_qty: list[str] = field(default_factory=list)
+    ask: list[str] = field(default_factory=list)
+    ask_qty: list[str] = field(default_factory=list)
+    received: list[int] = field(default_factory=list)
+    frame: list[bytes] = field(default_factory=list)
+
+    def extend(self, other: _QuoteColumns) -> None:
+        for f in fields(self):
+            getattr(self, f.name).extend(getattr(other, f.name))
+
+    def without(self, rows: Container[int]) -> _QuoteColumns:
+        return _without(self, rows)
+
+    def message_ids(self, start: int) -> list[str]:
+        return [
+            quote_message_id(EXCHANGE, s, i)
+            for s, i in zip(self.symbol[start:], self.id[start:], strict=True)
+        ]
+
+
+_C = TypeVar("_C", _TradeColumns, _QuoteColumns)
+
+
+def _without(rows: _C, drop: Container[int]) -> _C:
+    """`rows` less the rows numbered in `drop`."""
+    keep = [i not in drop for i in range(len(rows.id))]
+    return type(rows)(**{f.name: list(compress(getattr(rows, f.name), keep)) for f in fields(rows)})
+
+
+@dataclass
+class ParsedFrames:
+    """Accumulator for one batch of parsed frames.
+
+    Market frames wait in `deferred` until the parser decodes them together (or a frame of
+    another kind comes, which keeps the order of dead letters); rows gather a list per
+    field; BinanceParser.finish() checks them and leaves them in `columns` as Arrow
+    (k2d.columns: "trades", "quotes"). No record object is made on the way."""
+
     dead_letters: list[DeadLetter] = field(default_factory=list)
     max_event_us: int = 0
-    # The raw frame of each trade and quote, until BinanceParser.finish() has checked them.
-    trade_frames: list[bytes] = field(default_factory=list)
-    quote_frames: list[bytes] = field(default_factory=list)
+    columns: dict[str, pa.Table] = field(default_factory=dict)
+    deferred: list[bytes] = field(default_factory=list)
+    deferred_at: list[int] = field(default_factory=list)
+    trade_rows: _TradeColumns = field(default_factory=_TradeColumns)
+    quote_rows: _QuoteColumns = field(default_factory=_QuoteColumns)
 
     def __len__(self) -> int:
-        return len(self.trades) + len(self.quotes) + len(self.dead_letters)
+        return self.trade_count + self.quote_count + len(self.dead_letters) + len(self.deferred)
+
+    @property
+    def trade_count(self) -> int:
+        table = self.columns.get("trades")
+        return len(self.trade_rows.id) + (table.num_rows if table is not None else 0)
+
+    @property
+    def quote_count(self) -> int:
+        table = self.columns.get("quotes")
+        return len(self.quote_rows.id) + (table.num_rows if table is not None else 0)
+
+    def message_ids(self, table: str, start: int) -> list[str]:
+        """message_id of the rows of `table` parsed (not yet finished) from `start` on."""
+        rows = self.trade_rows if table == "trades" else self.quote_rows
+        return rows.message_ids(start)
+
+    def drop(self, table: str, rows: Container[int]) -> None:
+        """Forget rows of `table` parsed (not yet finished), by number."""
+        if table == "trades":
+            self.trade_rows = self.trade_rows.without(rows)
+        else:
+            self.quote_rows = self.quote_rows.without(rows)
+
+    @property
+    def trades(self) -> list[Trade]:
+        """The trades as records, once finish() has made them columns."""
+        table = self.columns.get("trades")
+        return [] if table is None else columns_to_records(table, Trade)
+
+    @property
+    def quotes(self) -> list[Quote]:
+        table = self.columns.get("quotes")
+        return [] if table is None else columns_to_records(table, Quote)
 
 
 class BinanceParser:
@@ -166,6 +311,7 @@ class BinanceParser:
         self._trade = msgspec.json.Decoder(_TradePayload)
         self._book = msgspec.json.Decoder(_BookTickerPayload)
         self._control = msgspec.json.Decoder(_Control)
+        self._batch = msgspec.json.Decoder(list[_Frame])
 
     def _dead(
         self, out: ParsedFrames, frame: bytes, received_us: int, reason: str, detail: str
@@ -182,7 +328,124 @@ class BinanceParser:
         )
 
     def parse(self, frame: bytes, received_us: int, out: ParsedFrames) -> Control | None:
-        """Parse one frame into `out`; return a Control for non-market frames."""
+        """Parse one frame into `out`; return a Control for non-market frames. A market
+        frame waits in `out.deferred`, to be decoded with the frames after it (settle)."""
+        if frame.startswith(_MARKET) and len(frame) <= self._max_frame:
+            out.deferred.append(frame)
+            out.deferred_at.append(received_us)
+            if len(out.deferred) >= _DEFER_MAX:
+                self.settle(out)
+            return None
+        self.settle(out)
+        return self._parse_one(frame, received_us, out)
+
+    def settle(self, out: ParsedFrames) -> None:
+        """Parse the frames waiting in `out.deferred`: all at once when every one of them is
+        a well-formed trade or quote of a subscribed symbol, else one by one, each fault with
+        its dead letter, exactly as `parse` would have taken them one at a time."""
+        frames = out.deferred
+        if not frames:
+            return
+        received = out.deferred_at
+        out.deferred, out.deferred_at = [], []
+        if not self._take_all(frames, received, out):
+            for frame, at in zip(frames, received, strict=True):
+                self._parse_one(frame, at, out)
+
+    def _take_all(self, frames: list[bytes], received: list[int], out: ParsedFrames) -> bool:
+        """Decode `frames` as one JSON array and append them as rows, if nothing in them
+        needs a dead letter; False, with nothing appended, otherwise. Every check of
+        _parse_trade and _parse_quote is made here on whole columns, in C (builtins over
+        lists), not frame by frame."""
+        try:
+            decoded = self._batch.decode(b"[" + b",".join(frames) + b"]")
+        except msgspec.DecodeError:
+            return False
+        if len(decoded) != len(frames):
+            return False  # a frame that holds more than one value
+        streams = list(map(_STREAM, decoded))
+        data = list(map(_DATA, decoded))
+        trade_symbols = list(map(self._trade_streams.get, streams))
+        if None not in trade_symbols:
+            trades, quotes = _TradeColumns(), None
+            symbols = cast(list[str], trade_symbols)
+            if not self._check_trades(data, symbols, frames, received, trades):
+                return False
+        else:
+            is_trade = list(map(operator.is_not, trade_symbols, itertools.repeat(None)))
+            is_quote = list(map(operator.not_, is_trade))
+            found = list(map(self._quote_streams.get, compress(streams, is_quote)))
+            if None in found:
+                return False  # a stream not subscribed
+            quote_symbols = cast(list[str], found)
+            trades, quotes = _TradeColumns(), _QuoteColumns()
+            if not self._check_quotes(
+                list(compress(data, is_quote)),
+                quote_symbols,
+                list(compress(frames, is_quote)),
+                list(compress(received, is_quote)),
+                quotes,
+            ):
+                return False
+            if any(is_trade) and not self._check_trades(
+                list(compress(data, is_trade)),
+                cast(list[str], list(compress(trade_symbols, is_trade))),
+                list(compress(frames, is_trade)),
+                list(compress(received, is_trade)),
+                trades,
+            ):
+                return False
+        if trades.id:
+            out.trade_rows.extend(trades)
+            out.max_event_us = max(out.max_event_us, max(trades.time_ms) * 1000)
+        if quotes is not None and quotes.id:
+            out.quote_rows.extend(quotes)
+        return True
+
+    def _check_trades(
+        self,
+        data: list[_Data],
+        symbols: list[str],
+        frames: list[bytes],
+        received: list[int],
+        into: _TradeColumns,
+    ) -> bool:
+        e, event, s, ids, price, qty, times, maker, best = (
+            list(map(get, data)) for get in _TRADE_FIELDS
+        )
+        if any(None in column for column in (e, event, s, ids, price, qty, times, maker, best)):
+            return False  # a field missing (or null), or M not given: the one-by-one path
+        if s != symbols or min(ids) < 0 or max(ids) > MAX_ID:
+            return False
+        top_ms = MAX_TIME_US // 1000
+        if min(times) < 0 or max(times) > top_ms or min(event) < 0 or max(event) > top_ms:
+            return False
+        skew = list(map(operator.sub, map(operator.mul, times, itertools.repeat(1000)), received))
+        if min(skew) < -self._max_skew_us or max(skew) > self._max_skew_us:
+            return False
+        into.symbol, into.id, into.time_ms, into.event_ms = symbols, ids, times, event
+        into.price, into.qty, into.maker, into.best = price, qty, maker, best
+        into.received, into.frame = received, frames
+        return True
+
+    def _check_quotes(
+        self,
+        data: list[_Data],
+        symbols: list[str],
+        frames: list[bytes],
+        received: list[int],
+        into: _QuoteColumns,
+    ) -> bool:
+        ids, s, bid, bid_qty, ask, ask_qty = (list(map(get, data)) for get in _QUOTE_FIELDS)
+        if any(None in column for column in (ids, s, bid, bid_qty, ask, ask_qty)):
+            return False
+        if s != symbols or min(ids) < 0 or max(ids) > MAX_ID:
+            return False
+        into.symbol, into.id, into.bid, into.bid_qty = symbols, ids, bid, bid_qty
+        into.ask, into.ask_qty, into.received, into.frame = ask, ask_qty, received, frames
+        return True
+
+    def _parse_one(self, frame: bytes, received_us: int, out: ParsedFrames) -> Control | None:
         if len(frame) > self._max_frame:
             self._dead(out, frame, received_us, "frame_too_large", f"{len(frame)} bytes")
             return None
@@ -237,7 +500,6 @@ class BinanceParser:
         if not 0 <= t.t <= MAX_ID:
             self._dead(out, frame, received_us, "invalid_id", f"trade id {_int_text(t.t)}")
             return
-        p, q = t.p, t.q
         ts = t.T * 1000
         if not (0 <= ts <= MAX_TIME_US and 0 <= t.E * 1000 <= MAX_TIME_US):
             detail = f"trade time {_int_text(t.T)} event time {_int_text(t.E)} (ms)"
@@ -254,26 +516,17 @@ class BinanceParser:
             return
         if ts > out.max_event_us:
             out.max_event_us = ts
-        out.trades.append(
-            Trade(
-                message_id=f"{EXCHANGE}:{symbol}:trade:{t.t}",
-                trade_id=str(t.t),
-                symbol=symbol,
-                exchange=EXCHANGE,
-                asset_class="crypto",
-                timestamp=ts,
-                price=p,
-                quantity=q,
-                currency=self._currency[symbol],
-                # m=true: the buyer is the maker, so the aggressor sold.
-                side="SELL" if t.m else "BUY",
-                source_sequence=t.t,
-                ingestion_timestamp=received_us,
-                vendor_data=f'{{"E":{t.E},"M":{"true" if t.M else "false"}}}',
-                provenance=self.provenance,
-            )
-        )
-        out.trade_frames.append(frame)
+        rows = out.trade_rows
+        rows.symbol.append(symbol)
+        rows.id.append(t.t)
+        rows.time_ms.append(t.T)
+        rows.event_ms.append(t.E)
+        rows.price.append(t.p)
+        rows.qty.append(t.q)
+        rows.maker.append(t.m)
+        rows.best.append(t.M)
+        rows.received.append(received_us)
+        rows.frame.append(frame)
 
     def _parse_quote(
         self, frame: bytes, raw: msgspec.Raw, symbol: str, received_us: int, out: ParsedFrames
@@ -292,91 +545,147 @@ class BinanceParser:
         if not 0 <= b.u <= MAX_ID:
             self._dead(out, frame, received_us, "invalid_id", f"update id {_int_text(b.u)}")
             return
-        # bookTicker carries no event time: the receive time is the quote's time.
-        out.quotes.append(
-            Quote(
-                message_id=quote_message_id(EXCHANGE, symbol, b.u),
-                symbol=symbol,
-                exchange=EXCHANGE,
-                asset_class="crypto",
-                timestamp=received_us,
-                bid_price=b.b,
-                bid_quantity=b.B,
-                ask_price=b.a,
-                ask_quantity=b.A,
-                currency=self._currency[symbol],
-                source_sequence=b.u,
-                ingestion_timestamp=received_us,
-                provenance=self.provenance,
-            )
-        )
-        out.quote_frames.append(frame)
+        rows = out.quote_rows
+        rows.symbol.append(symbol)
+        rows.id.append(b.u)
+        rows.bid.append(b.b)
+        rows.bid_qty.append(b.B)
+        rows.ask.append(b.a)
+        rows.ask_qty.append(b.A)
+        rows.received.append(received_us)
+        rows.frame.append(frame)
 
     def finish(self, out: ParsedFrames) -> None:
-        """Check the batch's decimals column-wise and dead-letter the rows that fail.
+        """Check the batch's decimals column-wise, dead-letter the rows that fail, and leave
+        the rest in out.columns as Arrow (k2d.columns).
 
         Per-record regexes cost more than the rest of parsing; Arrow's vectorised regex
         does the same check for a whole batch at a fraction of the cost.
         """
-        if out.trades:
-            bad = _bad_decimals(
-                [t.price for t in out.trades], [t.quantity for t in out.trades], nullable=False
-            )
-            if bad:
-                keep = []
-                for i, (t, frame) in enumerate(zip(out.trades, out.trade_frames, strict=True)):
-                    reason = bad.get(i)
-                    if reason is None:
-                        keep.append(t)
-                    else:
-                        detail = f"price {t.price!r} quantity {t.quantity!r}"
-                        self._dead(out, frame, t.ingestion_timestamp, reason, detail)
-                out.trades = keep
-        if out.quotes:
-            self._finish_quotes(out)
-        out.trade_frames = []
-        out.quote_frames = []
+        self.settle(out)
+        if out.trade_rows.id:
+            rows, out.trade_rows = out.trade_rows, _TradeColumns()
+            _add(out.columns, "trades", self._trade_table(rows, out))
+        if out.quote_rows.id:
+            quotes, out.quote_rows = out.quote_rows, _QuoteColumns()
+            _add(out.columns, "quotes", self._quote_table(quotes, out))
 
-    def _finish_quotes(self, out: ParsedFrames) -> None:
-        qs = out.quotes
-        n = len(qs)
+    def _trade_table(self, rows: _TradeColumns, out: ParsedFrames) -> pa.Table:
+        price, qty = pa.array(rows.price, pa.string()), pa.array(rows.qty, pa.string())
+        bad = _bad_decimals(price, qty, nullable=False)
+        if bad:
+            for i, reason in bad.items():
+                detail = f"price {rows.price[i]!r} quantity {rows.qty[i]!r}"
+                self._dead(out, rows.frame[i], rows.received[i], reason, detail)
+            rows = rows.without(bad)
+            if not rows.id:
+                return TRADE_COLUMNS.empty_table()
+            price, qty = pa.array(rows.price, pa.string()), pa.array(rows.qty, pa.string())
+        n = len(rows.id)
+        ids = pa.array(rows.id, pa.int64())
+        trade_id = ids.cast(pa.string())
+        symbol = pa.array(rows.symbol, pa.string())
+        best = pc.if_else(pa.array(rows.best, pa.bool_()), "true", "false")
+        event = pa.array(rows.event_ms, pa.int64()).cast(pa.string())
+        return pa.Table.from_arrays(
+            [
+                pc.binary_join_element_wise(f"{EXCHANGE}:", symbol, ":trade:", trade_id, ""),
+                trade_id,
+                symbol,
+                pa.repeat(EXCHANGE, n),
+                pa.repeat("crypto", n),
+                pc.multiply(pa.array(rows.time_ms, pa.int64()), 1000),
+                price,
+                qty,
+                pa.array(map(self._currency.__getitem__, rows.symbol), pa.string(), size=n),
+                # m=true: the buyer is the maker, so the aggressor sold.
+                pc.if_else(pa.array(rows.maker, pa.bool_()), "SELL", "BUY"),
+                pa.nulls(n, pa.list_(pa.string())),
+                ids,
+                pa.array(rows.received, pa.int64()),
+                pa.repeat(0, n),
+                pc.binary_join_element_wise('{"E":', event, ',"M":', best, "}", ""),
+                pa.repeat(self.provenance, n),
+            ],
+            schema=TRADE_COLUMNS,
+        )
+
+    def _quote_table(self, rows: _QuoteColumns, out: ParsedFrames) -> pa.Table:
+        n = len(rows.id)
+        bid, ask = rows.bid, rows.ask
         bad = _bad_decimals(
-            [q.bid_price for q in qs] + [q.ask_price for q in qs],
-            [q.bid_quantity for q in qs] + [q.ask_quantity for q in qs],
+            pa.array(bid + ask, pa.string()),
+            pa.array(rows.bid_qty + rows.ask_qty, pa.string()),
             nullable=True,
         )
-        if not bad:
-            return
-        keep = []
-        for i, (q, frame) in enumerate(zip(qs, out.quote_frames, strict=True)):
-            bid_bad, ask_bad = bad.get(i), bad.get(n + i)
-            if "invalid_number" in (bid_bad, ask_bad):
-                detail = "bid/ask not decimal(18,8)"
-                self._dead(out, frame, q.ingestion_timestamp, "invalid_number", detail)
-                continue
-            # A zero price is how the venue shows an empty side: store null, not zero.
-            if bid_bad and ask_bad:
-                self._dead(out, frame, q.ingestion_timestamp, "non_positive", "both sides empty")
-                continue
-            if bid_bad:
-                q.bid_price = q.bid_quantity = None
-            if ask_bad:
-                q.ask_price = q.ask_quantity = None
-            keep.append(q)
-        out.quotes = keep
+        bid_qty, ask_qty = rows.bid_qty, rows.ask_qty
+        if bad:
+            dead: dict[int, str] = {}
+            nulled_bid, nulled_ask = list(bid), list(ask)
+            nulled_bid_qty, nulled_ask_qty = list(bid_qty), list(ask_qty)
+            for i in range(n):
+                bid_bad, ask_bad = bad.get(i), bad.get(n + i)
+                if "invalid_number" in (bid_bad, ask_bad):
+                    dead[i] = "invalid_number"
+                    detail = "bid/ask not decimal(18,8)"
+                    self._dead(out, rows.frame[i], rows.received[i], "invalid_number", detail)
+                    continue
+                # A zero price is how the venue shows an empty side: store null, not zero.
+                if bid_bad and ask_bad:
+                    dead[i] = "non_positive"
+                    detail = "both sides empty"
+                    self._dead(out, rows.frame[i], rows.received[i], "non_positive", detail)
+                    continue
+                if bid_bad:
+                    nulled_bid[i] = nulled_bid_qty[i] = None  # type: ignore[call-overload]
+                if ask_bad:
+                    nulled_ask[i] = nulled_ask_qty[i] = None  # type: ignore[call-overload]
+            rows.bid, rows.ask = nulled_bid, nulled_ask
+            rows.bid_qty, rows.ask_qty = nulled_bid_qty, nulled_ask_qty
+            rows = rows.without(dead)
+            n = len(rows.id)
+            if not n:
+                return QUOTE_COLUMNS.empty_table()
+        ids = pa.array(rows.id, pa.int64())
+        symbol = pa.array(rows.symbol, pa.string())
+        received = pa.array(rows.received, pa.int64())
+        # bookTicker carries no event time: the receive time is the quote's time.
+        return pa.Table.from_arrays(
+            [
+                pc.binary_join_element_wise(
+                    f"{EXCHANGE}:", symbol, ":quote:", ids.cast(pa.string()), ""
+                ),
+                symbol,
+                pa.repeat(EXCHANGE, n),
+                pa.repeat("crypto", n),
+                received,
+                pa.array(rows.bid, pa.string()),
+                pa.array(rows.bid_qty, pa.string()),
+                pa.array(rows.ask, pa.string()),
+                pa.array(rows.ask_qty, pa.string()),
+                pa.array(map(self._currency.__getitem__, rows.symbol), pa.string(), size=n),
+                ids,
+                received,
+                pa.repeat(0, n),
+                pa.nulls(n, pa.string()),
+                pa.repeat(self.provenance, n),
+            ],
+            schema=QUOTE_COLUMNS,
+        )
+
+
+def _add(columns: dict[str, pa.Table], table: str, rows: pa.Table) -> None:
+    had = columns.get(table)
+    columns[table] = rows if had is None else pa.concat_tables([had, rows])
 
 
 # Exact decimal(18,8): at most 10 integer digits and 8 fractional digits, no sign or exponent.
 _DECIMAL_RE = r"^\d{1,10}(\.\d{1,8})?$"
 
 
-def _bad_decimals(
-    prices: list[str | None], quantities: list[str | None], *, nullable: bool
-) -> dict[int, str]:
+def _bad_decimals(p_arr: pa.Array, q_arr: pa.Array, *, nullable: bool) -> dict[int, str]:
     """Row index -> reason, for rows whose price or quantity is not a decimal(18,8), or
     whose price (and, for trades, quantity) is not positive."""
-    p_arr = pa.array(prices, pa.string())
-    q_arr = pa.array(quantities, pa.string())
     well_formed = pc.and_(
         pc.match_substring_regex(p_arr, _DECIMAL_RE), pc.match_substring_regex(q_arr, _DECIMAL_RE)
     )
@@ -484,7 +793,9 @@ def history_trades(
     if not candidates:
         return [], rejected
     bad = _bad_decimals(
-        [item.price for item, _ in candidates], [item.qty for item, _ in candidates], nullable=False
+        pa.array([item.price for item, _ in candidates], pa.string()),
+        pa.array([item.qty for item, _ in candidates], pa.string()),
+        nullable=False,
     )
     trades: list[Trade] = []
     for i, (item, raw) in enumerate(candidates):

@@ -196,3 +196,101 @@ def test_a_bad_history_row_is_a_dead_letter_and_the_rest_of_the_page_is_kept(
 def test_a_body_that_is_no_list_is_not_a_page() -> None:
     with pytest.raises(msgspec.DecodeError):
         decode_history(b'{"code":-1121,"msg":"Invalid symbol."}')
+
+
+_FAULTS = st.sampled_from(
+    [
+        {},
+        {},
+        {},
+        {"p": "x"},
+        {"p": "0.0"},
+        {"q": "1e5"},
+        {"t": -1},
+        {"t": HUGE},
+        {"T": NOW_MS - 86_400_000},
+        {"T": -5},
+        {"E": 10**20},
+        {"s": "ETHUSDT"},
+        {"M": None},
+        {"m": 1},
+        {"p": None},
+        {"extra": [1, {"x": 2}]},
+    ]
+)
+_BOOK_FAULTS = st.sampled_from(
+    [{}, {}, {"b": "0.0", "B": "0.0"}, {"a": "0"}, {"b": "0", "a": "0"}, {"u": -7}, {"A": "x"}]
+)
+
+
+def _frame(kind: str, fault: dict[str, Any], n: int) -> bytes:
+    if kind == "trade":
+        return trade(**{"t": n, **fault})
+    if kind == "book":
+        return book(**{"u": n, **fault})
+    return {
+        "garbage": b'{"stream":"btcusdt@trade","data":{"e":',
+        "other": msgspec.json.encode({"stream": "dogeusdt@trade", "data": {}}),
+        "reply": b'{"result":null,"id":1}',
+        "two": trade(t=n) + b"," + trade(t=n + 1),
+        "list": b'{"stream":"btcusdt@trade","data":[1]}',
+    }[kind]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(
+                ["trade"] * 6 + ["book"] * 3 + ["garbage", "other", "reply", "two", "list"]
+            ),
+            _FAULTS,
+            _BOOK_FAULTS,
+        ),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_frames_parsed_together_are_what_they_are_one_by_one(
+    spec: list[tuple[str, dict[str, Any], dict[str, Any]]],
+) -> None:
+    """A batch decodes in one call when nothing in it needs a dead letter; whatever it holds,
+    the rows, dead letters and their order are those of parsing each frame alone."""
+    frames = [
+        _frame(kind, fault if kind == "trade" else book_fault, i)
+        for i, (kind, fault, book_fault) in enumerate(spec)
+    ]
+    together = parse(*frames)
+    parser = BinanceParser(["BTCUSDT"])
+    alone = ParsedFrames()
+    for frame in frames:
+        parser._parse_one(frame, NOW, alone)  # the one-by-one path: the reference
+    parser.finish(alone)
+
+    assert together.trades == alone.trades
+    assert together.quotes == alone.quotes
+    assert together.dead_letters == alone.dead_letters
+    assert together.columns.keys() == alone.columns.keys()
+    for table, columns in together.columns.items():
+        assert columns.equals(alone.columns[table])
+    assert_storable(together)
+
+
+def test_a_clean_batch_is_decoded_in_one_call_and_makes_the_same_rows() -> None:
+    frames = [trade(t=i, m=i % 2 == 0) for i in range(1, 50)] + [book(u=i) for i in range(9)]
+    parser = BinanceParser(["BTCUSDT"])
+    out = ParsedFrames()
+    for frame in frames:
+        parser.parse(frame, NOW, out)
+    assert len(out.deferred) == len(frames), "market frames wait for one decode"
+    parser.finish(out)
+
+    assert [t.source_sequence for t in out.trades] == list(range(1, 50))
+    assert [t.side for t in out.trades[:2]] == ["BUY", "SELL"]
+    assert out.trades[0].vendor_data == f'{{"E":{NOW_MS},"M":true}}'
+    assert out.trades[0].message_id == "BINANCE:BTCUSDT:trade:1"
+    assert [q.message_id for q in out.quotes[:2]] == [
+        "BINANCE:BTCUSDT:quote:0",
+        "BINANCE:BTCUSDT:quote:1",
+    ]
+    assert out.dead_letters == []

@@ -15,6 +15,7 @@ from k2d.config import SequencerConfig
 from k2d.messages import GapRequest, GapResolution, Outage, RecordBatch
 from k2d.model import SequenceEvent, Trade
 from k2d.sequence import StreamBook
+from k2d.storage import batch_columns
 from k2d.telemetry.metrics import Metrics
 
 CFG = SequencerConfig(gap_grace=0.0)
@@ -366,3 +367,71 @@ def test_watermark_says_since_when_the_ledger_has_an_open_entry() -> None:
     assert out.watermarks["BINANCE:BTCUSDT:trade"].open_since == gap.detected_at
     out = tracker.process(RecordBatch(source="t", trades=[trade(3), trade(4)]))
     assert out.watermarks["BINANCE:BTCUSDT:trade"].open_since == 0
+
+
+def _tracker() -> SequenceTracker:
+    ticks = itertools.count(1_700_000_000_000_000, 7)
+    cfg = SequencerConfig(gap_grace=0.0, max_jump=50, max_reorder=20)
+    return SequenceTracker(0, cfg, Metrics(), itertools.count(), clock=lambda: next(ticks))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["BTCUSDT", "ETHUSDT", "SOLUSDT"]),
+                st.sampled_from(["next"] * 8 + ["skip", "back", "jump", "dup"]),
+                st.sampled_from(["live"] * 4 + ["replay", "backfill"]),
+            ),
+            min_size=1,
+            max_size=30,
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_a_batch_of_columns_is_checked_as_its_records_are(
+    batches: list[list[tuple[str, str, str]]],
+) -> None:
+    """The feed hands the tracker Arrow columns; whatever the ids do, the rows kept, their
+    numbers, the ledger rows and the watermarks are those of the same batch as records."""
+    as_records, as_columns = _tracker(), _tracker()
+    last: dict[str, int] = {}
+    for spec in batches:
+        rows = []
+        for symbol, move, provenance in spec:
+            top = last.get(symbol, 100)
+            seq = {"next": top + 1, "skip": top + 3, "back": top - 2, "jump": top + 80}.get(
+                move, top
+            )
+            last[symbol] = max(top, seq)
+            rows.append(trade(seq, symbol, provenance))
+        columns = batch_columns(RecordBatch(source="test", trades=rows), "trades")
+        want = as_records.process(RecordBatch(source="test", trades=rows))
+        got = as_columns.process(RecordBatch(source="test", columns={"trades": columns}))
+
+        assert got.trades == want.trades
+        assert batch_columns(got, "trades").equals(batch_columns(want, "trades"))
+        assert got.events == want.events
+        assert got.watermarks == want.watermarks
+
+
+def test_an_in_order_batch_of_columns_numbers_each_symbol_on() -> None:
+    tracker = _tracker()
+    first = [trade(i, s) for i in (1, 2) for s in ("BTCUSDT", "ETHUSDT")]
+    tracker.process(RecordBatch(source="test", trades=first))
+    rows = [trade(i, s) for i in (3, 4, 5) for s in ("ETHUSDT", "BTCUSDT")]
+    columns = batch_columns(RecordBatch(source="test", trades=rows), "trades")
+
+    out = tracker.process(RecordBatch(source="test", columns={"trades": columns}))
+
+    assert out.columns["trades"].num_rows == 6 and out.events == []
+    assert [(t.symbol, t.source_sequence, t.platform_sequence) for t in out.trades] == [
+        ("ETHUSDT", 3, 3),
+        ("BTCUSDT", 3, 3),
+        ("ETHUSDT", 4, 4),
+        ("BTCUSDT", 4, 4),
+        ("ETHUSDT", 5, 5),
+        ("BTCUSDT", 5, 5),
+    ]
