@@ -72,8 +72,8 @@ _BUILDERS: dict[str, Callable[[Any], pa.Table]] = {
 class _Buffer:
     """Rows of the batches received since the last flush, and what they carry."""
 
-    # Rows are turned into Arrow as they arrive: ~5x less memory than the records, and the
-    # flush only concatenates.
+    # Rows are kept as Arrow as they arrive: ~5x less memory than the records, and the flush
+    # only concatenates (and, for trades and quotes, casts to the table's types).
     rows: dict[str, list[pa.Table]] = field(default_factory=lambda: {name: [] for name in _TABLES})
     batch_ids: list[int] = field(default_factory=list)
     # The tracker partitions of the batches ("@P" of their log position keys).
@@ -94,23 +94,24 @@ class _Buffer:
         if ctx is not None and len(self.links) < _MAX_LINKS and ctx.is_valid:
             self.links.append(trace.Link(ctx))
         added = 0
-        for name, rows in (
-            (TRADES, batch.trades),
-            (QUOTES, batch.quotes),
-            (SEQUENCE_EVENTS, batch.events),
-            (DEAD_LETTERS, batch.dead_letters),
-        ):
+        for name, rows in ((SEQUENCE_EVENTS, batch.events), (DEAD_LETTERS, batch.dead_letters)):
             if rows:
-                if name in _BUILDERS:
-                    table = _BUILDERS[name](rows)
-                else:  # trades, quotes: the hub may have gathered the columns already
-                    table = columns_to_table(batch_columns(batch, name), name)
-                self.rows[name].append(table)
+                self._keep(name, _BUILDERS[name](rows))
                 added += len(rows)
-                self.est_bytes += table.nbytes
+        for name in (TRADES, QUOTES):
+            if batch.count(name):
+                # As the tracker or the hub left them: the commit's thread casts them to the
+                # table's types, off the event loop.
+                table = batch_columns(batch, name)
+                self._keep(name, table)
+                added += table.num_rows
         if added and self.first_row_at is None:
             self.first_row_at = time.monotonic()
         self.row_count += added
+
+    def _keep(self, name: str, table: pa.Table) -> None:
+        self.rows[name].append(table)
+        self.est_bytes += table.nbytes
 
 
 @dataclass
@@ -368,6 +369,8 @@ class IcebergWriter(Actor[SequencedBatch, Committed]):
         A conflict is retried until it lands, DEGRADED once it has taken `commit_deadline`."""
         failpoints.hit(f"writer.commit.{table}")
         data = pa.concat_tables(rows) if len(rows) > 1 else rows[0]
+        if table in (TRADES, QUOTES):
+            data = columns_to_table(data, table)
         start = time.perf_counter()
         deadline = time.monotonic() + self._cfg.commit_deadline
 

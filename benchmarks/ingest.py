@@ -142,8 +142,7 @@ class FrameReplay(Actor[None, RecordBatch]):
                 await outbox.send(
                     RecordBatch(
                         source="replay",
-                        trades=out.trades,
-                        quotes=out.quotes,
+                        columns=out.columns,
                         dead_letters=out.dead_letters,
                         received_at=received,
                         log_position={"journal:replay": position.to_json()} if position else None,
@@ -158,8 +157,7 @@ class FrameReplay(Actor[None, RecordBatch]):
             await outbox.send(
                 RecordBatch(
                     source="replay",
-                    trades=out.trades,
-                    quotes=out.quotes,
+                    columns=out.columns,
                     dead_letters=out.dead_letters,
                     received_at=received,
                 )

@@ -5,7 +5,7 @@ row instead of an object; the writer casts the columns to the tables' types.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any
 
 import pyarrow as pa
 
@@ -54,14 +54,13 @@ QUOTE_COLUMNS = pa.schema(
     ]
 )
 
-_R = TypeVar("_R", Trade, Quote)
 # The list-typed field, a tuple in a record.
 _TUPLES = frozenset({"trade_conditions"})
 
 
-def columns_to_records(columns: pa.Table, cls: type[_R]) -> list[_R]:
-    """Columns back as records, for the readers that want objects (a stream client's rows,
-    a Kafka record); equal to the records the columns were gathered from."""
+def columns_to_records(columns: pa.Table, cls: type[Trade] | type[Quote]) -> list[Any]:
+    """Columns back as records of `cls`, for the readers that want objects (a stream client's
+    rows, a Kafka record); equal to the records the columns were gathered from."""
     names = cls.__struct_fields__
     values = []
     for name in names:

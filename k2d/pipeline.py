@@ -41,6 +41,8 @@ from typing import Any
 
 import anyio
 import msgspec
+import pyarrow as pa
+import pyarrow.compute as pc
 from anyio.streams.memory import MemoryObjectSendStream
 from opentelemetry import trace
 
@@ -112,18 +114,23 @@ class PartitionedOutbox(Outbox[RecordBatch]):
         if n == 1:
             await Outbox.send(self, item)
             return
+        columns: list[dict[str, pa.Table]] = [{} for _ in range(n)]
+        for table, given in item.columns.items():
+            for index, part in self._split_columns(given):
+                columns[index][table] = part
         split = [
             RecordBatch(
                 source=item.source,
+                columns=columns[i],
                 log_position=item.log_position,
                 received_at=item.received_at,
                 span_context=item.span_context,
             )
-            for _ in range(n)
+            for i in range(n)
         ]
-        for t in item.trades:
+        for t in item.trades if "trades" not in item.columns else ():
             split[self._partition(t.exchange, t.symbol)].trades.append(t)
-        for q in item.quotes:
+        for q in item.quotes if "quotes" not in item.columns else ():
             split[self._partition(q.exchange, q.symbol)].quotes.append(q)
         # Dead letters have no symbol to route by; partition 0 stores them.
         split[0].dead_letters = item.dead_letters
@@ -137,14 +144,26 @@ class PartitionedOutbox(Outbox[RecordBatch]):
                 split[index].outages.append(msgspec.structs.replace(o, symbols=tuple(syms)))
         for out, part in zip(self._outs, split, strict=True):
             if (
-                part.trades
-                or part.quotes
+                part.count("trades")
+                or part.count("quotes")
                 or part.dead_letters
                 or part.log_position
                 or part.outages
                 or part.resolutions
             ):
                 await out.send(part)
+
+    def _split_columns(self, columns: pa.Table) -> list[tuple[int, pa.Table]]:
+        """The rows of each partition, in batch order."""
+        keys = pa.table({"e": columns.column("exchange"), "s": columns.column("symbol")})
+        pairs = keys.group_by(["e", "s"], use_threads=False).aggregate([]).to_pylist()
+        parts = {self._partition(k["e"], k["s"]) for k in pairs}
+        if len(parts) == 1:
+            return [(parts.pop(), columns)]
+        of_symbol = {(k["e"], k["s"]): self._partition(k["e"], k["s"]) for k in pairs}
+        exchanges, symbols = keys.column("e").to_pylist(), keys.column("s").to_pylist()
+        index = pa.array([of_symbol[k] for k in zip(exchanges, symbols, strict=True)], pa.int64())
+        return [(i, columns.filter(pc.equal(index, i))) for i in sorted(parts)]
 
 
 class CurrentHub:
