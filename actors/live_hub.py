@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 from anyio.streams.memory import MemoryObjectReceiveStream
 from opentelemetry import trace
 
-from k2d.columns import columns_to_records
+from k2d.columns import by_stream, columns_to_records
 from k2d.config import LiveConfig
 from k2d.messages import Committed, SequencedBatch
 from k2d.model import Quote, SequenceEvent, Trade, now_us
@@ -325,32 +325,6 @@ class _Derived:
         self.source = source
 
 
-def _by_symbol(columns: pa.Table) -> list[tuple[_Key, pa.Table]]:
-    """The rows of each (exchange, symbol) of a batch, in order."""
-    exchange, symbol = columns.column("exchange"), columns.column("symbol")
-    first_exchange, first_symbol = exchange[0].as_py(), symbol[0].as_py()
-    n = columns.num_rows
-    if pc.all(pc.equal(symbol, first_symbol)).as_py() and (
-        pc.all(pc.equal(exchange, first_exchange)).as_py()
-    ):
-        return [((first_exchange, first_symbol), columns)]
-    keyed = pa.table({"exchange": exchange, "symbol": symbol, "row": pa.array(range(n))})
-    # Without threads, groups come in the order their first row does.
-    groups = keyed.group_by(["exchange", "symbol"], use_threads=False).aggregate([("row", "list")])
-    sizes = pc.list_value_length(groups.column("row_list")).to_pylist()
-    parts = columns.take(pc.list_flatten(groups.column("row_list")))
-    out, at = [], 0
-    for ex, sym, size in zip(
-        groups.column("exchange").to_pylist(),
-        groups.column("symbol").to_pylist(),
-        sizes,
-        strict=True,
-    ):
-        out.append(((ex, sym), parts.slice(at, size)))
-        at += size
-    return out
-
-
 def _fixed(name: str, arrays: dict[str, pa.Array]) -> _Const | _Derived | None:
     """Column `name` as one value, or as derived from another column, if it is."""
     array_ = arrays[name]
@@ -589,7 +563,7 @@ class LiveHub(Actor[SequencedBatch | Committed, None]):
             cls = Trade if table == "trades" else Quote
             columns = batch_columns(batch, table)
             self.latest_us = max(self.latest_us, pc.max(columns.column("timestamp")).as_py())
-            groups[table] = _by_symbol(columns)
+            groups[table] = by_stream(columns).parts()
             for key, part in groups[table]:
                 recent = store.get(key)
                 if recent is None:

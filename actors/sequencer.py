@@ -11,11 +11,11 @@ from typing import Any
 
 import anyio
 import pyarrow as pa
-import pyarrow.compute as pc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from opentelemetry import trace
 
 from k2d import failpoints
+from k2d.columns import by_stream
 from k2d.config import SequencerConfig
 from k2d.messages import GapRequest, RecordBatch, SequencedBatch
 from k2d.model import Quote, SequenceEvent, StreamKey, Trade, now_us
@@ -293,35 +293,40 @@ class SequenceTracker(Actor[RecordBatch, SequencedBatch]):
         events: list[SequenceEvent],
         touched: set[StreamKey],
     ) -> pa.Table:
-        """`_check` on Arrow columns: the rows to keep, numbered by platform_sequence. When
-        every stream of the batch goes on from its high-water mark in order (nearly always),
-        the ids are checked a column at a time; otherwise row by row, as `_check` does."""
+        """`_check` on Arrow columns: the rows to keep, each stream's together and numbered
+        by platform_sequence. When every stream of the batch goes on from its high-water
+        mark in order (nearly always), ids are checked a column at a time; otherwise row by
+        row, as `_check` does."""
         n = table.num_rows
         if not n:
             return table
-        groups = _streams_of(table)
-        books = self._books
+        streams = by_stream(table)
+        table = streams.columns
+        seqs = table.column("source_sequence").combine_chunks()
+        books = []
         in_order = True
-        for (exchange, symbol), _rows, seqs in groups:
+        for (exchange, symbol), start, count in zip(
+            streams.keys, streams.starts, streams.counts, strict=True
+        ):
             key = (exchange, symbol, stream)
-            b = books.get(key) or self.book(key)
+            b = self._books.get(key) or self.book(key)
             touched.add(key)
-            in_order = in_order and b.goes_on(seqs)
+            books.append(b)
+            in_order = in_order and b.goes_on(seqs.slice(start, count))
         if in_order:
             numbers = []
-            for (exchange, symbol), _rows, seqs in groups:
-                b = books[(exchange, symbol, stream)]
-                b.hi = seqs[-1].as_py()
+            for b, start, count in zip(books, streams.starts, streams.counts, strict=True):
+                b.hi = seqs[start + count - 1].as_py()
                 b.last_seen_us = now
-                start = b.platform_sequence
-                b.platform_sequence += len(seqs)
-                numbers.append(pa.array(range(start + 1, b.platform_sequence + 1), pa.int64()))
-            platform = _scatter(groups, numbers, n)
+                first = b.platform_sequence + 1
+                b.platform_sequence += count
+                numbers.append(pa.array(range(first, b.platform_sequence + 1), pa.int64()))
+            platform = pa.chunked_array(numbers, pa.int64())
             kept = table
         else:
             keep, platform_list = self._check_rows(table, stream, now, events)
             kept = table.filter(pa.array(keep, pa.bool_()))
-            platform = pa.array(platform_list, pa.int64())
+            platform = pa.chunked_array([pa.array(platform_list, pa.int64())])
         self.metrics.sequence_records.labels(stream, "accepted").inc(kept.num_rows)
         if kept.num_rows < n:
             self.metrics.sequence_records.labels(stream, "dropped").inc(n - kept.num_rows)
@@ -374,36 +379,3 @@ class SequenceTracker(Actor[RecordBatch, SequencedBatch]):
         for key, b in self._books.items():
             if key[2] == "trade":
                 self.metrics.open_gaps.labels(stream_key(key)).set(len(b.gaps))
-
-
-def _streams_of(table: pa.Table) -> list[tuple[tuple[str, str], pa.Array | None, pa.Array]]:
-    """The (exchange, symbol) of a batch's rows, in the order each first comes: its row
-    numbers (None when it has every row) and its ids."""
-    exchange, symbol = table.column("exchange"), table.column("symbol")
-    seqs = table.column("source_sequence").combine_chunks()
-    first = (exchange[0].as_py(), symbol[0].as_py())
-    if pc.all(pc.equal(symbol, first[1])).as_py() and pc.all(pc.equal(exchange, first[0])).as_py():
-        return [(first, None, seqs)]
-    keyed = pa.table({"e": exchange, "s": symbol, "row": pa.array(range(len(seqs)), pa.int64())})
-    # Without threads, groups come in the order their first row does.
-    groups = keyed.group_by(["e", "s"], use_threads=False).aggregate([("row", "list")])
-    lists = groups.column("row_list").combine_chunks()
-    out = []
-    for i, (e, s) in enumerate(
-        zip(groups.column("e").to_pylist(), groups.column("s").to_pylist(), strict=True)
-    ):
-        rows = lists[i].values
-        out.append(((e, s), rows, seqs.take(rows)))
-    return out
-
-
-def _scatter(
-    groups: list[tuple[tuple[str, str], pa.Array | None, pa.Array]],
-    values: list[pa.Array],
-    n: int,
-) -> pa.Array:
-    """One array of n values, row by row, from each group's values in its rows' order."""
-    if len(groups) == 1:
-        return values[0]
-    rows = pa.concat_arrays([r for _, r, _ in groups if r is not None])
-    return pa.concat_arrays(values).take(pc.sort_indices(rows))

@@ -5,13 +5,14 @@ row instead of an object; the writer casts the columns to the tables' types.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from k2d.model import Quote, Trade
 
-__all__ = ["QUOTE_COLUMNS", "TRADE_COLUMNS", "columns_to_records"]
+__all__ = ["QUOTE_COLUMNS", "TRADE_COLUMNS", "Streams", "by_stream", "columns_to_records"]
 
 _STRING, _INT = pa.string(), pa.int64()
 TRADE_COLUMNS = pa.schema(
@@ -69,3 +70,44 @@ def columns_to_records(columns: pa.Table, cls: type[Trade] | type[Quote]) -> lis
             column = [None if v is None else tuple(v) for v in column]
         values.append(column)
     return [cls(**dict(zip(names, row, strict=True))) for row in zip(*values, strict=True)]
+
+
+class Streams(NamedTuple):
+    """A batch's rows with each (exchange, symbol)'s rows together, and where each lies."""
+
+    columns: pa.Table
+    keys: list[tuple[str, str]]  # in the order each first comes in the batch
+    starts: list[int]
+    counts: list[int]
+
+    def parts(self) -> list[tuple[tuple[str, str], pa.Table]]:
+        return [
+            (key, self.columns.slice(start, count))
+            for key, start, count in zip(self.keys, self.starts, self.counts, strict=True)
+        ]
+
+
+def by_stream(columns: pa.Table) -> Streams:
+    """The rows of each (exchange, symbol) of a batch, each in batch order. The parser leaves
+    its batches so (one symbol's rows together), and then this costs a few Arrow calls and
+    no copy; otherwise the rows are reordered by a stable sort."""
+    n = columns.num_rows
+    exchange, symbol = columns.column("exchange"), columns.column("symbol")
+    first = (exchange[0].as_py(), symbol[0].as_py())
+    one_exchange = pc.all(pc.equal(exchange, first[0])).as_py()
+    if one_exchange and pc.all(pc.equal(symbol, first[1])).as_py():
+        return Streams(columns, [first], [0], [n])
+    key = symbol if one_exchange else pc.binary_join_element_wise(exchange, symbol, "\x1f")
+    # Codes count up from 0 in the order each key first comes.
+    codes = pc.dictionary_encode(key).combine_chunks().indices
+    if not pc.all(pc.greater_equal(codes.slice(1), codes.slice(0, n - 1))).as_py():
+        order = pc.sort_indices(codes)  # stable: a stream's rows keep their order
+        columns, codes = columns.take(order), codes.take(order)
+    counts: list[int] = pc.value_counts(codes).field("counts").to_pylist()
+    starts, at = [], 0
+    for count in counts:
+        starts.append(at)
+        at += count
+    exchanges = columns.column("exchange").take(pa.array(starts, pa.int64())).to_pylist()
+    symbols = columns.column("symbol").take(pa.array(starts, pa.int64())).to_pylist()
+    return Streams(columns, list(zip(exchanges, symbols, strict=True)), starts, counts)

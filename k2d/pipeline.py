@@ -42,7 +42,6 @@ from typing import Any
 import anyio
 import msgspec
 import pyarrow as pa
-import pyarrow.compute as pc
 from anyio.streams.memory import MemoryObjectSendStream
 from opentelemetry import trace
 
@@ -55,6 +54,7 @@ from actors.maintenance import Maintainer
 from actors.query_pool import QueryPool
 from actors.sequencer import SequenceTracker
 from actors.writer import CommitLog, IcebergWriter
+from k2d.columns import by_stream
 from k2d.config import Config
 from k2d.journal import Journal
 from k2d.messages import Committed, RecordBatch
@@ -154,16 +154,14 @@ class PartitionedOutbox(Outbox[RecordBatch]):
                 await out.send(part)
 
     def _split_columns(self, columns: pa.Table) -> list[tuple[int, pa.Table]]:
-        """The rows of each partition, in batch order."""
-        keys = pa.table({"e": columns.column("exchange"), "s": columns.column("symbol")})
-        pairs = keys.group_by(["e", "s"], use_threads=False).aggregate([]).to_pylist()
-        parts = {self._partition(k["e"], k["s"]) for k in pairs}
+        """The rows of each partition, each symbol's in batch order."""
+        streams = by_stream(columns)
+        parts: dict[int, list[pa.Table]] = {}
+        for (exchange, symbol), part in streams.parts():
+            parts.setdefault(self._partition(exchange, symbol), []).append(part)
         if len(parts) == 1:
-            return [(parts.pop(), columns)]
-        of_symbol = {(k["e"], k["s"]): self._partition(k["e"], k["s"]) for k in pairs}
-        exchanges, symbols = keys.column("e").to_pylist(), keys.column("s").to_pylist()
-        index = pa.array([of_symbol[k] for k in zip(exchanges, symbols, strict=True)], pa.int64())
-        return [(i, columns.filter(pc.equal(index, i))) for i in sorted(parts)]
+            return [(next(iter(parts)), streams.columns)]
+        return [(index, pa.concat_tables(tables)) for index, tables in sorted(parts.items())]
 
 
 class CurrentHub:

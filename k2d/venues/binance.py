@@ -20,7 +20,7 @@ import msgspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from k2d.columns import QUOTE_COLUMNS, TRADE_COLUMNS, columns_to_records
+from k2d.columns import QUOTE_COLUMNS, TRADE_COLUMNS, by_stream, columns_to_records
 from k2d.model import DeadLetter, Quote, Trade, quote_message_id, trade_message_id
 
 __all__ = [
@@ -235,7 +235,7 @@ def _without(rows: _C, drop: Container[int]) -> _C:
 
 @dataclass
 class ParsedFrames:
-    """Accumulator for one batch of parsed frames.
+    """Accumulator for one batch of parsed frames, in venue order per symbol.
 
     Market frames wait in `deferred` until the parser decodes them together (or a frame of
     another kind comes, which keeps the order of dead letters); rows gather a list per
@@ -250,8 +250,18 @@ class ParsedFrames:
     trade_rows: _TradeColumns = field(default_factory=_TradeColumns)
     quote_rows: _QuoteColumns = field(default_factory=_QuoteColumns)
 
+    # Rows finish() has moved into `columns`.
+    finished: int = 0
+
     def __len__(self) -> int:
-        return self.trade_count + self.quote_count + len(self.dead_letters) + len(self.deferred)
+        # Called for every frame: plain lengths, no Arrow.
+        return (
+            len(self.deferred)
+            + len(self.dead_letters)
+            + len(self.trade_rows.id)
+            + len(self.quote_rows.id)
+            + self.finished
+        )
 
     @property
     def trade_count(self) -> int:
@@ -565,10 +575,10 @@ class BinanceParser:
         self.settle(out)
         if out.trade_rows.id:
             rows, out.trade_rows = out.trade_rows, _TradeColumns()
-            _add(out.columns, "trades", self._trade_table(rows, out))
+            _add(out, "trades", by_stream_if_any(self._trade_table(rows, out)))
         if out.quote_rows.id:
             quotes, out.quote_rows = out.quote_rows, _QuoteColumns()
-            _add(out.columns, "quotes", self._quote_table(quotes, out))
+            _add(out, "quotes", by_stream_if_any(self._quote_table(quotes, out)))
 
     def _trade_table(self, rows: _TradeColumns, out: ParsedFrames) -> pa.Table:
         price, qty = pa.array(rows.price, pa.string()), pa.array(rows.qty, pa.string())
@@ -674,9 +684,16 @@ class BinanceParser:
         )
 
 
-def _add(columns: dict[str, pa.Table], table: str, rows: pa.Table) -> None:
-    had = columns.get(table)
-    columns[table] = rows if had is None else pa.concat_tables([had, rows])
+def by_stream_if_any(rows: pa.Table) -> pa.Table:
+    """`rows` with each symbol's rows together (k2d.columns.by_stream): every stage after
+    the parser splits a batch by symbol, and then only slices it."""
+    return by_stream(rows).columns if rows.num_rows else rows
+
+
+def _add(out: ParsedFrames, table: str, rows: pa.Table) -> None:
+    had = out.columns.get(table)
+    out.columns[table] = rows if had is None else pa.concat_tables([had, rows])
+    out.finished += rows.num_rows
 
 
 # Exact decimal(18,8): at most 10 integer digits and 8 fractional digits, no sign or exponent.
