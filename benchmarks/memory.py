@@ -5,8 +5,8 @@ Prints the daemon's RSS each minute (now, the minute's maximum sampled every sec
 peak so far as the kernel counts it, VmHWM, which catches what sampling misses), the live
 hub's rows, the rates actually captured and the Maintainer operations finished in the
 minute; then the peak RSS (Maintainer rounds included) and whether RSS stayed flat once the
-live window was full. The allocator is Arrow's default unless ARROW_DEFAULT_MEMORY_POOL
-says otherwise (it is passed on to the daemon), and is printed.
+live window was full. The allocator is k2d's (k2d.app.ARROW_POOL) unless
+ARROW_DEFAULT_MEMORY_POOL says otherwise (it is passed on to the daemon), and is printed.
 
     python benchmarks/memory.py                         # 15 minutes with 3, then with 20
     python benchmarks/memory.py --minutes 4 --symbols 3 --first-round-after 120
@@ -308,9 +308,12 @@ def main() -> int:
     counts = [int(c) for c in args.symbols.split(",") if c.strip()]
     if any(not 1 <= c <= len(SYMBOLS) for c in counts):
         ap.error(f"symbol counts go from 1 to {len(SYMBOLS)}")
-    import pyarrow as pa  # the daemon's pool: same environment, same wheel
+    import pyarrow as pa
 
-    pool = pa.default_memory_pool().backend_name
+    from k2d.app import ARROW_POOL
+
+    # The daemon's pool: the environment's choice, or k2d's own (k2d.app.use_arrow_pool).
+    pool = os.environ.get("ARROW_DEFAULT_MEMORY_POOL") or f"{ARROW_POOL} (k2d's default)"
     print(f"memory on {machine()}; Arrow memory pool {pool}, pyarrow {pa.__version__}")
     results = []
     for n in counts:

@@ -8,15 +8,17 @@ pipeline drains stage by stage (see pipeline.py) under one deadline
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 import anyio
+import pyarrow as pa
 from anyio.abc import TaskStatus
 
 from k2d.api import ApiState, create_app, serve
@@ -30,10 +32,30 @@ from k2d.telemetry.logs import setup_logging
 from k2d.telemetry.metrics import Metrics
 from k2d.telemetry.tracing import Tracing, setup_tracing
 
-__all__ = ["EXIT_ESCALATED", "Daemon", "exit_code_of", "run_daemon"]
+__all__ = ["ARROW_POOL", "EXIT_ESCALATED", "Daemon", "exit_code_of", "run_daemon", "use_arrow_pool"]
 
 log = logging.getLogger(__name__)
 EXIT_ESCALATED = 70  # EX_SOFTWARE: systemd's Restart=on-failure brings the process back
+# Arrow's memory pool for the daemon, unless ARROW_DEFAULT_MEMORY_POOL names one. Measured
+# with benchmarks/memory.py (3 symbols, 3,000 trades/s plus quotes, the Maintainer on):
+# Arrow's default, mimalloc, held 90-100 MB more than the system allocator or jemalloc
+# (whose pages go back after 1 s, the decay Arrow sets), and peaked 100 MB higher in the
+# Maintainer's rounds. See README "Memory".
+ARROW_POOL = "system"
+_POOLS: dict[str, Callable[[], pa.MemoryPool]] = {
+    "system": pa.system_memory_pool,
+    "jemalloc": pa.jemalloc_memory_pool,
+    "mimalloc": pa.mimalloc_memory_pool,
+}
+
+
+def use_arrow_pool(environ: Mapping[str, str] = os.environ) -> str:
+    """Allocate Arrow memory from ARROW_POOL, unless the environment chose a pool; returns
+    the name of the pool in use."""
+    if not environ.get("ARROW_DEFAULT_MEMORY_POOL"):
+        pa.set_memory_pool(_POOLS[ARROW_POOL]())
+    name: str = pa.default_memory_pool().backend_name
+    return name
 
 
 @dataclass
@@ -82,6 +104,7 @@ async def run_daemon(
     A start the machine refuses (see k2d/preflight.py) returns 73 or 78 after one log line."""
     if configure_logging:
         setup_logging(cfg.telemetry.log_level)
+    log.info("Arrow memory pool: %s", use_arrow_pool())
     try:
         await anyio.to_thread.run_sync(check_directories, cfg)
         warehouse = await anyio.to_thread.run_sync(open_warehouse, cfg)
