@@ -334,9 +334,8 @@ class FeedHandler(Actor[None, RecordBatch]):
         # Market frames wait to be parsed together; where this frame's rows matter at once
         # (the first data after a reconnect, repeats while two connections overlap), the
         # batch is parsed up to it before and after.
-        exact = bool(self._overlap_until) or (
-            self._stable_at_us is not None and received >= self._stable_at_us
-        )
+        stable = self._stable_at_us is not None and received >= self._stable_at_us
+        exact = stable or bool(self._overlap_until)
         if exact:
             self.parser.settle(p)
         nt, nq = p.trade_count, p.quote_count
@@ -346,9 +345,7 @@ class FeedHandler(Actor[None, RecordBatch]):
         if ctl is not None and ctl.kind == "server_shutdown":
             log.warning("%s: venue announced shutdown; opening a replacement", self.name)
             self._shutdown_announced.set()
-        elif (
-            exact and self._stable_at_us is not None and (nt < p.trade_count or nq < p.quote_count)
-        ):
+        elif stable and (nt < p.trade_count or nq < p.quote_count):
             self.backoff.reset()
             self._stable_at_us = None
         if self._overlap_until and (nt < p.trade_count or nq < p.quote_count):
