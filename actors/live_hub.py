@@ -55,10 +55,13 @@ class _Recent:
     count, as a deque's.
     """
 
-    def __init__(self, max_rows: int, cls: type[Trade] | type[Quote], seal_rows: int) -> None:
+    def __init__(
+        self, max_rows: int, cls: type[Trade] | type[Quote], seal_rows: int, tail_pieces: int
+    ) -> None:
         self.max_rows = max_rows
         self.cls = cls
         self.seal_rows = seal_rows
+        self.tail_pieces = tail_pieces
         self.chunks: deque[_Chunk] = deque()
         self.tail_rows = 0
         self.tail_columns: list[pa.Table] = []
@@ -75,12 +78,17 @@ class _Recent:
         self.tail_rows += columns.num_rows
         self.tail_runs.append([batch_id, columns.num_rows])
         seal = self.seal_rows
-        if self.tail_rows >= seal:
+        # A quiet symbol's tail is many small batches, each an Arrow table with its own
+        # buffers and objects: it is sealed once it is in tail_pieces pieces, however few
+        # rows they hold.
+        scattered = len(self.tail_columns) >= self.tail_pieces
+        if self.tail_rows >= seal or scattered:
             waiting = pa.concat_tables(self.tail_columns)
-            while self.tail_rows >= seal:
-                chunk = _Chunk(self.cls, waiting.slice(0, seal), _take_runs(self.tail_runs, seal))
-                self.tail_rows -= seal
-                waiting = waiting.slice(seal)
+            while self.tail_rows >= seal or (scattered and self.tail_rows):
+                size = min(seal, self.tail_rows)
+                chunk = _Chunk(self.cls, waiting.slice(0, size), _take_runs(self.tail_runs, size))
+                self.tail_rows -= size
+                waiting = waiting.slice(size)
                 self.chunks.append(chunk)
                 self.sealed_rows += len(chunk)
             self.tail_columns = [waiting] if waiting.num_rows else []
@@ -170,6 +178,9 @@ def _take_runs(runs: deque[list[int]], n: int) -> list[tuple[int, int]]:
 # a few dozen Arrow calls whatever its size: at 1,024 rows they took 2.4 us a row, at
 # 4,096 1.0 us, for the same 17 bytes a row.
 _SEAL_ROWS = 4_096
+# Batches a symbol's tail holds at most before it is sealed: at 20 symbols and 3,000 trades/s
+# a tail of 4,096 rows was ~600 batches, ~100 MB over 40 tails (benchmarks/memory.py).
+_TAIL_PIECES = 64
 _FIELDS = {Trade: Trade.__struct_fields__, Quote: Quote.__struct_fields__}
 # The list-typed field, read back as a tuple.
 _TUPLES = frozenset({"trade_conditions"})
@@ -529,11 +540,13 @@ class LiveHub(Actor[SequencedBatch | Committed, None]):
         fanout: Fanout | None = None,
         *,
         seal_rows: int = _SEAL_ROWS,
+        tail_pieces: int = _TAIL_PIECES,
     ) -> None:
         self.cfg = cfg
         self.metrics = metrics
         self.fanout = fanout
         self._seal_rows = seal_rows
+        self._tail_pieces = tail_pieces
         self._held: dict[int, _Held] = {}
         self._trades: dict[_Key, _Recent] = {}
         self._quotes: dict[_Key, _Recent] = {}
@@ -568,7 +581,7 @@ class LiveHub(Actor[SequencedBatch | Committed, None]):
                 recent = store.get(key)
                 if recent is None:
                     recent = store[key] = _Recent(
-                        self.cfg.max_rows_per_symbol, cls, self._seal_rows
+                        self.cfg.max_rows_per_symbol, cls, self._seal_rows, self._tail_pieces
                     )
                 recent.append(batch.batch_id, part)
         oldest = self.latest_us - self._window_us

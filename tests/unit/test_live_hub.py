@@ -333,13 +333,19 @@ def hub_steps(draw: st.DrawFn) -> list[tuple[str, Any]]:
     window=st.sampled_from((10.0, 40.0, 900.0)),
     max_rows=st.sampled_from((3, 7, 100_000)),
     seal_rows=st.sampled_from((1, 2, 5)),
+    tail_pieces=st.sampled_from((1, 2, 3, 64)),
     since_back=st.sampled_from((0, 5_000_000, 30_000_000)),
 )
 def test_the_hub_reads_back_exactly_the_rows_a_deque_of_objects_would_hold(
-    steps: list[tuple[str, Any]], window: float, max_rows: int, seal_rows: int, since_back: int
+    steps: list[tuple[str, Any]],
+    window: float,
+    max_rows: int,
+    seal_rows: int,
+    tail_pieces: int,
+    since_back: int,
 ) -> None:
     cfg = LiveConfig(window_seconds=window, max_rows_per_symbol=max_rows)
-    h = LiveHub(cfg, Metrics(Registry()), seal_rows=seal_rows)
+    h = LiveHub(cfg, Metrics(Registry()), seal_rows=seal_rows, tail_pieces=tail_pieces)
     old = OldHub(cfg)
 
     for op, msg in steps:
