@@ -16,6 +16,7 @@ import pytest
 from pyiceberg.exceptions import CommitFailedException
 from pyiceberg.transforms import DayTransform, IdentityTransform
 
+from k2d.columns import QUOTE_COLUMNS, TRADE_COLUMNS
 from k2d.config import StorageConfig, WriterConfig
 from k2d.messages import SequencedBatch, Watermark
 from k2d.model import DeadLetter, Quote, SequenceEvent, Trade
@@ -611,3 +612,26 @@ def test_ensure_tables_restores_missing_table_properties(wh: Warehouse) -> None:
         tx.remove_properties("commit.manifest-merge.enabled")
     wh.ensure_tables()
     assert wh.load_table("quotes").properties["commit.manifest-merge.enabled"] == "true"
+
+
+@pytest.mark.parametrize(
+    ("columns", "table", "record"),
+    [(TRADE_COLUMNS, "trades", Trade), (QUOTE_COLUMNS, "quotes", Quote)],
+)
+def test_the_ingest_columns_are_the_tables_columns_before_their_casts(
+    columns: pa.Schema, table: str, record: type[Trade] | type[Quote]
+) -> None:
+    """What the parser and the tracker carry: every column of the table, by name and order
+    (the records' fields too), in the type the table's own type is cast from."""
+    typed = TABLES[table].arrow_schema
+
+    assert columns.names == typed.names == list(record.__struct_fields__)
+    for raw, final in zip(columns, typed, strict=True):
+        if pa.types.is_decimal(final.type):
+            assert raw.type == pa.string(), raw.name
+        elif pa.types.is_timestamp(final.type):
+            assert raw.type == pa.int64(), raw.name
+        elif pa.types.is_list(final.type):
+            assert raw.type == pa.list_(pa.string()), raw.name
+        else:
+            assert raw.type == final.type, raw.name
