@@ -336,7 +336,7 @@ class SequenceTracker(Actor[RecordBatch, SequencedBatch]):
     def _check_rows(
         self, table: pa.Table, stream: str, now: int, events: list[SequenceEvent]
     ) -> tuple[list[bool], list[int]]:
-        """Row by row, in the table's order: whether each row is kept, and the kept rows' numbers."""
+        """Row by row, in the table's order: whether each row is kept, the kept rows' numbers."""
         keep: list[bool] = []
         numbers: list[int] = []
         books = self._books
