@@ -13,7 +13,7 @@ from collections.abc import Container, Iterable
 from dataclasses import dataclass, field, fields
 from itertools import compress
 from operator import attrgetter
-from typing import TypeVar, cast
+from typing import ClassVar, Self, cast
 from urllib.parse import quote
 
 import msgspec
@@ -169,10 +169,36 @@ class Control:
     detail: str = ""
 
 
-@dataclass
-class _TradeColumns:
-    """Trades of a batch, a list per field as the frames carry them, until finish()."""
+class _Columns:
+    """A list per field, one entry a row, until BinanceParser.finish()."""
 
+    symbol: list[str]
+    id: list[int]
+    kind: ClassVar[str]  # "trade" or "quote"
+
+    def extend(self, other: Self) -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            getattr(self, f.name).extend(getattr(other, f.name))
+
+    def without(self, drop: Container[int]) -> Self:
+        """These rows less the rows numbered in `drop`."""
+        keep = [i not in drop for i in range(len(self.id))]
+        return type(self)(
+            **{f.name: list(compress(getattr(self, f.name), keep)) for f in fields(self)}  # type: ignore[arg-type]
+        )
+
+    def message_ids(self, start: int) -> list[str]:
+        """message_id of the rows from `start` on, as the model's functions make them."""
+        make = trade_message_id if self.kind == "trade" else quote_message_id
+        rows = zip(self.symbol[start:], self.id[start:], strict=True)
+        return [make(EXCHANGE, s, i) for s, i in rows]
+
+
+@dataclass
+class _TradeColumns(_Columns):
+    """Trades of a batch."""
+
+    kind = "trade"
     symbol: list[str] = field(default_factory=list)
     id: list[int] = field(default_factory=list)
     time_ms: list[int] = field(default_factory=list)
@@ -184,23 +210,12 @@ class _TradeColumns:
     received: list[int] = field(default_factory=list)
     frame: list[bytes] = field(default_factory=list)
 
-    def extend(self, other: _TradeColumns) -> None:
-        for f in fields(self):
-            getattr(self, f.name).extend(getattr(other, f.name))
-
-    def without(self, rows: Container[int]) -> _TradeColumns:
-        return _without(self, rows)
-
-    def message_ids(self, start: int) -> list[str]:
-        """message_id of the rows from `start` on, as model.trade_message_id makes them."""
-        return [
-            trade_message_id(EXCHANGE, s, i)
-            for s, i in zip(self.symbol[start:], self.id[start:], strict=True)
-        ]
-
 
 @dataclass
-class _QuoteColumns:
+class _QuoteColumns(_Columns):
+    """Quotes of a batch."""
+
+    kind = "quote"
     symbol: list[str] = field(default_factory=list)
     id: list[int] = field(default_factory=list)
     bid: list[str] = field(default_factory=list)
@@ -209,28 +224,6 @@ class _QuoteColumns:
     ask_qty: list[str] = field(default_factory=list)
     received: list[int] = field(default_factory=list)
     frame: list[bytes] = field(default_factory=list)
-
-    def extend(self, other: _QuoteColumns) -> None:
-        for f in fields(self):
-            getattr(self, f.name).extend(getattr(other, f.name))
-
-    def without(self, rows: Container[int]) -> _QuoteColumns:
-        return _without(self, rows)
-
-    def message_ids(self, start: int) -> list[str]:
-        return [
-            quote_message_id(EXCHANGE, s, i)
-            for s, i in zip(self.symbol[start:], self.id[start:], strict=True)
-        ]
-
-
-_C = TypeVar("_C", _TradeColumns, _QuoteColumns)
-
-
-def _without(rows: _C, drop: Container[int]) -> _C:
-    """`rows` less the rows numbered in `drop`."""
-    keep = [i not in drop for i in range(len(rows.id))]
-    return type(rows)(**{f.name: list(compress(getattr(rows, f.name), keep)) for f in fields(rows)})
 
 
 @dataclass
