@@ -11,11 +11,16 @@ subprocess (so the HTTP client does not share a GIL with the server) and measure
                150 requests/s, p99 within 4x the single-client p99)
 
 The floor runs the SQL the plan builds (same files, same parameters) on a DuckDB cursor with
-the pool's settings, fetching all rows as Arrow. With --commits N the last day arrives in N
-commits, as the writer streams it, and its queries are measured before and after the
-Maintainer's compaction of that day (target: flat, as on the days written whole). Prints
-figures, with the server's CPU time per request beside the HTTP ones (steadier than latency
-on a shared box); never fails on a timing.
+the pool's settings, fetching all rows as Arrow. "In memory" runs that SQL on the same files
+loaded into DuckDB's own tables first: what a hot tier inside the engine could save, beside
+the memory it would hold. Under 16 clients the server's CPU per request is split between
+the query workers and the event loop, with the client's own CPU beside it: on a box of a few
+cores the clients and the server share, that is the throughput's ceiling.
+
+With --commits N the last day arrives in N commits, as the writer streams it, and its
+queries are measured before and after the Maintainer's compaction of that day (target: flat,
+as on the days written whole). Prints figures, with the server's CPU time per request beside
+the HTTP ones (steadier than latency on a shared box); never fails on a timing.
 
     python benchmarks/query.py
     python benchmarks/query.py --data-dir /tmp/k2d-bench --keep   # reuse the table next time
@@ -60,7 +65,7 @@ from k2d.query import (
 from k2d.query._execute import _outer
 from k2d.query._files import local_path
 from k2d.query._index import FileIndex
-from k2d.query._plans import TABLE_COLUMNS
+from k2d.query._plans import _SRC, TABLE_COLUMNS
 from k2d.storage import (
     ROW_GROUP_ROWS,
     TABLES,
@@ -231,6 +236,30 @@ def pct(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread of a process, keyed by thread id."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            out[task.name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def where_time_goes(pid: int, before: dict[str, float], requests: int, client_cpu: float) -> str:
+    """The server's CPU per request split between its event loop (HTTP, JSON framing) and
+    the other threads (the pool's DuckDB workers), beside the client's own CPU."""
+    after = thread_cpu(pid)
+    spent = {t: after[t] - before.get(t, 0.0) for t in after}
+    loop = spent.pop(str(pid), 0.0)
+    workers = sum(spent.values())
+    return (
+        f"server CPU per request: {workers * 1_000 / requests:.1f} ms in the query workers' "
+        f"threads, {loop * 1_000 / requests:.1f} ms on the event loop; this client "
+        f"{client_cpu * 1_000 / requests:.1f} ms (same box)"
+    )
+
+
 def cpu_seconds(pid: int) -> float:
     """CPU time (user + system, all threads) a process has used: what a request costs the
     server, which a loaded shared box changes far less than it changes latency."""
@@ -328,6 +357,54 @@ def floor(
             if i >= warmup:
                 out.append((time.perf_counter() - started) * 1_000)
         return out
+    finally:
+        cursor.close()
+        maint.close()
+        db.close()
+        wh.close()
+
+
+def hot_floor(
+    storage: StorageConfig,
+    query: QueryConfig,
+    make: Callable[[], Any],
+    runs: int,
+    warmup: int,
+) -> tuple[list[float], float]:
+    """The same SQL on the files loaded into DuckDB's own in-memory tables: the best a hot
+    tier inside the pool's engine could do. Loading is not timed. Returns the times and the
+    MB the loaded tables hold."""
+    wh = Warehouse(storage)
+    db, (maint, cursor) = open_database(query, [local_path(storage.warehouse_url())], 2)
+    loaded: dict[str, str] = {}
+    try:
+        index = FileIndex(wh, 4)
+        index.bootstrap(maint)
+        out = []
+        for i in range(warmup + runs):
+            plan = make()
+            prepared = plan.prepare(PlanContext(index, cursor, query, time.monotonic() + 60))
+            sql = _outer(prepared, Format.JSON)
+            files, *params = [*prepared.params, prepared.limit + 1]
+            for path in files:
+                if path not in loaded:
+                    loaded[path] = f"hot_{len(loaded)}"
+                    cursor.execute(
+                        f"CREATE TABLE {loaded[path]} AS SELECT * FROM read_parquet(?)", [[path]]
+                    )
+            source = " UNION ALL ".join(f"SELECT * FROM {loaded[p]}" for p in files)
+            assert sql.count(_SRC) == 1, "the plan reads its files in one place"
+            sql = sql.replace(_SRC, f"({source})")
+            started = time.perf_counter()
+            cursor.execute(sql, params)
+            reader = cursor.to_arrow_reader(8_192)
+            assert reader is not None
+            reader.read_all()
+            if i >= warmup:
+                out.append((time.perf_counter() - started) * 1_000)
+        cursor.execute("SELECT sum(memory_usage_bytes) FROM duckdb_memory()")
+        (held,) = cursor.fetchone() or (0,)
+        return out, int(held or 0) / 2**20
     finally:
         cursor.close()
         maint.close()
@@ -510,6 +587,11 @@ def main() -> None:
         t_floor = floor(storage, query, lambda: trades_plan(*work.trades()), args.runs, args.warmup)
         _, tf_p99 = line("trades 10m JSON  (DuckDB floor)", t_floor)
         print(f"  {'':<30} p99 ratio HTTP/floor {t_p99 / tf_p99:.2f}x (HTTP p99 target <= 20 ms)")
+        work = Workload(args.days, args.symbols)
+        t_hot, held = hot_floor(
+            storage, query, lambda: trades_plan(*work.trades()), args.runs, args.warmup
+        )
+        line("trades 10m JSON  (in memory)", t_hot, f"DuckDB tables of {held:,.0f} MB")
 
         work = Workload(args.days, args.symbols, seed=11)
         cpu = cpu_seconds(server.pid)
@@ -526,11 +608,18 @@ def main() -> None:
         o_floor = floor(storage, query, lambda: ohlcv_plan(*work.ohlcv()), args.runs, args.warmup)
         _, of_p99 = line("ohlcv 1m 1 day   (DuckDB floor)", o_floor)
         print(f"  {'':<30} p99 ratio HTTP/floor {o_p99 / of_p99:.2f}x (HTTP p99 target <= 40 ms)")
+        work = Workload(args.days, args.symbols, seed=11)
+        o_hot, held = hot_floor(
+            storage, query, lambda: ohlcv_plan(*work.ohlcv()), args.runs, args.warmup
+        )
+        line("ohlcv 1m 1 day   (in memory)", o_hot, f"DuckDB tables of {held:,.0f} MB")
 
         print(f"\n{args.clients} concurrent clients, alternating trades 10m and ohlcv 1m")
         work = Workload(args.days, args.symbols, seed=13)
         cpu = cpu_seconds(server.pid)
+        threads, client_cpu = thread_cpu(server.pid), time.process_time()
         mt, mo, m_err, took = anyio.run(mixed, base, work, args.clients, args.per_client)
+        client_cpu = time.process_time() - client_cpu
         cpu = (cpu_seconds(server.pid) - cpu) * 1_000 / (args.clients * args.per_client)
         _, mt_p99 = line("trades 10m JSON", mt)
         _, mo_p99 = line("ohlcv 1m 1 day", mo)
@@ -542,6 +631,12 @@ def main() -> None:
         print(
             f"  p99 vs single client: trades {mt_p99 / t_p99:.1f}x, ohlcv {mo_p99 / o_p99:.1f}x "
             "(target <= 4x)"
+        )
+        print(f"  {where_time_goes(server.pid, threads, total, client_cpu)}")
+        print(
+            f"  CPU-bound ceiling on this box: {os.cpu_count()} cores / (server + client CPU "
+            f"per request) = {os.cpu_count() * 1_000 / (cpu + client_cpu * 1_000 / total):.0f} "
+            "requests/s"
         )
         if args.commits > 1:
             streamed_day(base, storage, args, t_p99, o_p99)
