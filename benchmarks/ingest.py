@@ -5,8 +5,8 @@ Two measurements, printed with the machine they ran on:
              parser, trackers and writer (the same wiring as the daemon) for --seconds;
              committed trades/s and peak RSS. Also the msgspec decode-only ceiling.
   wire       the simulator (a subprocess) to the daemon over loopback WebSocket at
-             --wire-rate trades/s: the rate achieved, the daemon's CPU share, and the lag
-             from the venue's trade time to the commit that made the row visible.
+             --wire-rate trades/s: the rate achieved, the daemon's CPU per 10K records, and
+             the lag from the venue's trade time to the commit that made the row visible.
 
     python benchmarks/ingest.py --seconds 60
     python benchmarks/ingest.py --only wire --wire-rate 50000
@@ -340,15 +340,19 @@ symbols = {symbols!r}
         ]
     )
     t0 = time.perf_counter()
-    daemon.wait()
+    # wait4: the daemon's own CPU time, apart from the simulator's.
+    _, status, daemon_usage = os.wait4(daemon.pid, 0)
+    daemon.returncode = os.waitstatus_to_exitcode(status)
     elapsed = time.perf_counter() - t0
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     sim.terminate()
     sim.wait()
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     from k2d.config import StorageConfig
 
-    table: Table = Warehouse(StorageConfig(data_dir=str(data))).load_table("trades")
-    rows = table.scan().count() if hasattr(table.scan(), "count") else len(table.scan().to_arrow())
+    wh = Warehouse(StorageConfig(data_dir=str(data)))
+    table: Table = wh.load_table("trades")
+    rows = table.scan().count()
+    quotes = wh.load_table("quotes").scan().count()
     entries = table.inspect.entries().to_pylist()
     snaps = {s["snapshot_id"]: s["committed_at"] for s in table.inspect.snapshots().to_pylist()}
     lags_newest, lags_oldest = [], []
@@ -363,12 +367,15 @@ symbols = {symbols!r}
         lags_oldest.append((committed - m["lower_bound"]).total_seconds())
     lags_newest.sort()
     lags_oldest.sort()
-    cpu = usage.ru_utime + usage.ru_stime
+    daemon_cpu = daemon_usage.ru_utime + daemon_usage.ru_stime
+    sim_cpu = usage.ru_utime + usage.ru_stime - daemon_cpu
+    records = rows + quotes
     print(
         f"wire: simulator asked for {args.wire_rate:,.0f} trades/s; daemon committed "
-        f"{rows:,} trades in {elapsed:.1f}s = {rows / elapsed:,.0f} trades/s "
-        f"(plus as many quotes); CPU of the daemon+simulator children {cpu / elapsed:.0%} "
-        f"of one core"
+        f"{rows:,} trades and {quotes:,} quotes in {elapsed:.1f}s = {rows / elapsed:,.0f} "
+        f"trades/s; the daemon's CPU {daemon_cpu:.1f}s ({daemon_cpu / elapsed:.0%} of one "
+        f"core, start-up and drain included) = {daemon_cpu * 10_000_000 / max(records, 1):.0f} "
+        f"ms per 10K records; the simulator's {sim_cpu / elapsed:.0%} of one core"
     )
     if lags_newest:
         mid = len(lags_newest) // 2
