@@ -365,6 +365,27 @@ def test_a_writer_appending_during_compaction_loses_nothing(
     }
 
 
+def test_expiry_keeps_a_snapshot_someone_tagged_and_expires_the_rest(wh: Warehouse) -> None:
+    Feeder(wh).fill(commits=40, rows=50, days=(3,))
+    table = wh.load_table("trades")
+    tagged = table.metadata.snapshots[5]
+    ids_then = message_ids(wh, tagged.snapshot_id)
+    # A tag another engine (or a user) put on an old snapshot: the heads of tags and branches
+    # are not expired, and the expiry of everything else goes on.
+    table.manage_snapshots().create_tag(tagged.snapshot_id, "audit-2024").commit()
+    later = time.time() + 30 * 86_400
+
+    expiry = TableMaintenance(
+        wh, maintenance_cfg(min_snapshots_to_keep=1), clock=lambda: later
+    ).expire("trades")
+
+    left = {s.snapshot_id for s in wh.load_table("trades").metadata.snapshots}
+    assert tagged.snapshot_id in left
+    assert expiry.snapshots_expired == 40 - len(left)
+    assert len(left) <= 3  # the tagged one, the current one and its parent
+    assert message_ids(wh, tagged.snapshot_id) == ids_then
+
+
 def test_k2_state_survives_compaction_and_expiry(wh: Warehouse) -> None:
     Feeder(wh).fill(commits=40, rows=100, days=(3, 2))
     before = wh.k2_state()
