@@ -281,6 +281,10 @@ def pipeline_benchmark(args: argparse.Namespace, work: Path) -> None:
     )
     ceiling = decode_ceiling(frames, 1_000_000)
     print(f"decode-only ceiling (msgspec into typed structs, same frames): {ceiling:,.0f} frames/s")
+    print(
+        f"pipeline / ceiling: {res['trades_per_s'] / ceiling:.3f} "
+        "(issue 14's target: at least 0.25)"
+    )
 
 
 def wire_benchmark(args: argparse.Namespace, work: Path) -> None:
