@@ -81,6 +81,7 @@ from k2d.storage._state import FLUSH, LOG_POSITION, WATERMARKS
 from k2d.storage._warehouse import (
     MAINTENANCE_PROPERTY,
     UNDONE_FLUSH,
+    MemoTransaction,
     Warehouse,
     _file_info,
     _own_snapshot,
@@ -511,7 +512,7 @@ class TableMaintenance:
                 table = self._wh.load_table(name)
                 props = carried_properties(table) | {MAINTENANCE: operation}
                 try:
-                    tx = table.transaction()
+                    tx = MemoTransaction(table)
                     build(tx, props)
                     tx.commit_transaction()
                     return table, backoff.attempt
