@@ -3,10 +3,11 @@ mix, and a real `k2d run` pointed at it) at a steady rate, with 3 and with 20 sy
 
 Prints the daemon's RSS each minute (now, the minute's maximum sampled every second, and the
 peak so far as the kernel counts it, VmHWM, which catches what sampling misses), the live
-hub's rows, the rates actually captured and the Maintainer operations finished in the
-minute; then the peak RSS (Maintainer rounds included) and whether RSS stayed flat once the
-live window was full. The allocator is k2d's (k2d.app.ARROW_POOL) unless
-ARROW_DEFAULT_MEMORY_POOL says otherwise (it is passed on to the daemon), and is printed.
+hub's rows, the rates actually captured, the daemon's CPU (a share of one core) and the
+Maintainer operations finished in the minute; then the peak RSS (Maintainer rounds
+included) and whether RSS stayed flat once the live window was full. The allocator is
+k2d's (k2d.app.ARROW_POOL) unless ARROW_DEFAULT_MEMORY_POOL says otherwise (it is passed on
+to the daemon), and is printed.
 
     python benchmarks/memory.py                         # 15 minutes with 3, then with 20
     python benchmarks/memory.py --minutes 4 --symbols 3 --first-round-after 120
@@ -97,6 +98,12 @@ def total(sample: dict[str, float], name: str, **labels: str) -> float:
     )
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) process `pid` has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> tuple[float, float]:
     """(VmRSS, VmHWM) of process `pid` in MB: now, and the peak since it started."""
     status = Path(f"/proc/{pid}/status").read_text()
@@ -114,6 +121,7 @@ class Minute:
     live_rows: float
     trades_per_s: float
     quotes_per_s: float
+    cpu: float  # the daemon's CPU in the minute, as a share of one core
     maintenance: list[str] = field(default_factory=list)
 
 
@@ -209,9 +217,10 @@ first_round_after = {args.first_round_after}
         )
         print(
             f"{'min':>4} {'rss MB':>7} {'max MB':>7} {'peak MB':>8} {'live rows':>10} "
-            f"{'trades/s':>9} {'quotes/s':>9}  load average    maintenance finished"
+            f"{'trades/s':>9} {'quotes/s':>9} {'cpu':>5}  load average    maintenance finished"
         )
         start = time.monotonic()
+        cpu_before = cpu_seconds(daemon.pid)
         done_maint = {k: v for k, v in before.items() if "maintenance_last_run" in k}
         for minute in range(1, int(args.minutes) + 1):
             rss_max = 0.0
@@ -229,6 +238,7 @@ first_round_after = {args.first_round_after}
                     ran.append(op.group(1) if op else "?")
                     done_maint[key] = value
             now_mb, peak = rss_mb(daemon.pid)
+            cpu_now = cpu_seconds(daemon.pid)
             row = Minute(
                 minute=minute,
                 rss=now_mb,
@@ -245,15 +255,16 @@ first_round_after = {args.first_round_after}
                     - total(before, "k2d_feed_records_total", stream="quote")
                 )
                 / 60,
+                cpu=(cpu_now - cpu_before) / 60,
                 maintenance=sorted(set(ran)),
             )
-            before = after
+            before, cpu_before = after, cpu_now
             minutes.append(row)
             print(
                 f"{row.minute:4d} {row.rss:7.0f} {row.rss_max:7.0f} {row.peak:8.0f} "
                 f"{row.live_rows:10,.0f} "
-                f"{row.trades_per_s:9,.0f} {row.quotes_per_s:9,.0f}  {load_average():14}  "
-                + (", ".join(row.maintenance) or "-"),
+                f"{row.trades_per_s:9,.0f} {row.quotes_per_s:9,.0f} {row.cpu:5.0%}  "
+                f"{load_average():14}  " + (", ".join(row.maintenance) or "-"),
                 flush=True,
             )
         peak = max(peak, rss_mb(daemon.pid)[1])
@@ -266,9 +277,11 @@ first_round_after = {args.first_round_after}
 
 def summary(n_symbols: int, minutes: list[Minute], peak: float) -> str:
     target = TARGET_MB.get(n_symbols)
+    verdict = f", target under {target} MB: {'met' if peak < target else 'NOT met'}"
     lines = [
-        f"{n_symbols} symbols: peak RSS {peak:,.0f} MB (VmHWM)"
-        + (f", target under {target} MB: {'met' if peak < target else 'NOT met'}" if target else "")
+        f"{n_symbols} symbols: peak RSS {peak:,.0f} MB (VmHWM)" + (verdict if target else ""),
+        f"  the daemon's CPU, minute by minute: {sum(m.cpu for m in minutes) / len(minutes):.0%} "
+        f"of one core on average, {max(m.cpu for m in minutes):.0%} at most",
     ]
     # The window is full once the hub's row count stops growing (900 s, or the row cap).
     full = next(
