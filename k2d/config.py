@@ -367,7 +367,7 @@ class MaintenanceConfig(_Section, frozen=True):
     sort_memory_mb: int = 128
     # ... a key range of about this many rows at a time (a symbol, cut into time ranges),
     # so the sort's memory follows this, not the size of the partition.
-    sort_chunk_rows: Annotated[int, msgspec.Meta(ge=1)] = 65_536
+    sort_chunk_rows: Annotated[int, msgspec.Meta(ge=1)] = 32_768
     sort_threads: int = 1
     # Maintenance commits retry conflicts with the writer this often, with this backoff.
     commit_retries: int = 20
