@@ -365,6 +365,9 @@ class MaintenanceConfig(_Section, frozen=True):
     # DuckDB sorts a partition being compacted within this memory, spilling beyond it (at
     # least 128: the part of a sort that cannot spill took ~61 MB for trades).
     sort_memory_mb: int = 128
+    # ... a key range of about this many rows at a time (a symbol, cut into time ranges),
+    # so the sort's memory follows this, not the size of the partition.
+    sort_chunk_rows: Annotated[int, msgspec.Meta(ge=1)] = 32_768
     sort_threads: int = 1
     # Maintenance commits retry conflicts with the writer this often, with this backoff.
     commit_retries: int = 20

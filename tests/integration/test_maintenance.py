@@ -234,6 +234,29 @@ def test_compaction_writes_row_groups_of_the_tables_row_group_limit(wh: Warehous
     assert groups == [1_000] * 6
 
 
+def test_a_compaction_sorting_a_range_at_a_time_writes_the_rows_in_the_tables_order(
+    wh: Warehouse,
+) -> None:
+    with wh.load_table("trades").transaction() as tx:
+        tx.set_properties({"write.parquet.row-group-limit": "1000"})
+    Feeder(wh).fill(commits=20, rows=300, days=(3,))
+    order = [("symbol", "ascending"), ("timestamp", "ascending"), ("source_sequence", "ascending")]
+    expected = wh.load_table("trades").scan().to_arrow().sort_by(order).to_pylist()
+
+    # 2,000 rows a symbol: each is sorted in several time ranges of about 300 rows.
+    report = TableMaintenance(wh, maintenance_cfg(sort_chunk_rows=300)).run(
+        ["trades"], expire=False
+    )
+
+    assert report.errors == []
+    assert [(c.files_after, c.rows) for c in report.compactions] == [(1, 6_000)]
+    ((path,),) = live_files(wh).values()
+    written = pq.ParquetFile(path)
+    assert written.read().to_pylist() == expected
+    meta = written.metadata
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [1_000] * 6
+
+
 def test_compaction_of_a_table_without_message_ids_sorts_by_time(wh: Warehouse) -> None:
     rng = random.Random(3)
     for k in range(8):
