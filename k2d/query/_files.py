@@ -185,6 +185,19 @@ class TableFiles:
             _entries=self.entries + tuple(added),
         )
 
+    def without_metadata(self) -> TableFiles:
+        """The same files, without the table metadata they were loaded with."""
+        return TableFiles(
+            self.table,
+            self.snapshot_id,
+            self.sequence_number,
+            (),
+            None,
+            _days=self._days,
+            _stats=self.symbol_stats,
+            _entries=self.entries,
+        )
+
     @property
     def rows(self) -> int:
         return sum(e.rows for e in self.entries)

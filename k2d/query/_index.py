@@ -207,9 +207,12 @@ class FileIndex:
         return files
 
     def _remember(self, files: TableFiles) -> None:
+        """Cache a snapshot's files without its table metadata: only the current snapshot's
+        is read, and a full copy per commit (up to snapshot_cache_size, ~1 MB each at a few
+        hundred snapshots) was what made a running daemon's RSS creep."""
         assert files.snapshot_id is not None
         key = (files.table, files.snapshot_id)
-        self._planned[key] = files
+        self._planned[key] = files.without_metadata()
         self._planned.move_to_end(key)
         while len(self._planned) > self._cache_size:
             self._planned.popitem(last=False)
