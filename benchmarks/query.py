@@ -336,32 +336,7 @@ def floor(
     warmup: int,
 ) -> list[float]:
     """The plan's SQL, run by DuckDB directly on the same files (all rows, as Arrow)."""
-    wh = Warehouse(storage)
-    db, (maint, cursor) = open_database(query, [local_path(storage.warehouse_url())], 2)
-    try:
-        index = FileIndex(wh, 4)
-        index.bootstrap(maint)
-        out = []
-        for i in range(warmup + runs):
-            plan = make()
-            ctx = PlanContext(index, cursor, query, time.monotonic() + 60)
-            prepared = plan.prepare(ctx)
-            sql = _outer(prepared, Format.JSON)
-            params = [*prepared.params, prepared.limit + 1]
-            started = time.perf_counter()
-            # As the pool runs it (k2d.query._execute.open_result): executed, read as Arrow.
-            cursor.execute(sql, params)
-            reader = cursor.to_arrow_reader(8_192)
-            assert reader is not None
-            reader.read_all()
-            if i >= warmup:
-                out.append((time.perf_counter() - started) * 1_000)
-        return out
-    finally:
-        cursor.close()
-        maint.close()
-        db.close()
-        wh.close()
+    return _timed(storage, query, make, runs, warmup, in_memory=False)[0]
 
 
 def hot_floor(
@@ -374,6 +349,17 @@ def hot_floor(
     """The same SQL on the files loaded into DuckDB's own in-memory tables: the best a hot
     tier inside the pool's engine could do. Loading is not timed. Returns the times and the
     MB the loaded tables hold."""
+    return _timed(storage, query, make, runs, warmup, in_memory=True)
+
+
+def _timed(
+    storage: StorageConfig,
+    query: QueryConfig,
+    make: Callable[[], Any],
+    runs: int,
+    warmup: int,
+    in_memory: bool,
+) -> tuple[list[float], float]:
     wh = Warehouse(storage)
     db, (maint, cursor) = open_database(query, [local_path(storage.warehouse_url())], 2)
     loaded: dict[str, str] = {}
@@ -385,17 +371,21 @@ def hot_floor(
             plan = make()
             prepared = plan.prepare(PlanContext(index, cursor, query, time.monotonic() + 60))
             sql = _outer(prepared, Format.JSON)
-            files, *params = [*prepared.params, prepared.limit + 1]
-            for path in files:
-                if path not in loaded:
-                    loaded[path] = f"hot_{len(loaded)}"
-                    cursor.execute(
-                        f"CREATE TABLE {loaded[path]} AS SELECT * FROM read_parquet(?)", [[path]]
-                    )
-            source = " UNION ALL ".join(f"SELECT * FROM {loaded[p]}" for p in files)
-            assert sql.count(_SRC) == 1, "the plan reads its files in one place"
-            sql = sql.replace(_SRC, f"({source})")
+            params = [*prepared.params, prepared.limit + 1]
+            if in_memory:
+                files, *params = params
+                for path in files:
+                    if path not in loaded:
+                        loaded[path] = f"hot_{len(loaded)}"
+                        cursor.execute(
+                            f"CREATE TABLE {loaded[path]} AS SELECT * FROM read_parquet(?)",
+                            [[path]],
+                        )
+                source = " UNION ALL ".join(f"SELECT * FROM {loaded[p]}" for p in files)
+                assert sql.count(_SRC) == 1, "the plan reads its files in one place"
+                sql = sql.replace(_SRC, f"({source})")
             started = time.perf_counter()
+            # As the pool runs it (k2d.query._execute.open_result): executed, read as Arrow.
             cursor.execute(sql, params)
             reader = cursor.to_arrow_reader(8_192)
             assert reader is not None
