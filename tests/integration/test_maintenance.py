@@ -255,6 +255,8 @@ def test_a_compaction_sorting_a_range_at_a_time_writes_the_rows_in_the_tables_or
     assert written.read().to_pylist() == expected
     meta = written.metadata
     assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [1_000] * 6
+    # The flushes were sorted into temporary files first (_clustered); none is left behind.
+    assert list((wh.cfg.data_path() / "tmp" / "maintenance").iterdir()) == []
 
 
 def test_compaction_of_a_table_without_message_ids_sorts_by_time(wh: Warehouse) -> None:
