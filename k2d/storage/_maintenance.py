@@ -20,12 +20,14 @@ import dataclasses
 import itertools
 import logging
 import os
+import shutil
 import threading
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any, cast
 
 import duckdb
@@ -859,10 +861,13 @@ class TableMaintenance:
                 batches.append([])
             batches[-1].append(f)
         tmp = self._wh.cfg.data_path() / "tmp" / "maintenance"
+        _sweep_clustered(tmp)
+        own = tmp / f"clustered-{os.getpid()}"
+        own.mkdir(parents=True, exist_ok=True)
         written: list[str] = []
         try:
             for batch in batches:
-                written.append(str(tmp / f"clustered-{uuid.uuid4()}.parquet"))
+                written.append(str(own / f"{uuid.uuid4()}.parquet"))
                 con.read_parquet(_paths(table, batch)[0]).order(keys).write_parquet(
                     written[-1], row_group_size=_CLUSTER_ROW_GROUP, compression="lz4"
                 )
@@ -877,6 +882,8 @@ class TableMaintenance:
             for path in written:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(path)
+            with contextlib.suppress(OSError):  # another compaction of this process may use it
+                own.rmdir()
 
     def _sort_ranges(
         self,
@@ -1328,6 +1335,19 @@ class _RollingFile:
             self._stream.close()
         finally:
             _delete_quietly(self._table.io, self.path)
+
+
+def _sweep_clustered(tmp: Path) -> None:
+    """Remove the temporary files of compactions whose process is gone (killed mid-way)."""
+    for stale in tmp.glob("clustered-*"):
+        try:
+            os.kill(int(stale.name.removeprefix("clustered-")), 0)
+            continue  # still running (or the pid is someone else's now: swept later)
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError):
+            continue
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _paths(table: Table, files: Iterable[DataFile]) -> tuple[list[str], FileSystem | None]:

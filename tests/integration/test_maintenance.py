@@ -259,6 +259,27 @@ def test_a_compaction_sorting_a_range_at_a_time_writes_the_rows_in_the_tables_or
     assert list((wh.cfg.data_path() / "tmp" / "maintenance").iterdir()) == []
 
 
+def test_a_compaction_removes_the_temporary_files_of_one_killed_mid_way(wh: Warehouse) -> None:
+    Feeder(wh).fill(commits=4, rows=50, days=(3,))
+    tmp = wh.cfg.data_path() / "tmp" / "maintenance"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        for pid in (gone.pid, running.pid):
+            (tmp / f"clustered-{pid}").mkdir(parents=True)
+            (tmp / f"clustered-{pid}" / "part.parquet").write_bytes(b"PAR1")
+
+        report = TableMaintenance(wh, maintenance_cfg()).run(["trades"], expire=False)
+
+        assert report.errors == []
+        assert [c.files_before for c in report.compactions] == [4]
+        assert sorted(p.name for p in tmp.iterdir()) == [f"clustered-{running.pid}"]
+    finally:
+        running.kill()
+        running.wait()
+
+
 def test_compaction_of_a_table_without_message_ids_sorts_by_time(wh: Warehouse) -> None:
     rng = random.Random(3)
     for k in range(8):
