@@ -87,16 +87,32 @@ class Streams(NamedTuple):
         ]
 
 
+def _grouped(columns: pa.Table, exchange: str) -> Streams | None:
+    """The common case in two Arrow calls, the runs of equal symbols, when each symbol's rows
+    are together (None otherwise). The general way below takes a dozen calls a batch, four
+    times a batch: ~10% of the daemon's CPU at 6,000 records/s in 10 ms batches."""
+    runs = pc.run_end_encode(columns.column("symbol").combine_chunks())
+    symbols: list[str] = runs.values.to_pylist()
+    if len(set(symbols)) != len(symbols):
+        return None
+    ends: list[int] = runs.run_ends.to_pylist()
+    starts = [0, *ends[:-1]]
+    counts = [end - start for start, end in zip(starts, ends, strict=True)]
+    return Streams(columns, [(exchange, s) for s in symbols], starts, counts)
+
+
 def by_stream(columns: pa.Table) -> Streams:
     """The rows of each (exchange, symbol) of a batch, each in batch order. The parser leaves
     its batches so (one symbol's rows together), and then this costs a few Arrow calls and
     no copy; otherwise the rows are reordered by a stable sort."""
     n = columns.num_rows
+    if n == 0:
+        return Streams(columns, [], [], [])
     exchange, symbol = columns.column("exchange"), columns.column("symbol")
-    first = (exchange[0].as_py(), symbol[0].as_py())
-    one_exchange = pc.all(pc.equal(exchange, first[0])).as_py()
-    if one_exchange and pc.all(pc.equal(symbol, first[1])).as_py():
-        return Streams(columns, [first], [0], [n])
+    exchanges = pc.run_end_encode(exchange.combine_chunks()).values
+    one_exchange = len(exchanges) == 1
+    if one_exchange and (grouped := _grouped(columns, exchanges[0].as_py())) is not None:
+        return grouped
     key = symbol if one_exchange else pc.binary_join_element_wise(exchange, symbol, "\x1f")
     # Codes count up from 0 in the order each key first comes.
     codes = pc.dictionary_encode(key).combine_chunks().indices
@@ -108,6 +124,7 @@ def by_stream(columns: pa.Table) -> Streams:
     for count in counts:
         starts.append(at)
         at += count
-    exchanges = columns.column("exchange").take(pa.array(starts, pa.int64())).to_pylist()
-    symbols = columns.column("symbol").take(pa.array(starts, pa.int64())).to_pylist()
-    return Streams(columns, list(zip(exchanges, symbols, strict=True)), starts, counts)
+    at_starts = pa.array(starts, pa.int64())
+    venues = columns.column("exchange").take(at_starts).to_pylist()
+    symbols = columns.column("symbol").take(at_starts).to_pylist()
+    return Streams(columns, list(zip(venues, symbols, strict=True)), starts, counts)
