@@ -112,9 +112,9 @@ _DAY_MS = 86_400_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # A file at least this share of target_file_bytes is not small: compaction leaves it alone.
 _SMALL_FILE_SHARE = 0.75
-# The column whose checksum proves a rewrite kept every row (besides a whole-row checksum).
 # Row groups of the temporary sorted files (_clustered): small, so a range skips the others.
 _CLUSTER_ROW_GROUP = 4_096
+# The column whose checksum proves a rewrite kept every row (besides a whole-row checksum).
 _KEY_COLUMN = {SEQUENCE_EVENTS: "event_id", DEAD_LETTERS: "received_at"}
 
 
@@ -818,7 +818,7 @@ class TableMaintenance:
         sort_order_id = table.sort_order().order_id if d.sort_columns else None
         with (
             self._rows(con, name, table, part.files),
-            self._clustered(con, table, part, keys, rows) as source,
+            self._clustered(con, table, part, order, d.time_column, rows) as source,
         ):
             ranges = self._sort_ranges(con, source, table, order, d.time_column)
 
@@ -839,7 +839,8 @@ class TableMaintenance:
         con: duckdb.DuckDBPyConnection,
         table: Table,
         part: _PartitionFiles,
-        keys: str,
+        order: Sequence[str],
+        time_column: str,
         row_group_rows: int,
     ) -> Iterator[str]:
         """The view to cut into ranges: `rows`, with the partition's small files sorted first.
@@ -848,12 +849,14 @@ class TableMaintenance:
         other symbols; but a file of one row group (a flush) holds every symbol, and each
         range would read all of it again: a day of 500 such files was read about 80 times.
         Here the small files are sorted in batches of about 4 ranges' rows into temporary
-        files of small row groups, read once each; ranges then read mostly their own rows."""
+        files of small row groups, read once each; ranges then read mostly their own rows.
+        A table sorted by time alone needs none of it: its flushes hold separate times."""
         small = [f for f in part.files if f.record_count <= row_group_rows]
         paths, fs = _paths(table, part.files)
-        if fs is not None or len(small) < 2:
+        if fs is not None or len(small) < 2 or order[0] == time_column:
             yield "rows"
             return
+        keys = ", ".join(f"{_quote(c)} ASC NULLS FIRST" for c in order)
         limit = self._cfg.sort_chunk_rows * 4
         batches: list[list[DataFile]] = [[]]
         for f in small:
@@ -867,6 +870,8 @@ class TableMaintenance:
         written: list[str] = []
         try:
             for batch in batches:
+                if self._abort.is_set():
+                    raise CompactionAborted("stopped while sorting")
                 written.append(str(own / f"{uuid.uuid4()}.parquet"))
                 con.read_parquet(_paths(table, batch)[0]).order(keys).write_parquet(
                     written[-1], row_group_size=_CLUSTER_ROW_GROUP, compression="lz4"
