@@ -15,11 +15,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from pyiceberg.catalog.sql import SqlCatalog
+from pyiceberg.catalog import Catalog
+from pyiceberg.catalog.sql import IcebergTables, SqlCatalog
 from pyiceberg.conversions import from_bytes
 from pyiceberg.exceptions import (
     CommitFailedException,
@@ -31,11 +33,22 @@ from pyiceberg.exceptions import (
 # files already written instead of writing the Parquet again (and leaving orphans).
 from pyiceberg.io.pyarrow import _check_pyarrow_schema_compatible, _dataframe_to_data_files
 from pyiceberg.manifest import DataFile, ManifestEntryStatus
-from pyiceberg.table import Table, Transaction
+from pyiceberg.table import CommitTableResponse, StagedTable, Table, Transaction
+from pyiceberg.table.locations import load_location_provider
 from pyiceberg.table.metadata import TableMetadata
 from pyiceberg.table.snapshots import Snapshot, ancestors_of
-from pyiceberg.table.update import TableUpdate, update_table_metadata
+
+# Private too: update_table_metadata's steps, run without its closing deep copy.
+from pyiceberg.table.update import (
+    TableRequirement,
+    TableUpdate,
+    _apply_table_update,
+    _TableMetadataUpdateContext,
+    _update_table_metadata_log,
+)
+from pyiceberg.typedef import Identifier
 from pyiceberg.types import TimestamptzType
+from pyiceberg.utils.datetime import datetime_to_millis
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -68,6 +81,29 @@ __all__ = ["CommitResult", "Warehouse"]
 log = logging.getLogger(__name__)
 
 
+def apply_updates(
+    base: TableMetadata, updates: tuple[TableUpdate, ...], metadata_location: str | None = None
+) -> TableMetadata:
+    """pyiceberg's update_table_metadata without its closing deep copy of the result.
+
+    The models are frozen and pyiceberg builds new ones rather than change them, so the new
+    metadata may share what did not change with `base`; the copy was a third of a commit's
+    CPU at a few hundred snapshots, twice a commit (the transaction, then the catalog)."""
+    context = _TableMetadataUpdateContext()
+    new = base
+    for update in updates:
+        new = _apply_table_update(update, new, context)
+    if context.has_changes():
+        if metadata_location:
+            new = _update_table_metadata_log(new, metadata_location, base.last_updated_ms)
+        if base.last_updated_ms == new.last_updated_ms:
+            now = datetime_to_millis(datetime.now().astimezone())
+            new = new.model_copy(update={"last_updated_ms": now})
+    new.spec().check_compatible(new.schema())
+    new.sort_order().check_compatible(new.schema())
+    return new
+
+
 class MemoTransaction(Transaction):
     """pyiceberg's Transaction, applying its staged changes to the table's metadata once per
     change instead of once per read.
@@ -76,7 +112,8 @@ class MemoTransaction(Transaction):
     reads it about sixteen times: with the few hundred snapshots a table keeps for
     maintenance.snapshot_full_history, that was about a third of the running daemon's CPU
     (229 -> 77 ms a commit at 300 snapshots). The models are frozen and pyiceberg builds new
-    ones rather than change them, so the readers of one state can share one copy.
+    ones rather than change them, so the readers of one state can share one copy (made
+    without a deep copy either: apply_updates).
     """
 
     _memo: tuple[TableMetadata, tuple[TableUpdate, ...], TableMetadata] | None = None
@@ -86,8 +123,88 @@ class MemoTransaction(Transaction):
         base, updates = self._table.metadata, self._updates
         memo = self._memo
         if memo is None or memo[0] is not base or memo[1] is not updates:
-            memo = self._memo = (base, updates, update_table_metadata(base, updates))
+            memo = self._memo = (base, updates, apply_updates(base, updates))
         return memo[2]
+
+
+class RememberingCatalog(SqlCatalog):
+    """pyiceberg's SqlCatalog, keeping each table's metadata it last wrote or read.
+
+    A metadata file is written once and never changed, so its location names one metadata
+    for good. pyiceberg reads and parses the file at every load_table, and once more inside
+    every commit (to check it against the catalog row): in the running daemon the writer,
+    the query index and the Maintainer each did so after every commit, on metadata that
+    grows with the snapshots a table keeps. Here the newest location of each table this
+    process has seen is not read again (the writer and the index hold that metadata anyway).
+    """
+
+    def __init__(self, name: str, **properties: str) -> None:
+        super().__init__(name, **properties)
+        self._newest: dict[tuple[str, ...], tuple[str, TableMetadata]] = {}
+        self._newest_lock = threading.Lock()
+
+    def _remember(self, table: tuple[str, ...], location: str, metadata: TableMetadata) -> None:
+        with self._newest_lock:
+            self._newest[table] = (location, metadata)
+
+    def _convert_orm_to_iceberg(self, orm_table: IcebergTables) -> Table:
+        location, namespace, name = (
+            orm_table.metadata_location,
+            orm_table.table_namespace,
+            orm_table.table_name,
+        )
+        if not location or not namespace or not name:
+            return super()._convert_orm_to_iceberg(orm_table)  # it raises the error
+        identifier = (*Catalog.identifier_to_tuple(namespace), name)
+        with self._newest_lock:
+            seen, metadata = self._newest.get(identifier, ("", None))
+        if metadata is None or seen != location:
+            table = super()._convert_orm_to_iceberg(orm_table)
+            self._remember(identifier, location, table.metadata)
+            return table
+        return Table(
+            identifier=identifier,
+            metadata=metadata,
+            metadata_location=location,
+            io=self._load_file_io(metadata.properties, location),
+            catalog=self,
+        )
+
+    def _update_and_stage_table(
+        self,
+        current_table: Table | None,
+        table_identifier: Identifier,
+        requirements: tuple[TableRequirement, ...],
+        updates: tuple[TableUpdate, ...],
+    ) -> StagedTable:
+        """pyiceberg's, with apply_updates (no deep copy) for a table that exists."""
+        if current_table is None:
+            return super()._update_and_stage_table(
+                current_table, table_identifier, requirements, updates
+            )
+        for requirement in requirements:
+            requirement.validate(current_table.metadata)
+        metadata = apply_updates(current_table.metadata, updates, current_table.metadata_location)
+        version = self._parse_metadata_version(current_table.metadata_location) + 1
+        provider = load_location_provider(metadata.location, metadata.properties)
+        location = provider.new_table_metadata_file_location(version)
+        return StagedTable(
+            identifier=table_identifier,
+            metadata=metadata,
+            metadata_location=location,
+            io=self._load_file_io(properties=metadata.properties, location=location),
+            catalog=self,
+        )
+
+    def commit_table(
+        self,
+        table: Table,
+        requirements: tuple[TableRequirement, ...],
+        updates: tuple[TableUpdate, ...],
+    ) -> CommitTableResponse:
+        response = super().commit_table(table, requirements, updates)
+        self._remember(table.name(), response.metadata_location, response.metadata)
+        return response
 
 
 _MERGE_ENABLED = "commit.manifest-merge.enabled"
@@ -114,7 +231,7 @@ def _sqlite_path(url: str) -> Path | None:
     return Path(parsed.database).expanduser()
 
 
-def _open_catalog(cfg: StorageConfig) -> SqlCatalog:
+def _open_catalog(cfg: StorageConfig) -> RememberingCatalog:
     url, warehouse = cfg.catalog_url(), cfg.warehouse_url()
     db = _sqlite_path(url)
     if db is not None:
@@ -127,7 +244,7 @@ def _open_catalog(cfg: StorageConfig) -> SqlCatalog:
         Path(warehouse.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
     for attempt in range(3):
         try:
-            catalog = SqlCatalog("k2d", uri=url, warehouse=warehouse)
+            catalog = RememberingCatalog("k2d", uri=url, warehouse=warehouse)
             break
         except OperationalError:
             # Two processes creating the catalog's own tables at once: the loser retries.

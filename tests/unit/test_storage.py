@@ -596,6 +596,34 @@ def test_concurrent_appends_from_two_warehouses_all_land(cfg: StorageConfig) -> 
         assert sum(int(s.summary["added-records"]) for s in table.snapshots()) == 120
 
 
+def test_the_metadata_a_commit_leaves_in_memory_is_the_metadata_on_disk(
+    cfg: StorageConfig,
+) -> None:
+    with Warehouse(cfg) as wh:
+        wh.ensure_tables()
+        for n in range(1, 4):
+            wh.append("trades", trades_to_arrow([trade(n)]), props(n, ("trades",)))
+        in_memory = wh.load_table("trades")
+        with Warehouse(cfg) as fresh:
+            on_disk = fresh.load_table("trades")
+
+        assert on_disk.metadata_location == in_memory.metadata_location
+        assert on_disk.metadata == in_memory.metadata
+        assert len(on_disk.metadata.metadata_log) == len(on_disk.snapshots()) == 3
+
+
+def test_a_warehouse_sees_what_another_committed_after_it_loaded(cfg: StorageConfig) -> None:
+    with Warehouse(cfg) as a, Warehouse(cfg) as b:
+        a.ensure_tables()
+        a.append("trades", trades_to_arrow([trade(1)]), props(1, ("trades",)))
+        assert len(b.load_table("trades").snapshots()) == 1
+
+        a.append("trades", trades_to_arrow([trade(2)]), props(2, ("trades",)))
+
+        assert len(b.load_table("trades").snapshots()) == 2
+        assert rows_in(b, "trades") == 2
+
+
 def test_properties_are_json_for_other_readers(wh: Warehouse) -> None:
     p = props(1, ("trades",), {KEY_T: wm(5)}, {"kafka:k2d.trades:0": 17})
     wh.append("trades", trades_to_arrow([trade(1)]), p)
