@@ -818,7 +818,7 @@ class TableMaintenance:
         sort_order_id = table.sort_order().order_id if d.sort_columns else None
         with (
             self._rows(con, name, table, part.files),
-            self._clustered(con, table, part, order, d.time_column, rows) as source,
+            self._clustered(con, table, part, order, d.time_column, keys, rows) as source,
         ):
             ranges = self._sort_ranges(con, source, table, order, d.time_column)
 
@@ -841,6 +841,7 @@ class TableMaintenance:
         part: _PartitionFiles,
         order: Sequence[str],
         time_column: str,
+        keys: str,
         row_group_rows: int,
     ) -> Iterator[str]:
         """The view to cut into ranges: `rows`, with the partition's small files sorted first.
@@ -851,18 +852,23 @@ class TableMaintenance:
         Here the small files are sorted in batches of about 4 ranges' rows into temporary
         files of small row groups, read once each; ranges then read mostly their own rows.
         A table sorted by time alone needs none of it: its flushes hold separate times."""
-        small = [f for f in part.files if f.record_count <= row_group_rows]
         paths, fs = _paths(table, part.files)
-        if fs is not None or len(small) < 2 or order[0] == time_column:
+        small = [f.record_count <= row_group_rows for f in part.files]
+        if fs is not None or sum(small) < 2 or order[0] == time_column:
             yield "rows"
             return
-        keys = ", ".join(f"{_quote(c)} ASC NULLS FIRST" for c in order)
-        limit = self._cfg.sort_chunk_rows * 4
-        batches: list[list[DataFile]] = [[]]
-        for f in small:
-            if batches[-1] and sum(g.record_count for g in batches[-1]) + f.record_count > limit:
+        big: list[str] = []
+        batches: list[list[str]] = [[]]
+        held, limit = 0, self._cfg.sort_chunk_rows * 4
+        for f, path, is_small in zip(part.files, paths, small, strict=True):
+            if not is_small:
+                big.append(path)
+                continue
+            if held and held + f.record_count > limit:
                 batches.append([])
-            batches[-1].append(f)
+                held = 0
+            batches[-1].append(path)
+            held += f.record_count
         tmp = self._wh.cfg.data_path() / "tmp" / "maintenance"
         _sweep_clustered(tmp)
         own = tmp / f"clustered-{os.getpid()}"
@@ -873,11 +879,9 @@ class TableMaintenance:
                 if self._abort.is_set():
                     raise CompactionAborted("stopped while sorting")
                 written.append(str(own / f"{uuid.uuid4()}.parquet"))
-                con.read_parquet(_paths(table, batch)[0]).order(keys).write_parquet(
+                con.read_parquet(batch).order(keys).write_parquet(
                     written[-1], row_group_size=_CLUSTER_ROW_GROUP, compression="lz4"
                 )
-            sorted_ = {id(f) for f in small}
-            big = [p for f, p in zip(part.files, paths, strict=True) if id(f) not in sorted_]
             con.read_parquet([*big, *written]).create_view("clustered")
             try:
                 yield "clustered"
