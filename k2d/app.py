@@ -7,22 +7,19 @@ pipeline drains stage by stage (see pipeline.py) under one deadline
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
-import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 import anyio
-import pyarrow as pa
 from anyio.abc import TaskStatus
 
+from k2d.allocators import limit_malloc_arenas, use_arrow_pool
 from k2d.api import ApiState, create_app, serve
 from k2d.config import Config
 from k2d.pipeline import Pipeline, build_pipeline
@@ -35,60 +32,14 @@ from k2d.telemetry.metrics import Metrics
 from k2d.telemetry.tracing import Tracing, setup_tracing
 
 __all__ = [
-    "ARROW_POOL",
     "EXIT_ESCALATED",
-    "MALLOC_ARENAS",
     "Daemon",
     "exit_code_of",
-    "limit_malloc_arenas",
     "run_daemon",
-    "use_arrow_pool",
 ]
 
 log = logging.getLogger(__name__)
 EXIT_ESCALATED = 70  # EX_SOFTWARE: systemd's Restart=on-failure brings the process back
-# Arrow's memory pool for the daemon, unless ARROW_DEFAULT_MEMORY_POOL names one. Measured
-# with benchmarks/memory.py (3 symbols, 3,000 trades/s plus quotes, the Maintainer on):
-# Arrow's default, mimalloc, held 90-100 MB more than the system allocator or jemalloc
-# (whose pages go back after 1 s, the decay Arrow sets), and peaked 100 MB higher in the
-# Maintainer's rounds. See README "Memory".
-ARROW_POOL = "system"
-_POOLS: dict[str, Callable[[], pa.MemoryPool]] = {
-    "system": pa.system_memory_pool,
-    "jemalloc": pa.jemalloc_memory_pool,
-    "mimalloc": pa.mimalloc_memory_pool,
-}
-
-
-# glibc's malloc arenas for the daemon, unless MALLOC_ARENA_MAX is set (its default is 8 per
-# core: each thread that allocates, of the many pyiceberg, DuckDB and anyio run, may take
-# its own). Measured with benchmarks/memory.py (3 symbols, 8 minutes, two runs side by side):
-# 2 arenas peaked at 432 MB against 476 MB and held about 20 MB less between the
-# Maintainer's rounds, at the same CPU.
-MALLOC_ARENAS = 2
-_M_ARENA_MAX = -8  # mallopt's parameter, from glibc's malloc.h
-
-
-def limit_malloc_arenas(environ: Mapping[str, str] = os.environ) -> int | None:
-    """Cap glibc's malloc arenas at MALLOC_ARENAS unless the environment set a cap (glibc
-    read it at start); returns the cap set, or None when none was (set by the environment,
-    or a libc without mallopt)."""
-    if environ.get("MALLOC_ARENA_MAX"):
-        return None
-    libc = ctypes.util.find_library("c")
-    mallopt = getattr(ctypes.CDLL(libc), "mallopt", None) if libc else None
-    if mallopt is None or mallopt(_M_ARENA_MAX, MALLOC_ARENAS) != 1:
-        return None
-    return MALLOC_ARENAS
-
-
-def use_arrow_pool(environ: Mapping[str, str] = os.environ) -> str:
-    """Allocate Arrow memory from ARROW_POOL, unless the environment chose a pool; returns
-    the name of the pool in use."""
-    if not environ.get("ARROW_DEFAULT_MEMORY_POOL"):
-        pa.set_memory_pool(_POOLS[ARROW_POOL]())
-    name: str = pa.default_memory_pool().backend_name
-    return name
 
 
 @dataclass

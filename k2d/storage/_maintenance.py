@@ -14,8 +14,6 @@ them expire, so a query planned on an older snapshot still reads its files.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import dataclasses
 import itertools
 import logging
@@ -28,7 +26,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import duckdb
 import msgspec
@@ -69,6 +67,7 @@ from pyiceberg.transforms import DayTransform
 from pyiceberg.typedef import EMPTY_DICT, Record
 from pyiceberg.utils.properties import property_as_int
 
+from k2d.allocators import give_back_memory
 from k2d.config import MaintenanceConfig
 from k2d.messages import DataFileInfo
 from k2d.model import now_us
@@ -1429,23 +1428,6 @@ def _row_group_rows(table: Table) -> int:
         table.properties, TableProperties.PARQUET_ROW_GROUP_LIMIT, ROW_GROUP_ROWS
     )
     return rows or ROW_GROUP_ROWS
-
-
-def _malloc_trim() -> Callable[[int], int] | None:
-    libc = ctypes.util.find_library("c")
-    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
-    return cast("Callable[[int], int] | None", trim)
-
-
-_MALLOC_TRIM = _malloc_trim()
-
-
-def give_back_memory() -> None:
-    """Return the pages a rewrite freed to the OS. Arrow's pool and glibc's heap keep freed
-    memory for reuse, so without this a daemon stays at its compaction peak for good."""
-    pa.default_memory_pool().release_unused()
-    if _MALLOC_TRIM is not None:  # glibc only
-        _MALLOC_TRIM(0)
 
 
 def _delete_quietly(io: Any, path: str) -> int:

@@ -1,7 +1,8 @@
-"""The daemon's process set-up: the Arrow memory pool it allocates from, malloc's arenas."""
+"""The process's allocators: the Arrow memory pool k2d allocates from, malloc's arenas."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -9,7 +10,14 @@ from collections.abc import Iterator
 import pyarrow as pa
 import pytest
 
-from k2d.app import ARROW_POOL, MALLOC_ARENAS, limit_malloc_arenas, use_arrow_pool
+from k2d.allocators import (
+    ARROW_POOL,
+    ARROW_POOL_VAR,
+    MALLOC_ARENAS,
+    default_arrow_pool,
+    limit_malloc_arenas,
+    use_arrow_pool,
+)
 
 
 @pytest.fixture
@@ -31,11 +39,58 @@ def test_the_daemon_allocates_from_its_own_pool_unless_the_environment_names_one
     assert use_arrow_pool({"ARROW_DEFAULT_MEMORY_POOL": "mimalloc"}) == "mimalloc"
 
 
+# Arrow's C++ (the Parquet writer and reader, a sort) allocates; then which pools it used.
+_POOLS = """
+import sys
+if sys.argv[1] == "pyarrow-first":
+    import pyarrow
+import k2d
+import io
+import pyarrow as pa, pyarrow.compute as pc, pyarrow.parquet as pq
+table = pa.table({"n": range(100_000), "s": [str(i) for i in range(100_000)]})
+buf = io.BytesIO()
+pq.write_table(table, buf)
+buf.seek(0)
+pc.sort_indices(pq.read_table(buf), [("s", "descending")])
+print(pa.default_memory_pool().backend_name, pa.mimalloc_memory_pool().max_memory())
+"""
+
+
+def pools(order: str, **env: str) -> tuple[str, int]:
+    environ = {k: v for k, v in os.environ.items() if k != ARROW_POOL_VAR} | env
+    run = subprocess.run(
+        [sys.executable, "-c", _POOLS, order],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=environ,
+    )
+    name, mimalloc_bytes = run.stdout.split()
+    return name, int(mimalloc_bytes)
+
+
+def test_a_k2d_process_allocates_all_of_arrow_from_its_pool_cxx_included() -> None:
+    assert pools("k2d-first") == (ARROW_POOL, 0)
+
+
+def test_the_environment_still_chooses_the_pool() -> None:
+    assert pools("k2d-first", **{ARROW_POOL_VAR: "jemalloc"}) == ("jemalloc", 0)
+
+
+def test_with_pyarrow_imported_first_only_the_environment_could_have_moved_arrows_cxx() -> None:
+    # What default_arrow_pool is for: pyarrow reads the environment at its import, so
+    # Arrow's C++ stays on mimalloc, its default, whatever is set later.
+    name, mimalloc_bytes = pools("pyarrow-first")
+    assert name == "mimalloc"
+    assert mimalloc_bytes > 0
+    assert default_arrow_pool({}) is False  # pyarrow is loaded here too: too late
+
+
 # Eight threads allocate at once; glibc's malloc_info then lists one <heap> per arena.
 _ARENAS = """
 import ctypes, ctypes.util, sys, tempfile, threading
 if sys.argv[1] == "capped":
-    from k2d.app import limit_malloc_arenas
+    from k2d.allocators import limit_malloc_arenas
     limit_malloc_arenas({})
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
