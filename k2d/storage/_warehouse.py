@@ -13,6 +13,7 @@ import os
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from pyiceberg.catalog import Catalog
 from pyiceberg.catalog.sql import IcebergTables, SqlCatalog
 from pyiceberg.conversions import from_bytes
@@ -31,9 +33,23 @@ from pyiceberg.exceptions import (
 
 # Private pyiceberg API, used so that a commit retried after a conflict reuses the data
 # files already written instead of writing the Parquet again (and leaving orphans).
-from pyiceberg.io.pyarrow import _check_pyarrow_schema_compatible, _dataframe_to_data_files
+from pyiceberg.io.pyarrow import (
+    _check_pyarrow_schema_compatible,
+    _dataframe_to_data_files,
+    bin_pack_arrow_table,
+    pyarrow_to_schema,
+    write_file,
+)
 from pyiceberg.manifest import DataFile, ManifestEntryStatus
-from pyiceberg.table import CommitTableResponse, StagedTable, Table, Transaction
+from pyiceberg.partitioning import PartitionFieldValue, PartitionKey
+from pyiceberg.table import (
+    CommitTableResponse,
+    StagedTable,
+    Table,
+    TableProperties,
+    Transaction,
+    WriteTask,
+)
 from pyiceberg.table.locations import load_location_provider
 from pyiceberg.table.metadata import TableMetadata
 from pyiceberg.table.snapshots import Snapshot, ancestors_of
@@ -414,9 +430,7 @@ class Warehouse:
             _check_pyarrow_schema_compatible(
                 table.schema(), provided_schema=data.schema, format_version=table.format_version
             )
-            files = list(
-                _dataframe_to_data_files(table_metadata=table.metadata, df=data, io=table.io)
-            )
+            files = write_data_files(table, data)
             try:
                 attempts = self._commit_files(table, files, properties, limit, on_conflict)
             except BaseException:
@@ -741,6 +755,61 @@ def _result(
         total_files=int(props.get("total-data-files", 0)),
         snapshots=len(table.metadata.snapshots),
     )
+
+
+def write_data_files(table: Table, data: pa.Table) -> list[DataFile]:
+    """Write `data` as the table's Parquet data files, as pyiceberg's append would. A flush
+    is nearly always one partition (a day, one exchange): its rows are written as they are,
+    without the copy pyiceberg's split makes of every partition (a flush's size again, at
+    the writer's peak). Other data is split by pyiceberg."""
+    meta = table.metadata
+    key = _only_partition(table, data)
+    if key is None:
+        return list(_dataframe_to_data_files(table_metadata=meta, df=data, io=table.io))
+    target = int(
+        meta.properties.get(
+            TableProperties.WRITE_TARGET_FILE_SIZE_BYTES,
+            TableProperties.WRITE_TARGET_FILE_SIZE_BYTES_DEFAULT,
+        )
+    )
+    schema = pyarrow_to_schema(
+        data.schema, name_mapping=meta.schema().name_mapping, format_version=meta.format_version
+    )
+    write_uuid = uuid.uuid4()
+    tasks = (
+        WriteTask(
+            write_uuid=write_uuid,
+            task_id=n,
+            record_batches=batches,
+            partition_key=key,
+            schema=schema,
+        )
+        for n, batches in enumerate(bin_pack_arrow_table(data, target))
+    )
+    return list(write_file(io=table.io, table_metadata=meta, tasks=tasks))
+
+
+def _only_partition(table: Table, data: pa.Table) -> PartitionKey | None:
+    """The partition every row of `data` falls in, or None: the table is not partitioned,
+    or the rows span more than one partition (or have nulls in a partition source)."""
+    spec, schema = table.spec(), table.schema()
+    if spec.is_unpartitioned() or data.num_rows == 0:
+        return None
+    values = []
+    for part in spec.fields:
+        name = schema.find_column_name(part.source_id)
+        if name is None or name not in data.column_names:
+            return None
+        source = schema.find_field(part.source_id)
+        transformed = part.transform.pyarrow_transform(source.field_type)(data.column(name))
+        if transformed.null_count:
+            return None
+        bounds = pc.min_max(transformed)
+        low, high = bounds["min"].as_py(), bounds["max"].as_py()
+        if low != high:
+            return None
+        values.append(PartitionFieldValue(field=part, value=low))
+    return PartitionKey(field_values=values, partition_spec=spec, schema=schema)
 
 
 def _file_info(table: Table, f: DataFile) -> DataFileInfo:

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from pyiceberg.exceptions import CommitFailedException
+from pyiceberg.io.pyarrow import _dataframe_to_data_files
 from pyiceberg.transforms import DayTransform, IdentityTransform
 
 from k2d.columns import QUOTE_COLUMNS, TRADE_COLUMNS
@@ -36,6 +37,7 @@ from k2d.storage import (
     quotes_to_arrow,
     trades_to_arrow,
 )
+from k2d.storage._warehouse import write_data_files
 
 T0 = 1_700_000_000_000_000  # 2023-11-14T22:13:20Z in µs
 
@@ -421,6 +423,38 @@ def test_append_reports_the_data_files_it_added(wh: Warehouse) -> None:
     assert (binance.min_timestamp, binance.max_timestamp) == (T0, T0 + 9)
     for f in result.files:
         assert Path(local_path(f.path)).stat().st_size == f.size_bytes
+
+
+def test_a_one_partition_append_writes_the_data_file_pyicebergs_own_split_would(
+    wh: Warehouse,
+) -> None:
+    # A flush in one day and exchange is written without pyiceberg's partition split (and
+    # the copy it makes): the file must come out as that split would have made it.
+    rows = [trade(i, symbol=("BTCUSDT", "ETHUSDT")[i % 2], seq=i) for i in range(300)]
+    data = trades_to_arrow(rows).sort_by([("symbol", "ascending"), ("timestamp", "ascending")])
+    table = wh.load_table("trades")
+
+    (ours,) = write_data_files(table, data)
+    (theirs,) = _dataframe_to_data_files(table_metadata=table.metadata, df=data, io=table.io)
+
+    assert ours.partition == theirs.partition
+    assert ours.partition[0] is not None and ours.partition[1] == "BINANCE"
+    for name in ("record_count", "value_counts", "null_value_counts", "lower_bounds"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.upper_bounds == theirs.upper_bounds
+    assert ours.file_path != theirs.file_path
+    read = pq.read_table(local_path(ours.file_path))
+    assert read.equals(pq.read_table(local_path(theirs.file_path)))
+    assert read.num_rows == 300
+
+
+def test_a_flush_spanning_days_is_still_split_by_partition(wh: Warehouse) -> None:
+    day = 86_400_000_000
+    rows = [trade(i, ts=T0 + (i % 3) * day) for i in range(30)]
+    result = wh.append("trades", trades_to_arrow(rows), props(1, ("trades",)))
+    days = sorted((f.partition["timestamp_day"], f.record_count) for f in result.files)
+    assert days == [("2023-11-14", 10), ("2023-11-15", 10), ("2023-11-16", 10)]
+    assert rows_in(wh, "trades") == 30
 
 
 def test_each_data_file_is_sorted_by_symbol_timestamp_source_sequence(wh: Warehouse) -> None:
