@@ -44,6 +44,8 @@ class ApiServer:
             port=cfg.port,
             log_config=None,
             lifespan="on",
+            # httptools (a dependency), not h11: the parser is C, not Python.
+            http="httptools",
             access_log=False,
             timeout_graceful_shutdown=cfg.shutdown_timeout,
             # The client address is the peer's; X-Forwarded-For counts only from the
