@@ -32,7 +32,8 @@ import anyio
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from k2d.config import Config, load_config
+from k2d.allocators import limit_malloc_arenas
+from k2d.config import Config, LiveConfig, load_config
 from k2d.journal import Journal, JournalOptions
 from k2d.messages import RecordBatch
 from k2d.model import now_us
@@ -261,8 +262,8 @@ def pipeline_benchmark(args: argparse.Namespace, work: Path) -> None:
             "storage": {"data_dir": str(work / "pipeline")},
             "feeds": {"binance": {"enabled": False}},
             "telemetry": {"log_level": "WARNING"},
-            # The live hub keeps recent rows per symbol; at benchmark rates its default bound
-            # (100k rows/symbol) would dominate memory, so it is set to ~1 s of data.
+            # The live hub's bound on recent rows per symbol: the config's default unless
+            # --live-rows says otherwise (sealed rows are compressed Arrow, ~17 bytes a trade).
             "live": {"max_rows_per_symbol": args.live_rows},
             "writer": {"flush_rows": args.flush_rows},
             # The Maintainer runs until the feeds stop; here the source ends by itself.
@@ -270,6 +271,9 @@ def pipeline_benchmark(args: argparse.Namespace, work: Path) -> None:
         },
     )
     journal_dir = work / "journal" if args.journal else None
+    # The daemon's process set-up (k2d.app.run_daemon); the Arrow pool was set when k2d was
+    # imported (k2d.allocators).
+    limit_malloc_arenas()
     res = anyio.run(run_pipeline, cfg, frames, symbols, args.seconds, journal_dir)
     print(
         f"pipeline{' + journal' if args.journal else ''}: {res['trades_committed']:,} trades "
@@ -423,7 +427,12 @@ def main() -> None:
         help="frames recorded per second of --seconds (more than can be ingested)",
     )
     ap.add_argument("--symbols", type=int, default=10)
-    ap.add_argument("--live-rows", type=int, default=20_000, help="live hub rows per symbol")
+    ap.add_argument(
+        "--live-rows",
+        type=int,
+        default=LiveConfig().max_rows_per_symbol,
+        help="live hub rows per symbol (default: the config's, %(default)s)",
+    )
     ap.add_argument("--flush-rows", type=int, default=250_000, help="writer flush size")
     ap.add_argument("--wire-rate", type=float, default=40_000)
     ap.add_argument("--wire-seconds", type=float, default=30.0)

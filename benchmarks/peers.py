@@ -174,8 +174,7 @@ def part_capture_k2d(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "storage": {"data_dir": str(work / "capture-k2d")},
             "feeds": {"binance": {"enabled": False}},
             "telemetry": {"log_level": "WARNING"},
-            # As benchmarks/ingest.py: the live hub bounded to ~1 s of data, maintenance off.
-            "live": {"max_rows_per_symbol": 20_000},
+            # As benchmarks/ingest.py: the live hub at its default bound, maintenance off.
             "writer": {"flush_rows": args.flush_rows},
             "maintenance": {"enabled": False},
         },
