@@ -30,7 +30,13 @@ from pyiceberg.exceptions import NoSuchTableError
 
 from k2d.messages import Committed
 from k2d.runtime import Actor, Outbox
-from k2d.storage import TABLE_NAMES, FilesReplaced, MaintenanceReport, TableMaintenance
+from k2d.storage import (
+    TABLE_NAMES,
+    FilesReplaced,
+    MaintenanceReport,
+    ManifestMemo,
+    TableMaintenance,
+)
 
 if TYPE_CHECKING:
     from anyio.streams.memory import MemoryObjectReceiveStream
@@ -74,6 +80,8 @@ class Maintainer(Actor[None, Committed]):
         self._tracer = tracer or trace.get_tracer("k2d")
         self._outbox: Outbox[Committed] | None = None
         self.last_report: MaintenanceReport | None = None
+        # Outlives the rounds: each expiry reads only the manifests new since the last.
+        self._manifests = ManifestMemo(cfg.remembered_manifests)
 
     async def run(
         self, inbox: MemoryObjectReceiveStream[None] | None, outbox: Outbox[Committed]
@@ -118,7 +126,12 @@ class Maintainer(Actor[None, Committed]):
         async with self._lock:
             abort = threading.Event()
             maintenance = TableMaintenance(
-                self._wh, self._cfg, clock=self._clock, abort=abort, tracer=self._tracer
+                self._wh,
+                self._cfg,
+                clock=self._clock,
+                abort=abort,
+                tracer=self._tracer,
+                manifests=self._manifests,
             )
             attributes: dict[str, bool | list[str]] = {"k2d.full": full, "k2d.tables": list(tables)}
             # The worker thread runs in a copy of this context: its spans are children.
@@ -144,7 +157,9 @@ class Maintainer(Actor[None, Committed]):
 
         def read() -> MaintenanceReport:
             report = MaintenanceReport()
-            maintenance = TableMaintenance(self._wh, self._cfg, clock=self._clock)
+            maintenance = TableMaintenance(
+                self._wh, self._cfg, clock=self._clock, manifests=self._manifests
+            )
             for name in self._tables:
                 with contextlib.suppress(NoSuchTableError):  # not created yet
                     report.stats.append(maintenance.stats(name))

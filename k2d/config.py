@@ -360,6 +360,12 @@ class MaintenanceConfig(_Section, frozen=True):
     # Files under a table that no snapshot references are deleted once this old (seconds;
     # 0 = never): younger ones may belong to a commit in flight.
     orphan_file_age: float = 86_400.0
+    # Expiry remembers what this many manifest lists and manifests name (files written once,
+    # never changed), so a round reads only those new since the last; the least recently used
+    # are forgotten beyond it, deleted ones at once. Enough for the lists and manifests (up to
+    # ~100 a list) of every table's kept snapshots, or each round reads again what fell out;
+    # ~0.8 KB each. 0 = remember none.
+    remembered_manifests: Annotated[int, msgspec.Meta(ge=0)] = 50_000
     # The current snapshot's data manifests are merged when there are more than this.
     max_manifests: int = 16
     # DuckDB sorts a partition being compacted within this memory, spilling beyond it (at

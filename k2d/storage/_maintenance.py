@@ -19,10 +19,12 @@ import itertools
 import logging
 import os
 import shutil
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Container, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -36,6 +38,7 @@ import pyarrow.parquet as pq
 from opentelemetry import trace
 from pyarrow.fs import FileSelector, FileSystem, FileType
 from pyiceberg.exceptions import CommitFailedException, ValidationException
+from pyiceberg.io import FileIO
 
 # Private pyiceberg API: 0.12 has neither a public rewrite (compaction) operation nor a
 # file writer that rolls over at a size. An overwrite that names the files it removes, its
@@ -97,6 +100,7 @@ __all__ = [
     "Expiry",
     "FilesReplaced",
     "MaintenanceReport",
+    "ManifestMemo",
     "Retention",
     "TableMaintenance",
     "TableStats",
@@ -391,12 +395,18 @@ class TableMaintenance:
         clock: Callable[[], float] = time.time,
         abort: threading.Event | None = None,
         tracer: trace.Tracer | None = None,
+        manifests: ManifestMemo | None = None,
     ) -> None:
+        """`manifests` outlives this object when its owner runs round after round (the
+        Maintainer): what it remembers spares each round reading the same manifests."""
         self._wh = warehouse
         self._cfg = cfg
         self._clock = clock
         self._abort = abort or threading.Event()
         self._tracer = tracer or trace.get_tracer("k2d")
+        self._manifests = (
+            manifests if manifests is not None else ManifestMemo(cfg.remembered_manifests)
+        )
 
     def run(
         self,
@@ -1166,14 +1176,17 @@ class TableMaintenance:
         table = self._wh.load_table(name)
         remaining = table.metadata.snapshots
         sweep = sweep_orphans and cfg.orphan_file_age > 0
-        # Reading every remaining snapshot's manifests is the cost: only when needed.
-        files = _Reachable(table, remaining) if doomed or sweep else None
+        # Reading the remaining snapshots' manifests (those not remembered) is the cost:
+        # only when needed.
+        files = _Reachable(table, remaining, self._manifests) if doomed or sweep else None
         io = table.io
         data_deleted = manifests_deleted = lists_deleted = orphans = 0
         if doomed and files is not None:
             gone_lists = {s.manifest_list for s in doomed} - files.manifest_lists
             gone_manifests: dict[str, ManifestFile] = {}
             for s in doomed:
+                if files.manifests.issuperset(self._manifests.listed(io, s)):
+                    continue
                 for m in s.manifests(io):
                     if m.manifest_path not in files.manifests:
                         gone_manifests[m.manifest_path] = m
@@ -1187,6 +1200,7 @@ class TableMaintenance:
             data_deleted = sum(_delete_quietly(io, p) for p in sorted(gone_data))
             manifests_deleted = sum(_delete_quietly(io, p) for p in sorted(gone_manifests))
             lists_deleted = sum(_delete_quietly(io, p) for p in sorted(gone_lists))
+            self._manifests.forget(itertools.chain(gone_manifests, gone_lists))
         if sweep and files is not None:
             orphans = self._sweep_orphans(table, files)
         result = Expiry(
@@ -1249,7 +1263,7 @@ class TableMaintenance:
         table = self._wh.load_table(name)
         snapshot = table.current_snapshot()
         props = snapshot.summary.additional_properties if snapshot and snapshot.summary else {}
-        manifests = len(snapshot.manifests(table.io)) if snapshot is not None else 0
+        manifests = len(self._manifests.listed(table.io, snapshot)) if snapshot is not None else 0
         return TableStats(
             table=name,
             data_files=int(props.get("total-data-files", 0)),
@@ -1273,22 +1287,90 @@ def _expire_snapshots(table: Table, ids: set[int]) -> None:
     update.commit()
 
 
+class ManifestMemo:
+    """What manifest lists and manifests name, remembered: a list's manifests, a manifest's
+    live data files. Such a file is never changed once written (a commit writes new ones),
+    so what it names holds for as long as it exists. At most `size` files are remembered,
+    the least recently used forgotten first."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        # Keyed by file path: a manifest list's entry holds manifest paths, a manifest's
+        # its live data file paths. Locked, as the rounds using it run in worker threads.
+        self._named: OrderedDict[str, tuple[str, ...] | frozenset[str]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._named)
+
+    def listed(self, io: FileIO, snapshot: Snapshot) -> tuple[str, ...]:
+        """The paths of the manifests `snapshot`'s manifest list names."""
+        return self._listed(io, snapshot)[0]
+
+    def live_files(
+        self, io: FileIO, snapshot: Snapshot, skip: Container[str] = ()
+    ) -> Iterator[tuple[str, frozenset[str]]]:
+        """Each manifest of `snapshot` not in `skip` (looked up as they come), with the data
+        files its live entries name (`fetch_manifest_entry(discard_deleted=True)`)."""
+        paths, manifests = self._listed(io, snapshot)
+        for path in paths:
+            if path in skip:
+                continue
+            live = self._get(path)
+            if not isinstance(live, frozenset):
+                if manifests is None:
+                    manifests = {m.manifest_path: m for m in snapshot.manifests(io)}
+                entries = manifests[path].fetch_manifest_entry(io, discard_deleted=True)
+                live = frozenset(sys.intern(e.data_file.file_path) for e in entries)
+                self._put(path, live)
+            yield path, live
+
+    def forget(self, paths: Iterable[str]) -> None:
+        """Forget `paths`, deleted: what is remembered stays what the tables reference."""
+        with self._lock:
+            for path in paths:
+                self._named.pop(path, None)
+
+    def _listed(
+        self, io: FileIO, snapshot: Snapshot
+    ) -> tuple[tuple[str, ...], dict[str, ManifestFile] | None]:
+        """The manifest paths of `snapshot`, and its ManifestFiles when the list was read."""
+        paths = self._get(snapshot.manifest_list)
+        if isinstance(paths, tuple):
+            return paths, None
+        manifests = {m.manifest_path: m for m in snapshot.manifests(io)}
+        # Interned: the same paths recur in many lists, and as keys here.
+        paths = tuple(sys.intern(p) for p in manifests)
+        self._put(snapshot.manifest_list, paths)
+        return paths, manifests
+
+    def _get(self, path: str) -> tuple[str, ...] | frozenset[str] | None:
+        with self._lock:
+            named = self._named.get(path)
+            if named is not None:
+                self._named.move_to_end(path)
+            return named
+
+    def _put(self, path: str, named: tuple[str, ...] | frozenset[str]) -> None:
+        with self._lock:
+            self._named[path] = named
+            while len(self._named) > self.size:
+                self._named.popitem(last=False)
+
+
 class _Reachable:
     """Every file the given snapshots reference: manifest lists, manifests, live data files."""
 
-    def __init__(self, table: Table, snapshots: Iterable[Snapshot]) -> None:
+    def __init__(self, table: Table, snapshots: Iterable[Snapshot], memo: ManifestMemo) -> None:
         io = table.io
         self.manifest_lists: set[str] = set()
         self.manifests: set[str] = set()
         self.data: set[str] = set()
         for s in snapshots:
             self.manifest_lists.add(s.manifest_list)
-            for m in s.manifests(io):
-                if m.manifest_path in self.manifests:
-                    continue
-                self.manifests.add(m.manifest_path)
-                for entry in m.fetch_manifest_entry(io, discard_deleted=True):
-                    self.data.add(entry.data_file.file_path)
+            for path, live in memo.live_files(io, s, skip=self.manifests):
+                self.manifests.add(path)
+                self.data.update(live)
 
 
 class _RollingFile:

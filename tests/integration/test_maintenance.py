@@ -18,6 +18,7 @@ import msgspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from pyiceberg.io.pyarrow import PyArrowFileIO
 
 from actors.maintenance import Maintainer
 from k2d.config import MaintenanceConfig, StorageConfig
@@ -27,6 +28,7 @@ from k2d.runtime import Outbox
 from k2d.storage import (
     MAINTENANCE,
     FilesReplaced,
+    ManifestMemo,
     TableMaintenance,
     Warehouse,
     events_to_arrow,
@@ -430,6 +432,124 @@ def test_expiry_keeps_a_snapshot_someone_tagged_and_expires_the_rest(wh: Warehou
     assert expiry.snapshots_expired == 40 - len(left)
     assert len(left) <= 3  # the tagged one, the current one and its parent
     assert message_ids(wh, tagged.snapshot_id) == ids_then
+
+
+# Expiry with nothing kept for its age: every snapshot but the newest few (and the resume
+# state's) is expired at once; orphans are left to a sweep a day away.
+def expiry_cfg(**kw: Any) -> MaintenanceConfig:
+    return maintenance_cfg(
+        **{
+            "snapshot_retention_days": 0.0,
+            "snapshot_full_history": 0.0,
+            "min_snapshots_to_keep": 5,
+            "orphan_file_age": 86_400.0,
+        }
+        | kw
+    )
+
+
+@pytest.mark.parametrize("remembered", [4, 10_000])
+def test_expiry_remembering_manifests_deletes_what_reading_them_all_deletes(
+    tmp_path: Path, remembered: int
+) -> None:
+    # Twin tables fed and maintained alike, round after round: one's expiry reads every
+    # manifest each time (0 remembered), the other's remembers them (4: fewer than a round
+    # reads, so some are forgotten and read again).
+    cfg = expiry_cfg(min_snapshots_to_keep=1, open_file_age=0.0)
+    done: dict[int, list[tuple[int, int, int, int]]] = {}
+    for size in (0, remembered):
+        data_dir = tmp_path / str(size)
+        with Warehouse(StorageConfig(data_dir=str(data_dir))) as wh:
+            wh.ensure_tables()
+            feeder = Feeder(wh)
+            memo = ManifestMemo(size)
+            done[size] = []
+            for round_ in range(4):
+                feeder.fill(commits=8, rows=60, days=(3, 2, 0))
+
+                report = TableMaintenance(wh, cfg, manifests=memo).run(
+                    ["trades"], compact_open=True
+                )
+
+                assert report.errors == []
+                if round_ == 1:
+                    # A tag on a compaction's snapshot keeps it, and the files it removed
+                    # (deleted entries of its manifests) still go once nothing lists them live.
+                    table = wh.load_table("trades")
+                    tagged = table.current_snapshot()
+                    assert tagged is not None and tagged.summary is not None
+                    assert tagged.summary.additional_properties[MAINTENANCE] == "replace"
+                    table.manage_snapshots().create_tag(tagged.snapshot_id, "audit").commit()
+                # Nothing a remaining snapshot references is gone, and nothing else is left.
+                assert files_on_disk(data_dir) == referenced_files(wh)
+                done[size] += [
+                    (
+                        e.snapshots_expired,
+                        e.data_files_deleted,
+                        e.manifests_deleted,
+                        e.manifest_lists_deleted,
+                    )
+                    for e in report.expiries
+                ]
+
+    assert done[remembered] == done[0]
+    assert sum(d[1] for d in done[0]) > 0  # compaction's inputs, once expired
+    assert sum(d[2] for d in done[0]) > 0
+
+
+def test_an_expiry_round_reads_only_the_manifests_new_since_the_last(
+    wh: Warehouse, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    feeder = Feeder(wh)
+    feeder.fill(commits=20, rows=50, days=(3, 2))
+    TableMaintenance(wh, maintenance_cfg(max_manifests=1)).run(["trades"], expire=False)
+    reads: list[str] = []
+    new_input = PyArrowFileIO.new_input
+
+    def counted(io: PyArrowFileIO, location: str) -> Any:
+        if location.endswith(".avro"):
+            reads.append(location.removeprefix("file://"))
+        return new_input(io, location)
+
+    monkeypatch.setattr(PyArrowFileIO, "new_input", counted)
+    memo = ManifestMemo(10_000)
+
+    def expire(memo: ManifestMemo) -> set[str]:
+        reads.clear()
+        TableMaintenance(wh, expiry_cfg(), manifests=memo).expire("trades")
+        return set(reads)
+
+    first = expire(memo)
+    feeder.fill(commits=6, rows=50, days=(2,))
+    second = expire(memo)
+    third = expire(memo)  # nothing new, nothing to expire; the orphan sweep still asks
+    without = expire(ManifestMemo(0))
+
+    snapshots = wh.load_table("trades").metadata.snapshots
+    assert {s.manifest_list.removeprefix("file://") for s in snapshots[-5:]} <= second
+    # Read again: only the manifests (and their lists) this round deleted, read whole to
+    # find the data files only they name.
+    assert first & second
+    assert not any(Path(p).exists() for p in first & second)
+    assert third == set()
+    # What is remembered is what the table references: deleted files are forgotten.
+    referenced = {p for p in referenced_files(wh) if p.endswith(".avro")}
+    assert len(memo) == len(referenced)
+    # Forgetting everything, a round reads every list and manifest the table references.
+    assert without == referenced
+
+
+def test_the_manifest_memo_remembers_at_most_its_size(wh: Warehouse) -> None:
+    Feeder(wh).fill(commits=20, rows=50, days=(3, 2))
+    small, large = ManifestMemo(3), ManifestMemo(10_000)
+
+    for memo in (small, large):
+        TableMaintenance(wh, maintenance_cfg(orphan_file_age=86_400.0), manifests=memo).expire(
+            "trades"
+        )
+
+    assert len(small) == 3
+    assert len(large) == len([p for p in referenced_files(wh) if p.endswith(".avro")]) == 40
 
 
 def test_k2_state_survives_compaction_and_expiry(wh: Warehouse) -> None:
