@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
-from k2d.allocators import limit_malloc_arenas, use_arrow_pool
+from k2d.allocators import freeze_start_up_objects, limit_malloc_arenas, use_arrow_pool
 from k2d.api import ApiState, create_app, serve
 from k2d.config import Config
 from k2d.pipeline import Pipeline, build_pipeline
@@ -147,6 +147,7 @@ async def run_daemon(
             pipeline_done = anyio.Event()
             tg.start_soon(_run_pipeline, pipeline, pipeline_done)
             daemon.api.mark_ready()
+            tg.start_soon(_freeze_once_serving, daemon)
             if notifier.enabled:
                 tg.start_soon(_notify_systemd, daemon, notifier)
             task_status.started(daemon)
@@ -251,6 +252,15 @@ async def exit_code_of(main: Awaitable[None]) -> int:
             log.critical("escalation: %s", e)
         code = EXIT_ESCALATED
     return code
+
+
+async def _freeze_once_serving(daemon: Daemon) -> None:
+    """Freeze the objects made so far (k2d.allocators.freeze_start_up_objects) once every
+    actor serves: their start-up state (the tables' metadata, restored trackers) stays."""
+    # Readiness is worked out from the actors' states when asked; no event marks it.
+    while daemon.api.readiness() not in ("ready", "draining"):  # noqa: ASYNC110
+        await anyio.sleep(0.2)
+    freeze_start_up_objects()
 
 
 async def _run_pipeline(pipeline: Pipeline, done: anyio.Event) -> None:

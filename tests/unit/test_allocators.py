@@ -127,3 +127,30 @@ def test_the_daemon_caps_malloc_arenas_unless_the_environment_did() -> None:
     assert arenas("as-is") > MALLOC_ARENAS  # each thread took its own
     assert arenas("capped") == MALLOC_ARENAS
     assert limit_malloc_arenas({"MALLOC_ARENA_MAX": "4"}) is None
+
+
+# A cycle that is garbage, and one still in use, then the daemon's freeze after start-up.
+_FREEZE = """
+import gc, weakref
+from k2d.allocators import freeze_start_up_objects
+class Node:
+    pass
+dead, alive = Node(), Node()
+dead.me, alive.me = dead, alive
+gone = weakref.ref(dead)
+del dead
+gc.disable()  # only the freeze's own collection may collect
+freeze_start_up_objects()
+print(gone() is None, gc.get_freeze_count() > 1000, gc.is_tracked(alive))
+print(any(o is alive for o in gc.get_objects()))
+"""
+
+
+def test_the_freeze_collects_garbage_first_and_hides_the_rest_from_the_collector() -> None:
+    run = subprocess.run(
+        [sys.executable, "-c", _FREEZE], capture_output=True, text=True, check=True
+    )
+    collected_first, froze_the_start_up, tracked = run.stdout.split("\n")[0].split()
+    assert (collected_first, froze_the_start_up, tracked) == ("True", "True", "True")
+    # What full collections walk no longer holds the objects alive at start-up.
+    assert run.stdout.split("\n")[1] == "False"
