@@ -28,7 +28,9 @@ __all__ = [
 # Measured with benchmarks/memory.py (3 symbols, 3,000 trades/s plus quotes, the Maintainer
 # on): Arrow's default, mimalloc, held 90-100 MB more than the system allocator or jemalloc
 # (whose pages go back after 1 s, the decay Arrow sets), and peaked 100 MB higher in the
-# Maintainer's rounds. See README "Memory".
+# Maintainer's rounds. Those runs set the pool with pa.set_memory_pool, which left Arrow's
+# C++ on mimalloc; with the whole of Arrow on the pool (8 minutes, side by side), system
+# peaked at 379 MB and jemalloc at 388 MB. See README "Memory".
 ARROW_POOL = "system"
 ARROW_POOL_VAR = "ARROW_DEFAULT_MEMORY_POOL"
 
