@@ -44,8 +44,9 @@ _M_ARENA_MAX = -8  # mallopt's parameter, from glibc's malloc.h
 
 
 def default_arrow_pool(environ: MutableMapping[str, str] = os.environ) -> bool:
-    """Make ARROW_POOL the pool of all of Arrow, unless the environment names one; True if
-    that took effect. Arrow's C++ (the Parquet reader and writer, compute kernels, IPC) reads
+    """Make ARROW_POOL the pool of all of Arrow, unless the environment names one; True when
+    pyarrow is not loaded yet, so that the variable (k2d's or the environment's) will rule
+    all of Arrow. Arrow's C++ (the Parquet reader and writer, compute kernels, IPC) reads
     ARROW_DEFAULT_MEMORY_POOL once, when pyarrow is imported; pa.set_memory_pool after that
     moves only the allocations of pyarrow's own Python calls, about a third of them."""
     if "pyarrow" in sys.modules:
