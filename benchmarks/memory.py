@@ -6,8 +6,8 @@ peak so far as the kernel counts it, VmHWM, which catches what sampling misses),
 hub's rows, the rates actually captured, the daemon's CPU (a share of one core) and the
 Maintainer operations finished in the minute; then the peak RSS (Maintainer rounds
 included) and whether RSS stayed flat once the live window was full. The allocator is
-k2d's (k2d.allocators.ARROW_POOL) unless ARROW_DEFAULT_MEMORY_POOL says otherwise (it is passed on
-to the daemon), and is printed.
+k2d's (k2d.allocators.ARROW_POOL) unless ARROW_DEFAULT_MEMORY_POOL says otherwise (it is
+passed on to the daemon), and is printed.
 
     python benchmarks/memory.py                         # 15 minutes with 3, then with 20
     python benchmarks/memory.py --minutes 4 --symbols 3 --first-round-after 120
@@ -325,7 +325,7 @@ def main() -> int:
 
     from k2d.allocators import ARROW_POOL
 
-    # The daemon's pool: the environment's choice, or k2d's own (k2d.allocators.default_arrow_pool).
+    # The daemon's pool: the environment's choice, or k2d's own (k2d.allocators).
     pool = os.environ.get("ARROW_DEFAULT_MEMORY_POOL") or f"{ARROW_POOL} (k2d's default)"
     print(f"memory on {machine()}; Arrow memory pool {pool}, pyarrow {pa.__version__}")
     results = []
