@@ -120,7 +120,9 @@ class QueryPool(Actor[Committed, None]):
         self._wh = warehouse
         self._metrics = metrics
         self._tracer = tracer or trace.get_tracer("k2d.query")
-        self.index = FileIndex(warehouse, cfg.snapshot_cache_size, cfg.max_ledger_events)
+        self.index = FileIndex(
+            warehouse, cfg.snapshot_cache_size, cfg.max_ledger_events, cfg.minute_bars
+        )
         self._db: duckdb.DuckDBPyConnection | None = None
         self._maintenance: duckdb.DuckDBPyConnection | None = None
         self._workers: list[_Worker] = []
@@ -145,7 +147,9 @@ class QueryPool(Actor[Committed, None]):
         db, cursors = open_database(self.cfg, [warehouse_dir], self.cfg.workers + 1)
         self._db, self._maintenance = db, cursors[0]
         self._workers = [_Worker(c) for c in cursors[1:]]
-        self.index = FileIndex(self._wh, self.cfg.snapshot_cache_size, self.cfg.max_ledger_events)
+        self.index = FileIndex(
+            self._wh, self.cfg.snapshot_cache_size, self.cfg.max_ledger_events, self.cfg.minute_bars
+        )
         started = time.perf_counter()
         self.index.bootstrap(cursors[0])
         self._count_index()

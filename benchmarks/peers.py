@@ -504,8 +504,17 @@ def k2d_inprocess(
     storage: StorageConfig, kind: str, d: list[tuple[str, int, int]], warmup: int
 ) -> list[float]:
     it = iter(d)
-    plan = query.trades_plan if kind == "window" else query.ohlcv_plan
-    return query.floor(storage, QueryConfig(), lambda: plan(*next(it)), len(d) - warmup, warmup)
+    if kind == "window":
+        return query.in_process(
+            storage, QueryConfig(), lambda: query.trades_plan(*next(it)), len(d) - warmup, warmup
+        )
+    return query.in_process(
+        storage,
+        QueryConfig(),
+        lambda: query.ohlcv_plan(*next(it), use_bars=True),
+        len(d) - warmup,
+        warmup,
+    )
 
 
 def arctic_query(lib: Any, kind: str) -> Callable[[tuple[str, int, int]], int]:

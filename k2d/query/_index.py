@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from pyiceberg.table.snapshots import Operation
 
+from k2d.query._bars import MinuteBars
 from k2d.query._errors import QueryError
 from k2d.query._files import (
     SymbolKey,
@@ -48,13 +49,20 @@ _WITH_SYMBOLS = frozenset({TRADES, QUOTES})
 
 
 class FileIndex:
-    def __init__(self, warehouse: Warehouse, cache_size: int, max_ledger_events: int = 200_000):
+    def __init__(
+        self,
+        warehouse: Warehouse,
+        cache_size: int,
+        max_ledger_events: int = 200_000,
+        minute_bars: int = 200_000,
+    ):
         self._wh = warehouse
         self._cache_size = max(1, cache_size)
         self._current: dict[str, TableFiles] = {}
         self._planned: OrderedDict[tuple[str, int], TableFiles] = OrderedDict()
         self._lock = threading.Lock()
         self.ledger = Ledger(max_events=max_ledger_events)
+        self.bars = MinuteBars(minute_bars)
         self.replans = 0
         # Per table, a snapshot seen ahead of the index at the last refresh (see `refresh`).
         self._ahead: dict[str, int] = {}

@@ -18,6 +18,7 @@ import msgspec
 import pyarrow as pa
 
 from k2d.model import Quote, Trade
+from k2d.query._bars import MINUTE_US, TURNOVER, VOLUME, partials_sql, units, vwap
 from k2d.query._cursor import fingerprint
 from k2d.query._errors import QueryError
 from k2d.query._execute import Key, PlanContext, Prepared, keyset
@@ -437,30 +438,14 @@ class WindowPlan:
         )
 
 
-def _units(decimal: str) -> str:
-    """An exact decimal as the HUGEINT count of its last digit (1e-scale): DuckDB prints the
-    full scale, so dropping the point is exact. Per bar, not per row, so its cost is nil."""
-    return f"CAST(replace(CAST({decimal} AS VARCHAR), '.', '') AS HUGEINT)"
-
-
-# decimal(18,8) * decimal(18,8) is decimal(18,16) in DuckDB and overflows: widen first. The
-# sum is decimal(38,16), the quantities decimal(38,8).
-_TURNOVER = "sum(CAST(price AS DECIMAL(38,8)) * CAST(quantity AS DECIMAL(38,8)))"
-_VOLUME = "sum(quantity)"
-# VWAP = turnover / volume, exact: in units of 1e-16 over units of 1e-8 gives 1e-8 units,
-# divided with rounding half up.
-_VWAP = (
-    f"CAST((2 * {_units(_TURNOVER)} + {_units(_VOLUME)}) "
-    f"// NULLIF(2 * {_units(_VOLUME)}, 0) AS DECIMAL(38,0)) "
-    "* CAST(0.00000001 AS DECIMAL(9,8))"
-)
+_VWAP = vwap(units(TURNOVER), units(VOLUME))
 # Open and close: first and last trade by (time, venue sequence, platform sequence). An
 # ordered first/last, not arg_min/arg_max on a struct key: the same rows, and struct
 # comparisons were the dearest part of a day of 1-minute bars.
 _ORDER_KEY = '"timestamp", coalesce(source_sequence, -1), platform_sequence'
 _BAR_AGGREGATES = (
     f"first(price ORDER BY {_ORDER_KEY}) AS open, max(price) AS high, min(price) AS low, "
-    f"last(price ORDER BY {_ORDER_KEY}) AS close, {_VOLUME} AS volume, {_VWAP} AS vwap, "
+    f"last(price ORDER BY {_ORDER_KEY}) AS close, {VOLUME} AS volume, {_VWAP} AS vwap, "
     "count(*) AS trade_count"
 )
 _BAR_COLUMNS = (
@@ -488,17 +473,43 @@ _TRADE_FIELDS = (
 )
 
 
-def _bar_start(interval: Interval, tz: str) -> tuple[str, list[Any]]:
-    """The bar a trade falls in, as `time_bucket(interval, "timestamp", tz)` gives it. In UTC
-    by integer arithmetic: every interval divides a day, so its bars start at multiples of
-    its length since the epoch (time_bucket's origin, 2000-01-03, is one of them), and
-    time_bucket's time-zone path costs a calendar conversion a row."""
+def _bar_start(
+    interval: Interval, tz: str, us: str = 'epoch_us("timestamp")'
+) -> tuple[str, list[Any]]:
+    """The bar a trade (at `us` microseconds) falls in, as `time_bucket(interval,
+    "timestamp", tz)` gives it. In UTC by integer arithmetic: every interval divides a day,
+    so its bars start at multiples of its length since the epoch (time_bucket's origin,
+    2000-01-03, is one of them), and time_bucket's time-zone path costs a calendar
+    conversion a row."""
     if tz != "UTC":
-        return f'time_bucket({interval.sql}, "timestamp", ?)', [tz]
+        return f"time_bucket({interval.sql}, make_timestamptz({us}), ?)", [tz]
     assert DAY_US % interval.micros == 0, interval
-    us, width = 'epoch_us("timestamp")', interval.micros
+    width = interval.micros
     # Floored, also before 1970: DuckDB's % keeps the dividend's sign.
     return f"make_timestamptz({us} - (({us} % {width}) + {width}) % {width})", []
+
+
+# Minute bars (k2d.query._bars) merged into bars of whole minutes: the same first and last
+# trade, by the same key, as _BAR_AGGREGATES picks from the trades themselves.
+_MERGED_AGGREGATES = (
+    # min and max of (time, venue sequence, platform sequence, price): the first and the
+    # last trade by that key, which no two trades share.
+    "min(o).x AS open, max(high) AS high, min(low) AS low, max(c).x AS close, "
+    "sum(volume) AS volume, "
+    # The units come back from Arrow as DECIMAL(38,0), whose // is not integer division.
+    f"{vwap('CAST(sum(turnover_units) AS HUGEINT)', 'CAST(sum(volume_units) AS HUGEINT)')}"
+    " AS vwap, "
+    "CAST(sum(n) AS BIGINT) AS trade_count"
+)
+
+
+# The same when each minute's bar is in one file: the bars as they stand.
+_MINUTE_COLUMNS = "o.x AS open, high, low, c.x AS close, volume, vwap, n AS trade_count"
+
+
+def _pairs_in(entries: Sequence[FileEntry], exchanges: Sequence[str]) -> set[SymbolKey]:
+    """The (exchange, symbol) pairs the files hold, on the given exchanges (none: all)."""
+    return {k for e in entries for k in e.symbols if not exchanges or k[0] in exchanges}
 
 
 def _trades_in(source: str, clauses: Sequence[str], dedupe: bool) -> str:
@@ -521,6 +532,8 @@ class OhlcvPlan:
     limit: int
     snapshot: SnapshotSel = _CURRENT
     cursor: str | None = None
+    # False: aggregate every trade, never the remembered minute bars (a check of them).
+    use_bars: bool = True
 
     def prepare(self, ctx: PlanContext) -> Prepared:
         fp = fingerprint(
@@ -541,20 +554,68 @@ class OhlcvPlan:
             self.window.start, self.window.end, exchanges=self.exchanges, keys=keys
         )
         relations: dict[str, pa.Table] = {}
-        source, params = _source(TRADES, entries, relations)
-        where, values = _time_filter(self.window)
-        clauses, params = [where], [*params, *values]
+        source, src_params = _source(TRADES, entries, relations)
+        # Which trades: the exchanges and symbols asked for (the time is added below).
+        pair_clauses: list[str] = []
+        pair_params: list[Any] = []
         for column, given in (("exchange", self.exchanges), ("symbol", self.symbols)):
             if given:
                 clause, values = _in(column, given)
-                clauses.append(clause)
-                params.extend(values)
-        trades = _trades_in(source, clauses, _needs_dedupe(entries, keys))
-        bar, bar_params = _bar_start(self.interval, self.tz)
-        sql = (
-            f'SELECT {bar} AS bar_start, "exchange", "symbol", {_BAR_AGGREGATES} '
-            f"FROM ({trades}) GROUP BY ALL"
-        )
+                pair_clauses.append(clause)
+                pair_params.extend(values)
+        dedupe = _needs_dedupe(entries, keys)
+        # Bars in whole UTC minutes merge the files' remembered minute bars, and aggregate
+        # trades only in the minutes the window cuts. Files that may share rows (a replay)
+        # and other time zones (an offset need not be whole minutes) aggregate every trade.
+        first = -(-self.window.start // MINUTE_US) * MINUTE_US
+        last = self.window.end // MINUTE_US * MINUTE_US
+        if (
+            self.use_bars
+            and not dedupe
+            and self.tz == "UTC"
+            and self.interval.micros % MINUTE_US == 0
+            and first < last
+        ):
+            wanted = set(keys) if keys is not None else _pairs_in(entries, self.exchanges)
+            relations["__bars"], whole = ctx.index.bars.bars(ctx.cursor, entries, wanted)
+            parts = f"SELECT * FROM {ident('__bars')} WHERE minute >= ? AND minute < ?"
+            params: list[Any] = [first, last]
+            edges = [
+                edge
+                for edge in ((self.window.start, first), (last, self.window.end))
+                if edge[0] < edge[1]
+            ]
+            if edges:
+                cut = " OR ".join(
+                    '("timestamp" >= make_timestamptz(?) AND "timestamp" < make_timestamptz(?))'
+                    for _ in edges
+                )
+                parts += " UNION ALL BY NAME " + partials_sql(
+                    source, " AND ".join([f"({cut})", *pair_clauses])
+                )
+                params.extend([*src_params, *itertools.chain(*edges), *pair_params])
+            if whole and self.interval.micros == MINUTE_US:
+                # Each minute's bar is in one file (or one cut minute): nothing to merge.
+                sql = (
+                    'SELECT make_timestamptz(minute) AS bar_start, "exchange", "symbol", '
+                    f"{_MINUTE_COLUMNS} FROM ({parts})"
+                )
+                bar_params: list[Any] = []
+            else:
+                bar, bar_params = _bar_start(self.interval, self.tz, "minute")
+                sql = (
+                    f'SELECT {bar} AS bar_start, "exchange", "symbol", {_MERGED_AGGREGATES} '
+                    f"FROM ({parts}) GROUP BY ALL"
+                )
+        else:
+            where, values = _time_filter(self.window)
+            trades = _trades_in(source, [where, *pair_clauses], dedupe)
+            params = [*src_params, *values, *pair_params]
+            bar, bar_params = _bar_start(self.interval, self.tz)
+            sql = (
+                f'SELECT {bar} AS bar_start, "exchange", "symbol", {_BAR_AGGREGATES} '
+                f"FROM ({trades}) GROUP BY ALL"
+            )
         params = [*bar_params, *params]
         if after is not None:
             clause, values = keyset(

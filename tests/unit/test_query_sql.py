@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import msgspec
 import pyarrow as pa
 import pyarrow.ipc
 import pyarrow.parquet as pq
@@ -64,6 +65,7 @@ from k2d.query import (
     timezones,
     trading_day,
 )
+from k2d.query._bars import MinuteBars
 from k2d.query._cursor import TIMESTAMP_US
 from k2d.query._plans import TABLE_COLUMNS, _needs_dedupe
 from k2d.query._render import column_expr, ident, json_row_expr, new_writer
@@ -368,11 +370,12 @@ def files() -> TableFiles:
 
 
 class FakeIndex:
-    """What plans read from the index: snapshots of tables and the ledger."""
+    """What plans read from the index: snapshots of tables, the ledger, minute bars."""
 
     def __init__(self, tables: dict[str, TableFiles]) -> None:
         self.tables = tables
         self.ledger = Ledger()
+        self.bars = MinuteBars(10_000)
 
     def current(self, table: str) -> TableFiles:
         return self.tables[table]
@@ -596,6 +599,142 @@ def test_utc_bars_are_the_bars_time_bucket_makes_opened_and_closed_in_trade_orde
             "2024-03-01T00:01:00.000000Z",
             "50.00000000",
         )
+
+
+def _bar_files(tmp_path: Path, overlap: bool = False) -> TableFiles:
+    """Three files of BTC and ETH trades, 3 hours in time order (prices and quantities
+    vary, several trades share an instant); with `overlap` the last file repeats the
+    first one's rows (a replay), so files may share rows."""
+    rng = random.Random(5)
+    trades: list[Trade] = []
+    ts = T0 + 7 * S + 123
+    for n in range(3_000):
+        ts += rng.choice((0, 0, 1, 999_999, 3 * S + 17, 11 * S))
+        sym = rng.choice(("BTCUSDT", "ETHUSDT"))
+        trades.append(
+            msgspec.structs.replace(
+                _trade(n, ts, f"{rng.randrange(1, 10**6)}.{rng.randrange(10**8):08d}", n, n),
+                symbol=sym,
+                message_id=f"BINANCE:{sym}:trade:{n}",
+                quantity=f"0.{rng.randrange(1, 10**8):08d}",
+            )
+        )
+    parts = [trades[:1_000], trades[1_000:2_200], trades[2_200:]]
+    if overlap:
+        parts.append(trades[:300])
+    entries = []
+    for i, part in enumerate(parts):
+        path = str(tmp_path / f"f{i}.parquet")
+        pq.write_table(trades_to_arrow(part), path)
+        bounds = {}
+        for key in (BTC, ETH):
+            mine = [t for t in part if (t.exchange, t.symbol) == key]
+            bounds[key] = stats(
+                len(mine),
+                min(t.timestamp for t in mine),
+                max(t.timestamp for t in mine),
+                min(t.source_sequence or 0 for t in mine),
+                max(t.source_sequence or 0 for t in mine),
+            )
+        lo = min(t.timestamp for t in part)
+        entries.append(entry(path, lo, max(t.timestamp for t in part), bounds))
+    return TableFiles("trades", 1, 1, entries, None)
+
+
+def _ohlcv(
+    c: PlanContext, interval: str, window: Window, symbols: tuple[str, ...], use_bars: bool
+) -> list[dict[str, Any]]:
+    plan = OhlcvPlan(
+        endpoint="ohlcv",
+        interval=INTERVALS[interval],
+        symbols=symbols,
+        exchanges=(),
+        window=window,
+        tz="UTC",
+        limit=100_000,
+        use_bars=use_bars,
+    )
+    body, done, _ = open_result(c, plan, Format.JSON).read(1 << 26)
+    assert done
+    data: list[dict[str, Any]] = json.loads(body)["data"]
+    return data
+
+
+def test_bars_from_remembered_minute_bars_equal_bars_from_the_trades(tmp_path: Path) -> None:
+    tables = {"trades": _bar_files(tmp_path)}
+    db, (cursor,) = open_database(QueryConfig(), [str(tmp_path)], 1)
+    index = FakeIndex(tables)
+    c = PlanContext(index, cursor, QueryConfig(), time.monotonic() + 60)  # type: ignore[arg-type]
+    windows = [
+        Window(T0, T0 + DAY_US),  # whole minutes
+        Window(T0 + 61 * S + 500, T0 + 3_600 * S),  # the first minute cut
+        Window(T0 + 60 * S, T0 + 7_000 * S + 1),  # the last minute cut
+        Window(T0 + 90 * S + 3, T0 + 2 * 3_600 * S + 45 * S),  # both
+        Window(T0 + 90 * S + 3, T0 + 1_500 * S + 7),  # both, in the first file alone
+        Window(T0 + 95 * S, T0 + 179 * S),  # within two minutes, no whole one
+        Window(T0 + 125 * S, T0 + 170 * S),  # within one minute
+    ]
+    try:
+        for window in windows:
+            for interval in ("1m", "5m", "1h", "1d"):
+                for symbols in (("BTCUSDT",), ()):
+                    merged = _ohlcv(c, interval, window, symbols, use_bars=True)
+                    direct = _ohlcv(c, interval, window, symbols, use_bars=False)
+                    assert merged == direct, (window, interval, symbols)
+                    assert merged, (window, interval, symbols)
+        # The bars came from the memo: each (file, pair) aggregated once, then remembered.
+        assert index.bars.computed == 6
+        assert index.bars.rows > 0
+    finally:
+        cursor.close()
+        db.close()
+
+
+def test_minute_bars_are_computed_once_and_bounded(tmp_path: Path) -> None:
+    tables = {"trades": _bar_files(tmp_path)}
+    db, (cursor,) = open_database(QueryConfig(), [str(tmp_path)], 1)
+    window = Window(T0, T0 + DAY_US)
+    try:
+        index = FakeIndex(tables)
+        c = PlanContext(index, cursor, QueryConfig(), time.monotonic() + 60)  # type: ignore[arg-type]
+        first = _ohlcv(c, "1m", window, ("BTCUSDT",), use_bars=True)
+        assert index.bars.computed == 3  # three files hold BTC
+        held = index.bars.rows
+        assert _ohlcv(c, "1m", window, ("BTCUSDT",), use_bars=True) == first
+        assert index.bars.computed == 3  # nothing aggregated again
+        assert index.bars.rows == held
+        # A bound below one symbol's bars: the oldest are forgotten, answers stay right.
+        small = FakeIndex(tables)
+        small.bars = MinuteBars(held // 2)
+        c2 = PlanContext(small, cursor, QueryConfig(), time.monotonic() + 60)  # type: ignore[arg-type]
+        for _ in range(2):
+            assert _ohlcv(c2, "1m", window, ("BTCUSDT",), use_bars=True) == first
+            assert 0 < small.bars.rows <= held // 2
+        assert small.bars.computed > 3  # the forgotten ones were aggregated again
+    finally:
+        cursor.close()
+        db.close()
+
+
+def test_files_that_may_share_rows_are_not_merged_from_minute_bars(tmp_path: Path) -> None:
+    # A replay wrote the first 300 trades twice: merging each file's bars would count them
+    # twice; the trades are aggregated with their duplicates dropped instead.
+    tables = {"trades": _bar_files(tmp_path, overlap=True)}
+    db, (cursor,) = open_database(QueryConfig(), [str(tmp_path)], 1)
+    index = FakeIndex(tables)
+    c = PlanContext(index, cursor, QueryConfig(), time.monotonic() + 60)  # type: ignore[arg-type]
+    once_dir = tmp_path / "once"
+    once_dir.mkdir()
+    try:
+        once = FakeIndex({"trades": _bar_files(once_dir)})
+        c_once = PlanContext(once, cursor, QueryConfig(), time.monotonic() + 60)  # type: ignore[arg-type]
+        window = Window(T0, T0 + DAY_US)
+        got = _ohlcv(c, "1m", window, (), use_bars=True)
+        assert got == _ohlcv(c_once, "1m", window, (), use_bars=False)
+        assert index.bars.computed == 0
+    finally:
+        cursor.close()
+        db.close()
 
 
 # -- the ledger ---------------------------------------------------------------------------
