@@ -473,16 +473,18 @@ _TRADE_FIELDS = (
 )
 
 
-def _bar_start(
-    interval: Interval, tz: str, us: str = 'epoch_us("timestamp")'
-) -> tuple[str, list[Any]]:
+_EPOCH_US = 'epoch_us("timestamp")'
+
+
+def _bar_start(interval: Interval, tz: str, us: str = _EPOCH_US) -> tuple[str, list[Any]]:
     """The bar a trade (at `us` microseconds) falls in, as `time_bucket(interval,
     "timestamp", tz)` gives it. In UTC by integer arithmetic: every interval divides a day,
     so its bars start at multiples of its length since the epoch (time_bucket's origin,
     2000-01-03, is one of them), and time_bucket's time-zone path costs a calendar
     conversion a row."""
     if tz != "UTC":
-        return f"time_bucket({interval.sql}, make_timestamptz({us}), ?)", [tz]
+        at = '"timestamp"' if us == _EPOCH_US else f"make_timestamptz({us})"
+        return f"time_bucket({interval.sql}, {at}, ?)", [tz]
     assert DAY_US % interval.micros == 0, interval
     width = interval.micros
     # Floored, also before 1970: DuckDB's % keeps the dividend's sign.
