@@ -125,7 +125,7 @@ class MinuteBars:
         parts = [found[key] for key in wanted]
         if not parts:
             return _EMPTY, True
-        return pa.concat_tables([p.table for p in parts]), _disjoint(wanted, parts)
+        return pa.concat_tables([p.table for p in parts]).combine_chunks(), _disjoint(wanted, parts)
 
     def _compute(
         self, cursor: duckdb.DuckDBPyConnection, missing: Sequence[tuple[str, SymbolKey]]
