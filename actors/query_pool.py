@@ -123,6 +123,7 @@ class QueryPool(Actor[Committed, None]):
         self.index = FileIndex(
             warehouse, cfg.snapshot_cache_size, cfg.max_ledger_events, cfg.minute_bars
         )
+        metrics.query_minute_bars.set_function(lambda: self.index.bars.rows)
         self._db: duckdb.DuckDBPyConnection | None = None
         self._maintenance: duckdb.DuckDBPyConnection | None = None
         self._workers: list[_Worker] = []

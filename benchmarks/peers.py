@@ -500,6 +500,18 @@ def k2d_http(server: Server, kind: str, d: list[tuple[str, int, int]], warmup: i
     return ms
 
 
+def first_asks(
+    d: list[tuple[str, int, int]], warmup: int, ms: list[float]
+) -> tuple[list[float], list[float]]:
+    """The timed `ms` of draws `d` (after `warmup`), split: first asks, then asked before."""
+    seen = set(d[:warmup])
+    first, later = [], []
+    for draw, took in zip(d[warmup:], ms, strict=True):
+        (later if draw in seen else first).append(took)
+        seen.add(draw)
+    return first, later
+
+
 def k2d_inprocess(
     storage: StorageConfig, kind: str, d: list[tuple[str, int, int]], warmup: int
 ) -> list[float]:
@@ -620,7 +632,16 @@ def query_rows(
                     )
                 rows.append(row)
 
-            add("k2d HTTP (JSON)", k2d_http(server, kind, d, args.warmup))
+            http_ms = k2d_http(server, kind, d, args.warmup)
+            add("k2d HTTP (JSON)", http_ms)
+            if kind == "ohlcv":
+                # The pool keeps each file's minute bars once a request has aggregated them:
+                # the first ask of a symbol-day and the later ones, apart.
+                first, later = first_asks(d, args.warmup, http_ms)
+                if first:
+                    add("k2d HTTP (JSON), first ask of a symbol-day", first)
+                if later:
+                    add("k2d HTTP (JSON), symbol-day asked before", later)
             add("k2d in-process (query layer)", k2d_inprocess(storage, kind, d, args.warmup))
             if isinstance(arctic, str):
                 add("ArcticDB (LMDB)", None, why=arctic)

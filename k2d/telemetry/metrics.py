@@ -350,6 +350,11 @@ class Metrics:
             "Resolved time spans of gaps cached by the query side",
             registry=r,
         )
+        self.query_minute_bars = Gauge(
+            "k2d_query_minute_bars",
+            "Minute bars of data files the query side keeps for OHLCV requests",
+            registry=r,
+        )
         self.query_index_replans = Counter(
             "k2d_query_index_replans_total",
             "Full re-plans of the query file index (start, replace commits, missed commits)",

@@ -381,7 +381,12 @@ async def test_trades_query_body_takes_several_symbols(tmp_path: Path) -> None:
 
 async def test_ohlcv_bars_are_deterministic_with_exact_vwap(tmp_path: Path) -> None:
     async with running(tmp_path) as s:
+        held_before = s.metrics.registry.get_sample_value("k2d_query_minute_bars")
         body = await get_json(
+            s.client, f"/v1/ohlcv/1m?symbol=BTCUSDT&start={T0}&end={T0 + 600 * S}"
+        )
+        held = s.metrics.registry.get_sample_value("k2d_query_minute_bars")
+        again = await get_json(
             s.client, f"/v1/ohlcv/1m?symbol=BTCUSDT&start={T0}&end={T0 + 600 * S}"
         )
         sydney = await get_json(
@@ -391,6 +396,11 @@ async def test_ohlcv_bars_are_deterministic_with_exact_vwap(tmp_path: Path) -> N
         )
         bad = await s.client.get(f"/v1/ohlcv/7m?symbol=BTCUSDT&{W}")
         bad_tz = await s.client.get(f"/v1/ohlcv/1m?symbol=BTCUSDT&{W}&tz=Mars/Base")
+    # The first request kept the files' minute bars; the second read them, with the same
+    # answer.
+    assert held_before == 0
+    assert held is not None and held >= len(body["data"])
+    assert again["data"] == body["data"]
     first = body["data"][0]
     minute = btc(range(1, 60))
     pq_sum = sum(Decimal(t.price) * Decimal(t.quantity) for t in minute)
