@@ -316,9 +316,10 @@ class QueryConfig(_Section, frozen=True):
     # Gap and outage events kept in memory for gap reports (closed ones are forgotten first,
     # oldest first, beyond this): the bound on what the ledger costs the query side.
     max_ledger_events: int = 200_000
-    # Minute bars of data files kept for OHLCV requests (about 200 bytes each; least
-    # recently used forgotten first): 1,440 a symbol-day, so 200,000 hold about 140.
-    minute_bars: int = 200_000
+    # Minute bars of data files kept for OHLCV requests (about 220 bytes each; least
+    # recently used forgotten first; 0 keeps none): 1,440 a symbol-day, so 200,000 hold
+    # about 140.
+    minute_bars: Annotated[int, msgspec.Meta(ge=0)] = 200_000
 
     def __post_init__(self) -> None:
         if self.workers < 1 or self.per_key_concurrency < 1:

@@ -89,7 +89,7 @@ class _Part:
 
 class MinuteBars:
     """(data file, exchange, symbol) -> that file's minute bars for the pair, least recently
-    used forgotten first beyond `max_rows` bars in all (about 200 bytes each). Shared by the
+    used forgotten first beyond `max_rows` bars in all (about 220 bytes each). Shared by the
     query workers' threads."""
 
     def __init__(self, max_rows: int) -> None:
