@@ -23,6 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
+# k2d before pyarrow: importing k2d chooses Arrow's memory pool (k2d.allocators), which
+# pyarrow reads once, when it loads; the daemon and `k2d load` run on that pool.
+import k2d  # noqa: F401
+
+# isort: split
 import pyarrow as pa
 
 from k2d.batchload import LoadOptions, Progress, load_asx

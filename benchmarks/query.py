@@ -50,6 +50,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+# k2d before pyarrow: importing k2d chooses Arrow's memory pool (k2d.allocators), which
+# pyarrow reads once, when it loads; the daemon and `k2d load` run on that pool.
+import k2d  # noqa: F401
+
+# isort: split
 import anyio
 import httpx
 import pyarrow as pa
