@@ -79,12 +79,11 @@ def partials_sql(source: str, where: str, with_filename: bool = False) -> str:
 
 @dataclass(frozen=True)
 class _Part:
-    """One file's minute bars of one pair, ordered by minute; `lo`, `hi` its first and last
-    minute (None: no bars)."""
+    """One file's minute bars of one pair, ordered by minute, from `lo` to `hi`."""
 
     table: pa.Table
-    lo: int | None
-    hi: int | None
+    lo: int
+    hi: int
 
 
 class MinuteBars:
@@ -162,9 +161,11 @@ class MinuteBars:
                     key = (names[start], (exchanges[start], symbols[start]))
                     out[key] = _Part(rows, minutes[start], minutes[i - 1])
                 start = i
-        for key in missing:
-            # A pair the file's statistics name but no row matched: remembered as empty.
-            out.setdefault(key, _Part(_EMPTY, None, None))
+        for path, pair in missing:
+            if (path, pair) not in out:
+                # The file index found this pair's rows in this file (k2d.query._files);
+                # bars of nothing would be a silently wrong answer.
+                raise RuntimeError(f"{path}: no trades of {pair} where the file index has some")
         with self._lock:
             for key, part in out.items():
                 self.computed += 1
@@ -185,8 +186,7 @@ def _disjoint(keys: Sequence[tuple[str, SymbolKey]], parts: Sequence[_Part]) -> 
     """No two files hold bars of the same pair in the same minute."""
     spans: dict[SymbolKey, list[tuple[int, int]]] = {}
     for (_, pair), part in zip(keys, parts, strict=True):
-        if part.lo is not None and part.hi is not None:
-            spans.setdefault(pair, []).append((part.lo, part.hi))
+        spans.setdefault(pair, []).append((part.lo, part.hi))
     for pair_spans in spans.values():
         pair_spans.sort()
         for (_, hi), (lo, _) in itertools.pairwise(pair_spans):
