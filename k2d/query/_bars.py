@@ -102,6 +102,17 @@ class MinuteBars:
     def rows(self) -> int:
         return self._rows
 
+    def fits(self, entries: Sequence[FileEntry], keys: Collection[SymbolKey]) -> bool:
+        """Would the bars of `keys` in `entries` (at most one a minute each file spans for a
+        pair) fit within the bound? Larger requests aggregate the trades inside DuckDB,
+        under its memory limit, instead of holding that many bars here."""
+        most = 0
+        for e in entries:
+            for k, st in e.symbols.items():
+                if k in keys:
+                    most += (st.max_ts - st.min_ts) // MINUTE_US + 2
+        return most <= self.max_rows
+
     def bars(
         self,
         cursor: duckdb.DuckDBPyConnection,

@@ -569,16 +569,18 @@ class OhlcvPlan:
         # Bars in whole UTC minutes merge the files' remembered minute bars, and aggregate
         # trades only in the minutes the window cuts. Files that may share rows (a replay)
         # and other time zones (an offset need not be whole minutes) aggregate every trade.
+        # So do requests whose bars would not fit in the memo's bound.
         first = -(-self.window.start // MINUTE_US) * MINUTE_US
         last = self.window.end // MINUTE_US * MINUTE_US
+        wanted = set(keys) if keys is not None else _pairs_in(entries, self.exchanges)
         if (
             self.use_bars
             and not dedupe
             and self.tz == "UTC"
             and self.interval.micros % MINUTE_US == 0
             and first < last
+            and ctx.index.bars.fits(entries, wanted)
         ):
-            wanted = set(keys) if keys is not None else _pairs_in(entries, self.exchanges)
             relations["__bars"], whole = ctx.index.bars.bars(ctx.cursor, entries, wanted)
             parts = f"SELECT * FROM {ident('__bars')} WHERE minute >= ? AND minute < ?"
             params: list[Any] = [first, last]

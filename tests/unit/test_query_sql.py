@@ -703,17 +703,40 @@ def test_minute_bars_are_computed_once_and_bounded(tmp_path: Path) -> None:
         assert _ohlcv(c, "1m", window, ("BTCUSDT",), use_bars=True) == first
         assert index.bars.computed == 3  # nothing aggregated again
         assert index.bars.rows == held
-        # A bound below one symbol's bars: the oldest are forgotten, answers stay right.
+        # A bound that holds one symbol's bars: ETH's evict BTC's, answers stay right.
+        entries = tables["trades"].entries
+        bound = max(_most_bars(entries, BTC), _most_bars(entries, ETH))
         small = FakeIndex(tables)
-        small.bars = MinuteBars(held // 2)
+        small.bars = MinuteBars(bound)
         c2 = PlanContext(small, cursor, QueryConfig(), time.monotonic() + 60)  # type: ignore[arg-type]
-        for _ in range(2):
-            assert _ohlcv(c2, "1m", window, ("BTCUSDT",), use_bars=True) == first
-            assert 0 < small.bars.rows <= held // 2
-        assert small.bars.computed > 3  # the forgotten ones were aggregated again
+        assert _ohlcv(c2, "1m", window, ("BTCUSDT",), use_bars=True) == first
+        assert small.bars.computed == 3
+        eth = _ohlcv(c2, "1m", window, ("ETHUSDT",), use_bars=True)
+        assert eth == _ohlcv(c2, "1m", window, ("ETHUSDT",), use_bars=False)
+        assert small.bars.computed == 6
+        assert 0 < small.bars.rows <= bound
+        assert _ohlcv(c2, "1m", window, ("BTCUSDT",), use_bars=True) == first
+        assert small.bars.computed > 6  # BTC's forgotten bars were aggregated again
+        assert 0 < small.bars.rows <= bound
+        # Bars that would not fit at all: the trades are aggregated, nothing is held.
+        tiny = FakeIndex(tables)
+        tiny.bars = MinuteBars(bound // 4)
+        c3 = PlanContext(tiny, cursor, QueryConfig(), time.monotonic() + 60)  # type: ignore[arg-type]
+        assert _ohlcv(c3, "1m", window, ("BTCUSDT",), use_bars=True) == first
+        assert (tiny.bars.computed, tiny.bars.rows) == (0, 0)
     finally:
         cursor.close()
         db.close()
+
+
+def _most_bars(entries: list[FileEntry], key: tuple[str, str]) -> int:
+    """At most one bar a minute that each file spans for the pair (MinuteBars.fits)."""
+    return sum(
+        (st.max_ts - st.min_ts) // (60 * S) + 2
+        for e in entries
+        for k, st in e.symbols.items()
+        if k == key
+    )
 
 
 def test_files_that_may_share_rows_are_not_merged_from_minute_bars(tmp_path: Path) -> None:
