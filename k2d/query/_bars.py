@@ -5,7 +5,6 @@ instead of aggregating the file's trades again."""
 
 from __future__ import annotations
 
-import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
@@ -14,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from k2d.query._files import FileEntry, SymbolKey
+from k2d.query._files import FileEntry, SymbolKey, overlap
 
 if TYPE_CHECKING:
     import duckdb
@@ -198,12 +197,7 @@ def _disjoint(keys: Sequence[tuple[str, SymbolKey]], parts: Sequence[_Part]) -> 
     spans: dict[SymbolKey, list[tuple[int, int]]] = {}
     for (_, pair), part in zip(keys, parts, strict=True):
         spans.setdefault(pair, []).append((part.lo, part.hi))
-    for pair_spans in spans.values():
-        pair_spans.sort()
-        for (_, hi), (lo, _) in itertools.pairwise(pair_spans):
-            if lo <= hi:
-                return False
-    return True
+    return not overlap(spans)
 
 
 _TRADE_TYPE = pa.struct(

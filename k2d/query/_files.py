@@ -9,6 +9,7 @@ the index; data files are immutable). Blocking code: callers run it in worker th
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
@@ -33,6 +34,7 @@ __all__ = [
     "entry_from_data_file",
     "entry_from_info",
     "local_path",
+    "overlap",
     "summarize",
 ]
 
@@ -41,6 +43,15 @@ _EPOCH_DAY = date(1970, 1, 1)
 _SUMMARY_CHUNK = 512
 SymbolKey = tuple[str, str]
 """(exchange, symbol)"""
+
+
+def overlap(spans: Mapping[SymbolKey, list[tuple[int, int]]]) -> bool:
+    """Do two of a pair's (low, high) spans, both ends included, meet?"""
+    for pair_spans in spans.values():
+        for (_, hi), (lo, _) in itertools.pairwise(sorted(pair_spans)):
+            if lo <= hi:
+                return True
+    return False
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ from k2d.query._bars import MINUTE_US, TURNOVER, VOLUME, partials_sql, units, vw
 from k2d.query._cursor import fingerprint
 from k2d.query._errors import QueryError
 from k2d.query._execute import Key, PlanContext, Prepared, keyset
-from k2d.query._files import DAY_US, FileEntry, SymbolKey, TableFiles
+from k2d.query._files import DAY_US, FileEntry, SymbolKey, TableFiles, overlap
 from k2d.query._ledger import LedgerEvent
 from k2d.query._params import Interval, SnapshotSel, Window
 from k2d.query._render import Column, Kind, ident
@@ -147,12 +147,7 @@ def _needs_dedupe(entries: Sequence[FileEntry], keys: Iterable[SymbolKey] | None
             if st.min_seq is None or st.max_seq is None:
                 return True
             ranges.setdefault(k, []).append((st.min_seq, st.max_seq))
-    for spans in ranges.values():
-        spans.sort()
-        for (_, hi), (lo, _) in itertools.pairwise(spans):
-            if lo <= hi:
-                return True
-    return False
+    return overlap(ranges)
 
 
 def _time_filter(window: Window) -> tuple[str, list[Any]]:
