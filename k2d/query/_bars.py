@@ -5,6 +5,7 @@ instead of aggregating the file's trades again."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MINUTE_US",
+    "ORDER_KEY",
     "TURNOVER",
     "VOLUME",
     "MinuteBars",
@@ -33,7 +35,7 @@ _US = 'epoch_us("timestamp")'
 # First and last trade by (time, venue sequence, platform sequence), the order the raw
 # path's first()/last() use, carried with their key so that bars of two files merge exactly.
 _TRADE = f"{{'t': {_US}, 's': coalesce(source_sequence, -1), 'p': platform_sequence, 'x': price}}"
-_ORDER_KEY = '"timestamp", coalesce(source_sequence, -1), platform_sequence'
+ORDER_KEY = '"timestamp", coalesce(source_sequence, -1), platform_sequence'
 
 
 def units(decimal: str) -> str:
@@ -60,8 +62,8 @@ VOLUME = "sum(quantity)"
 _PARTIAL_AGGREGATES = (
     f"{_US} - ({_US} % {MINUTE_US} + {MINUTE_US}) % {MINUTE_US} AS minute, "
     '"exchange", "symbol", '
-    f"first({_TRADE} ORDER BY {_ORDER_KEY}) AS o, max(price) AS high, min(price) AS low, "
-    f"last({_TRADE} ORDER BY {_ORDER_KEY}) AS c, {VOLUME} AS volume, count(*) AS n, "
+    f"first({_TRADE} ORDER BY {ORDER_KEY}) AS o, max(price) AS high, min(price) AS low, "
+    f"last({_TRADE} ORDER BY {ORDER_KEY}) AS c, {VOLUME} AS volume, count(*) AS n, "
     f"{units(VOLUME)} AS volume_units, {units(TURNOVER)} AS turnover_units"
 )
 
@@ -148,29 +150,27 @@ class MinuteBars:
         params: list[object] = [paths]
         for ex, sym in pairs:
             params.extend((ex, sym))
+        # The SQL is this module's text and placeholders: the paths and pairs are bound.
         cursor.execute(f"SELECT * FROM ({sql}) ORDER BY filename, exchange, symbol, minute", params)
         reader = cursor.to_arrow_reader(65_536)
         assert reader is not None
         table = reader.read_all()
-        names = table.column("filename").to_pylist()
-        exchanges = table.column("exchange").to_pylist()
-        symbols = table.column("symbol").to_pylist()
+        runs = zip(
+            table.column("filename").to_pylist(),
+            table.column("exchange").to_pylist(),
+            table.column("symbol").to_pylist(),
+            strict=True,
+        )
         minutes = table.column("minute").to_pylist()
         table = table.drop_columns(["filename"])
         out: dict[tuple[str, SymbolKey], _Part] = {}
         start = 0
-        for i in range(1, len(names) + 1):
-            if i == len(names) or (names[i], exchanges[i], symbols[i]) != (
-                names[start],
-                exchanges[start],
-                symbols[start],
-            ):
-                if start < len(names):
-                    # A copy: a slice would keep the whole result alive while any part is held.
-                    rows = table.take(pa.array(range(start, i), pa.int64()))
-                    key = (names[start], (exchanges[start], symbols[start]))
-                    out[key] = _Part(rows, minutes[start], minutes[i - 1])
-                start = i
+        for (path, ex, sym), run in itertools.groupby(runs):
+            end = start + sum(1 for _ in run)
+            # A copy: a slice would keep the whole result alive while any part is held.
+            rows = table.take(pa.array(range(start, end), pa.int64()))
+            out[(path, (ex, sym))] = _Part(rows, minutes[start], minutes[end - 1])
+            start = end
         for path, pair in missing:
             if (path, pair) not in out:
                 # The file index found this pair's rows in this file (k2d.query._files);

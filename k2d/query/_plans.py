@@ -18,7 +18,7 @@ import msgspec
 import pyarrow as pa
 
 from k2d.model import Quote, Trade
-from k2d.query._bars import MINUTE_US, TURNOVER, VOLUME, partials_sql, units, vwap
+from k2d.query._bars import MINUTE_US, ORDER_KEY, TURNOVER, VOLUME, partials_sql, units, vwap
 from k2d.query._cursor import fingerprint
 from k2d.query._errors import QueryError
 from k2d.query._execute import Key, PlanContext, Prepared, keyset
@@ -437,10 +437,9 @@ _VWAP = vwap(units(TURNOVER), units(VOLUME))
 # Open and close: first and last trade by (time, venue sequence, platform sequence). An
 # ordered first/last, not arg_min/arg_max on a struct key: the same rows, and struct
 # comparisons were the dearest part of a day of 1-minute bars.
-_ORDER_KEY = '"timestamp", coalesce(source_sequence, -1), platform_sequence'
 _BAR_AGGREGATES = (
-    f"first(price ORDER BY {_ORDER_KEY}) AS open, max(price) AS high, min(price) AS low, "
-    f"last(price ORDER BY {_ORDER_KEY}) AS close, {VOLUME} AS volume, {_VWAP} AS vwap, "
+    f"first(price ORDER BY {ORDER_KEY}) AS open, max(price) AS high, min(price) AS low, "
+    f"last(price ORDER BY {ORDER_KEY}) AS close, {VOLUME} AS volume, {_VWAP} AS vwap, "
     "count(*) AS trade_count"
 )
 _BAR_COLUMNS = (
