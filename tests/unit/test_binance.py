@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import msgspec
+import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from k2d.columns import by_stream
 from k2d.model import now_us
+from k2d.venues import binance
 from k2d.venues.binance import (
     BinanceParser,
     HistoricalTrade,
@@ -128,6 +133,79 @@ def test_one_bad_row_does_not_spoil_its_batch() -> None:
     assert [t.price for t in out.trades] == ["1.5", "2.5"]
     assert [d.reason for d in out.dead_letters] == ["invalid_number", "non_positive"]
     assert out.dead_letters[0].raw == trade_frame(t=1, p="x")
+
+
+def _interleaved(n: int) -> list[bytes]:
+    """n frames of three symbols in turn, trades and quotes, a few with bad decimals."""
+    frames = []
+    for i in range(n):
+        symbol = ("BTCUSDT", "ETHUSDT", "SOLUSDT")[i % 3]
+        stream = symbol.lower()
+        if i % 4 == 3:
+            side = "0.00000000" if i % 8 == 3 else "10.5"  # one empty side: stored as null
+            data = {"u": i, "s": symbol, "b": side, "B": "1.0", "a": "11.5", "A": "2.0"}
+            frames.append(msgspec.json.encode({"stream": f"{stream}@bookTicker", "data": data}))
+        else:
+            price = {5: "x", 10: "0.0"}.get(i % 12, f"{1 + i}.25")
+            frames.append(trade_frame(s=symbol, t=i, p=price).replace(b"btcusdt", stream.encode()))
+    return frames
+
+
+def _finished(frames: list[bytes]) -> ParsedFrames:
+    parser = BinanceParser(["BTCUSDT", "ETHUSDT", "SOLUSDT"])
+    out = ParsedFrames()
+    for frame in frames:
+        parser.parse(frame, NOW, out)
+    parser.finish(out)
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 40, 300, 700])
+def test_small_and_large_batches_leave_the_same_rows_in_stream_order(
+    n: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small batch is checked and put in symbol order in Python, a large one by Arrow: the
+    rows, their order (each symbol's together, as by_stream leaves them) and the dead letters
+    are the same either way."""
+    frames = _interleaved(n)
+    python_way = _finished(frames)
+    monkeypatch.setattr(binance, "_PYTHON_ROWS", -1)
+    arrow_way = _finished(frames)
+
+    assert python_way.dead_letters == arrow_way.dead_letters
+    assert python_way.columns.keys() == arrow_way.columns.keys()
+    for name, table in python_way.columns.items():
+        assert table.equals(arrow_way.columns[name])
+        assert by_stream(table).columns.equals(table), "each symbol's rows together"
+    if n >= 40:
+        assert len(python_way.dead_letters) == len([i for i in range(n) if i % 12 in (5, 10)])
+        assert len({q.symbol for q in python_way.quotes}) == 3
+        assert any(q.bid_price is None for q in python_way.quotes)
+
+
+_DECIMAL_TEXT = st.one_of(
+    st.text(alphabet="0123456789.", max_size=21),
+    st.text(alphabet="0123456789.-+e x\n\t\u0661\U0001d7d9", max_size=8),
+    st.sampled_from(["0", "0.00000000", "1.123456789", "12345678901", "1234567890.12345678"]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.none() | _DECIMAL_TEXT, st.none() | _DECIMAL_TEXT), max_size=6),
+    st.booleans(),
+)
+def test_decimals_are_judged_alike_in_python_and_in_arrow(
+    pairs: list[tuple[str | None, str | None]], nullable: bool
+) -> None:
+    if not nullable:
+        pairs = [(p or "1", q or "1") for p, q in pairs]
+    prices, qtys = [p for p, _ in pairs], [q for _, q in pairs]
+    in_python = binance._bad_decimal_lists(prices, qtys, nullable=nullable)
+    in_arrow = binance._bad_decimal_arrays(
+        pa.array(prices, pa.string()), pa.array(qtys, pa.string()), nullable=nullable
+    )
+    assert in_python == in_arrow
 
 
 def test_oversized_frame_is_dead_lettered() -> None:
