@@ -487,15 +487,21 @@ class Fanout:
         return published
 
     def publish_columns(
-        self, kind: str, parts: list[tuple[_Key, pa.Table]], span_context: Any = None
+        self,
+        kind: str,
+        parts: list[tuple[_Key, pa.Table]],
+        span_context: Any = None,
+        *,
+        all_live: bool = False,
     ) -> int:
         """`publish_rows` for a batch already split by (exchange, symbol), as columns: records
-        are made only for channels with a subscriber."""
+        are made only for channels with a subscriber. `all_live`: the caller knows every row
+        is live, and each part need not be looked at for that."""
         cls = Trade if kind == "trades" else Quote
         last = self._last_seq
         published = 0
         for (exchange, symbol), part in parts:
-            if not pc.all(pc.equal(part.column("provenance"), "live")).as_py():
+            if not all_live and not pc.all(pc.equal(part.column("provenance"), "live")).as_py():
                 published += self.publish_rows(kind, columns_to_records(part, cls), span_context)
                 continue
             name = self.channel(kind, exchange, symbol)
@@ -604,14 +610,18 @@ class LiveHub(Actor[SequencedBatch | Committed, None]):
                 continue
             columns = batch_columns(batch, kind)
             first_at: int = columns.column("ingestion_timestamp")[0].as_py()
-            if pc.any(pc.equal(columns.column("provenance"), "backfill")).as_py():
+            provenance = columns.column("provenance")
+            all_live: bool = pc.all(pc.equal(provenance, "live")).as_py()
+            if not all_live and pc.any(pc.equal(provenance, "backfill")).as_py():
                 rows: list[Any] = batch.trades if kind == "trades" else batch.quotes
                 keep.extend(r for r in rows if r.provenance == "backfill")
                 rows = [r for r in rows if r.provenance != "backfill"]
                 published = fanout.publish_rows(kind, rows, batch.span_context)
                 first_at = rows[0].ingestion_timestamp if rows else 0
             else:
-                published = fanout.publish_columns(kind, parts, batch.span_context)
+                published = fanout.publish_columns(
+                    kind, parts, batch.span_context, all_live=all_live
+                )
             if published:
                 self.metrics.ws_publish_lag.observe(max(0.0, (now_us() - first_at) / 1e6))
         held.events = [e for e in batch.events if e.kind in _STREAMED_KINDS]

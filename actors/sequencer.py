@@ -28,6 +28,8 @@ __all__ = ["SequenceTracker"]
 log = logging.getLogger(__name__)
 # Trade ids one backfill request may span: the venue's largest history page.
 _REQUEST_SPAN = 1_000
+# Up to this many rows, a batch's ids are checked as a Python list (StreamBook.goes_on).
+_PYTHON_ROWS = 256
 
 
 class SequenceTracker(Actor[RecordBatch, SequencedBatch]):
@@ -303,6 +305,8 @@ class SequenceTracker(Actor[RecordBatch, SequencedBatch]):
         streams = by_stream(table)
         table = streams.columns
         seqs = table.column("source_sequence").combine_chunks()
+        # A small batch's ids as a list: checked in Python, cheaper than Arrow calls a stream.
+        ids = seqs.to_pylist() if n <= _PYTHON_ROWS else None
         books = []
         in_order = True
         for (exchange, symbol), start, count in zip(
@@ -312,11 +316,12 @@ class SequenceTracker(Actor[RecordBatch, SequencedBatch]):
             b = self._books.get(key) or self.book(key)
             touched.add(key)
             books.append(b)
-            in_order = in_order and b.goes_on(seqs.slice(start, count))
+            part = seqs.slice(start, count) if ids is None else ids[start : start + count]
+            in_order = in_order and b.goes_on(part)
         if in_order:
             numbers = []
             for b, start, count in zip(books, streams.starts, streams.counts, strict=True):
-                b.hi = seqs[start + count - 1].as_py()
+                b.hi = seqs[start + count - 1].as_py() if ids is None else ids[start + count - 1]
                 b.last_seen_us = now
                 first = b.platform_sequence + 1
                 b.platform_sequence += count

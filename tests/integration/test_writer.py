@@ -184,6 +184,18 @@ async def test_flushes_by_rows_and_at_end_of_input(wh: Warehouse) -> None:
     assert rows_in(wh, "trades") == 150
 
 
+@pytest.mark.parametrize("rows", [50, 400])
+async def test_flushes_by_bytes_before_rows_or_age(wh: Warehouse, rows: int) -> None:
+    """Small tables (a feed's 10 ms batch) and large ones are both counted toward flush_bytes:
+    with room for one and a half batches, every second batch flushes."""
+    one_batch = trades_to_arrow(trades(0, rows)).nbytes
+    writer = IcebergWriter(wh, writer_cfg(flush_bytes=int(one_batch * 1.5)), Metrics())
+    batches = [batch(i, t=trades(i * rows, rows)) for i in range(1, 6)]
+    committed = await run_all(writer, batches)
+    assert [c.batch_ids for c in committed] == [(1, 2), (3, 4), (5,)]
+    assert rows_in(wh, "trades") == 5 * rows
+
+
 async def test_flushes_by_age_while_input_stays_open(wh: Warehouse) -> None:
     writer = IcebergWriter(wh, writer_cfg(flush_interval=0.2), Metrics())
     h = Harness(writer)

@@ -6,6 +6,7 @@ import itertools
 from typing import Any
 
 import anyio
+import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -162,6 +163,25 @@ def test_quotes_only_need_to_grow() -> None:
     assert verdicts == [True, True, False, False, True]
     book.emit_pending(1, events, force=True)
     assert [e.kind for e in events if e.kind == "gap"] == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.none() | st.integers(95, 130) | st.sampled_from([10**7, 2 * 10**7]), max_size=8),
+    st.booleans(),
+)
+def test_a_batch_goes_on_alike_as_a_list_and_as_arrow(
+    ids: list[int | None], contiguous: bool
+) -> None:
+    """Small batches' ids are checked as Python lists, large ones as Arrow arrays."""
+    from k2d.messages import Watermark
+
+    wm = Watermark(last_sequence=100, platform_sequence=100, last_seen_us=1)
+    book = StreamBook(("BINANCE", "BTCUSDT", "t"), 0, CFG, contiguous=contiguous, watermark=wm)
+    as_arrow = book.goes_on(pa.array(ids, pa.int64()))
+    assert book.goes_on(ids) == as_arrow
+    if ids and None not in ids and contiguous:
+        assert as_arrow == (ids == list(range(101, 101 + len(ids))))
 
 
 def test_restored_watermark_drops_replayed_ids_and_opens_downtime_gap() -> None:
