@@ -15,7 +15,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from opentelemetry import trace
 
 from k2d import failpoints
-from k2d.columns import by_stream
+from k2d.columns import SMALL_BATCH_ROWS, by_stream
 from k2d.config import SequencerConfig
 from k2d.messages import GapRequest, RecordBatch, SequencedBatch
 from k2d.model import Quote, SequenceEvent, StreamKey, Trade, now_us
@@ -28,8 +28,6 @@ __all__ = ["SequenceTracker"]
 log = logging.getLogger(__name__)
 # Trade ids one backfill request may span: the venue's largest history page.
 _REQUEST_SPAN = 1_000
-# Up to this many rows, a batch's ids are checked as a Python list (StreamBook.goes_on).
-_PYTHON_ROWS = 256
 
 
 class SequenceTracker(Actor[RecordBatch, SequencedBatch]):
@@ -306,7 +304,7 @@ class SequenceTracker(Actor[RecordBatch, SequencedBatch]):
         table = streams.columns
         seqs = table.column("source_sequence").combine_chunks()
         # A small batch's ids as a list: checked in Python, cheaper than Arrow calls a stream.
-        ids = seqs.to_pylist() if n <= _PYTHON_ROWS else None
+        ids = seqs.to_pylist() if n <= SMALL_BATCH_ROWS else None
         books = []
         in_order = True
         for (exchange, symbol), start, count in zip(

@@ -27,6 +27,7 @@ from opentelemetry import trace
 from pyiceberg.exceptions import CommitFailedException
 
 from k2d import failpoints
+from k2d.columns import SMALL_BATCH_ROWS
 from k2d.messages import Committed, SequencedBatch, Watermark
 from k2d.model import now_us
 from k2d.runtime import Actor, Backoff, Outbox, outside_fault
@@ -55,8 +56,6 @@ __all__ = ["CommitLog", "IcebergWriter"]
 
 log = logging.getLogger(__name__)
 
-# Rows in a table small enough that its flush-size estimate is its buffers (_Buffer._keep).
-_SMALL_TABLE = 256
 # A commit span links to at most this many batch spans (OTel's default link limit).
 _MAX_LINKS = 128
 # Ties in commit order: rarely written tables first (see _commit_order). The ledger is not
@@ -116,7 +115,7 @@ class _Buffer:
         # nbytes, the bytes of the table's rows, costs ~3 us a column however few the rows.
         # A small table's whole buffers cost 2 us to count and are never fewer bytes (a slice
         # is counted as the batch it was cut from, at most a few hundred KB more).
-        small = table.num_rows <= _SMALL_TABLE
+        small = table.num_rows <= SMALL_BATCH_ROWS
         self.est_bytes += table.get_total_buffer_size() if small else table.nbytes
 
 

@@ -21,7 +21,13 @@ import msgspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from k2d.columns import QUOTE_COLUMNS, TRADE_COLUMNS, by_stream, columns_to_records
+from k2d.columns import (
+    QUOTE_COLUMNS,
+    SMALL_BATCH_ROWS,
+    TRADE_COLUMNS,
+    by_stream,
+    columns_to_records,
+)
 from k2d.model import DeadLetter, Quote, Trade, quote_message_id, trade_message_id
 
 __all__ = [
@@ -140,11 +146,6 @@ _QUOTE_FIELDS = tuple(map(attrgetter, ("u", "s", "b", "B", "a", "A")))
 _MARKET = b'{"stream":'
 # Market frames that wait for one decode, at most (a feed's batch is usually smaller).
 _DEFER_MAX = 4_096
-# Up to this many rows, a batch's decimals are checked and its rows put in symbol order in
-# Python, before Arrow is built; above, by Arrow calls (a regex per column; a sort and take
-# of the built table, k2d.columns.by_stream), which cost ~250 us however few the rows. A
-# feed's 10 ms batch holds tens at most rates.
-_PYTHON_ROWS = 256
 
 
 class _Control(msgspec.Struct, omit_defaults=True):
@@ -589,7 +590,7 @@ class BinanceParser:
 
         A large batch is checked by Arrow's regex, a column at a time; a small one (a feed's
         10 ms batch) by compiled Python regexes, which for tens of rows cost less than the
-        Arrow calls' own overhead (_PYTHON_ROWS).
+        Arrow calls' own overhead (k2d.columns.SMALL_BATCH_ROWS).
         """
         self.settle(out)
         if out.trade_rows.id:
@@ -601,7 +602,10 @@ class BinanceParser:
 
     def _trade_table(self, rows: _TradeColumns, out: ParsedFrames) -> pa.Table:
         """The rows that pass the decimal checks, each symbol's together (by_stream)."""
-        small = len(rows.id) <= _PYTHON_ROWS
+        # A small batch's decimals are checked, and its rows put in symbol order, in Python
+        # before Arrow is built; a large one's by Arrow (a regex a column; by_stream's sort
+        # and take of the built table), which costs ~250 us however few the rows.
+        small = len(rows.id) <= SMALL_BATCH_ROWS
         if small:
             bad = _bad_decimal_lists(rows.price, rows.qty, nullable=False)
         else:
@@ -653,7 +657,7 @@ class BinanceParser:
         together (by_stream)."""
         n = len(rows.id)
         bid, ask = rows.bid, rows.ask
-        small = n <= _PYTHON_ROWS
+        small = n <= SMALL_BATCH_ROWS  # as in _trade_table
         if small:
             bad = _bad_decimal_lists(bid + ask, rows.bid_qty + rows.ask_qty, nullable=True)
         else:

@@ -169,7 +169,7 @@ def test_small_and_large_batches_leave_the_same_rows_in_stream_order(
     are the same either way."""
     frames = _interleaved(n)
     python_way = _finished(frames)
-    monkeypatch.setattr(binance, "_PYTHON_ROWS", -1)
+    monkeypatch.setattr(binance, "SMALL_BATCH_ROWS", -1)
     arrow_way = _finished(frames)
 
     assert python_way.dead_letters == arrow_way.dead_letters
