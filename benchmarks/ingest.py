@@ -32,7 +32,7 @@ import anyio
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from k2d.allocators import limit_malloc_arenas
+from k2d.allocators import freeze_start_up_objects, limit_malloc_arenas
 from k2d.config import Config, LiveConfig, load_config
 from k2d.journal import Journal, JournalOptions
 from k2d.messages import RecordBatch
@@ -226,6 +226,9 @@ async def run_pipeline(
     p = build_pipeline(
         cfg, wh, metrics, registry, tracing.tracer, sources=[("replay", lambda: replay)]
     )
+    # As the daemon does once it serves (k2d.app): start-up objects out of the cycle
+    # collector's sight, else each full collection walks them all.
+    freeze_start_up_objects()
     cpu0, t0 = os.times(), time.perf_counter()
     await p.supervisor.run()
     elapsed = time.perf_counter() - t0
