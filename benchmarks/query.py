@@ -537,6 +537,16 @@ async def http_runs(
     return out, errors, size
 
 
+async def timed_get(client: HttpClient, url: str, since: float) -> tuple[float, bool]:
+    """GET `url`: ms from `since` (perf_counter) to the whole answer, and whether it failed
+    (printed)."""
+    status, body = await client.get(url)
+    took = (time.perf_counter() - since) * 1_000
+    if status != 200:
+        print(f"    {status}: {body[:200]!r}")
+    return took, status != 200
+
+
 async def mixed(
     base: str, work: Workload, clients: int, per_client: int, asked: Asked
 ) -> tuple[list[float], list[float], int, float]:
@@ -550,12 +560,8 @@ async def mixed(
             for i in range(per_client):
                 is_trades = (i + n) % 2 == 0
                 url = trades_url(*work.trades()) if is_trades else asked()
-                started = time.perf_counter()
-                status, body = await c.get(url)
-                took = (time.perf_counter() - started) * 1_000
-                if status != 200:
-                    errors += 1
-                    print(f"    {status}: {body[:200]!r}")
+                took, failed = await timed_get(c, url, time.perf_counter())
+                errors += failed
                 (trades_ms if is_trades else ohlcv_ms).append(took)
 
     started = time.perf_counter()
@@ -588,11 +594,8 @@ async def paced(
                 is_trades = (i + n) % 2 == 0
                 url = trades_url(*work.trades()) if is_trades else asked()
                 await anyio.sleep(max(0.0, due - time.perf_counter()))
-                status, body = await c.get(url)
-                took = (time.perf_counter() - due) * 1_000
-                if status != 200:
-                    errors += 1
-                    print(f"    {status}: {body[:200]!r}")
+                took, failed = await timed_get(c, url, due)
+                errors += failed
                 (trades_ms if is_trades else ohlcv_ms).append(took)
 
     async with anyio.create_task_group() as tg:
