@@ -10,6 +10,7 @@ sees a symbol and must not be left to the broker's auto-create default.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,8 @@ __all__ = [
 ]
 
 _PROPAGATOR = TraceContextTextMapPropagator()
+# How soon to ask again for a topic the broker does not describe whole yet (just created).
+_DESCRIBE_RETRY_S = 0.1
 
 
 class KafkaSendTimeout(TimeoutError):
@@ -85,7 +88,8 @@ async def ensure_topics(config: KafkaConfig, topics: Iterable[str]) -> None:
                 if code and error is not TopicAlreadyExistsError:
                     detail = message[0] if message and message[0] else error.__name__
                     raise KafkaTopicError(f"cannot create topic {topic}: {detail}")
-        for described in await admin.describe_topics(wanted):
+        ready_by = time.monotonic() + config.request_timeout
+        for described in await _described(admin, wanted, ready_by):
             count = len(described["partitions"])
             if count != config.partitions:
                 raise KafkaTopicError(
@@ -95,6 +99,29 @@ async def ensure_topics(config: KafkaConfig, topics: Iterable[str]) -> None:
                 )
     finally:
         await admin.close()
+
+
+async def _described(
+    admin: AIOKafkaAdminClient, topics: list[str], ready_by: float
+) -> list[dict[str, Any]]:
+    """The metadata of `topics` once the broker describes every one whole. A topic just
+    created is committed by the controller before the broker answering has its metadata:
+    meanwhile it is described with an error (UNKNOWN_TOPIC_OR_PARTITION,
+    LEADER_NOT_AVAILABLE) or no partitions, which is not its partition count. `ready_by` is
+    a time.monotonic() deadline."""
+    while True:
+        described: list[dict[str, Any]] = await admin.describe_topics(topics)
+        pending = [d for d in described if d["error_code"] or not d["partitions"]]
+        if not pending:
+            return described
+        if time.monotonic() >= ready_by:
+            first = pending[0]
+            why = for_code(first["error_code"]).__name__ if first["error_code"] else "no partitions"
+            raise KafkaTopicError(
+                f"topic {first['topic']} is not ready within kafka.request_timeout: the "
+                f"broker describes it with {why}"
+            )
+        await asyncio.sleep(_DESCRIBE_RETRY_S)
 
 
 class Producer:
