@@ -305,6 +305,9 @@ async def test_a_stalled_client_is_closed_and_nothing_else_slows(running: Daemon
 
 
 async def test_replay_at_speed_10_with_pause_resume_and_seek(running: Daemon) -> None:
+    # The window needs 12 s of capture behind it. The module's daemon may have just started:
+    # this test can run first in its worker (pytest-xdist deals a module's tests to both).
+    await anyio.sleep(max(0.0, 14.0 - (time.monotonic() - running.started)))
     now = int(time.time() * 1_000)
     start, end = now - 12_000, now - 4_000  # 8 s, committed by now
     async with connect(running.url) as c:
