@@ -45,6 +45,7 @@ from k2d.query import (
     PlanContext,
     QueryError,
     ResultStream,
+    Statements,
     open_database,
     open_result,
 )
@@ -127,6 +128,8 @@ class QueryPool(Actor[Committed, None]):
         self._db: duckdb.DuckDBPyConnection | None = None
         self._maintenance: duckdb.DuckDBPyConnection | None = None
         self._workers: list[_Worker] = []
+        # Parse trees only, of no database: they outlive a reopened one.
+        self._statements = Statements(cfg.parsed_statements)
         self._requests: MemoryObjectSendStream[_Job] | None = None
         self._per_key: dict[str, int] = {}
         self._inbox: MemoryObjectReceiveStream[Committed] | None = None
@@ -372,7 +375,7 @@ class QueryPool(Actor[Committed, None]):
                     job, QueryError(504, "query_timeout", "the query waited past its time limit")
                 )
                 return
-            ctx = PlanContext(self.index, worker.cursor, self.cfg, job.deadline)
+            ctx = PlanContext(self.index, worker.cursor, self.cfg, job.deadline, self._statements)
             try:
                 opened, first = await self._call(
                     worker, job.deadline, _open, ctx, job.plan, job.fmt

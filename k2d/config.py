@@ -320,6 +320,9 @@ class QueryConfig(_Section, frozen=True):
     # recently used forgotten first; 0 keeps none): 1,440 a symbol-day, so 200,000 hold
     # about 140.
     minute_bars: Annotated[int, msgspec.Meta(ge=0)] = 200_000
+    # Shapes of SQL kept parsed for the workers to run again (least recently used forgotten
+    # first; 0 parses every query anew).
+    parsed_statements: Annotated[int, msgspec.Meta(ge=0)] = 256
 
     def __post_init__(self) -> None:
         if self.workers < 1 or self.per_key_concurrency < 1:

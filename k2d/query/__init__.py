@@ -3,7 +3,7 @@ ledger, SQL plans per endpoint (allow-listed identifiers, bound values) and thei
 into JSON, CSV, Parquet and Arrow IPC. The QueryPool actor (actors/query_pool.py) runs it."""
 
 from k2d.query._cursor import decode_cursor, encode_cursor, fingerprint
-from k2d.query._duckdb import open_database
+from k2d.query._duckdb import Statements, open_database
 from k2d.query._errors import QueryError
 from k2d.query._execute import Head, Key, Opened, Plan, PlanContext, Prepared, open_result
 from k2d.query._files import FileEntry, SymbolStats, TableFiles
@@ -123,6 +123,7 @@ __all__ = [
     "RowsPlan",
     "SnapshotSel",
     "SnapshotsPlan",
+    "Statements",
     "SummaryPlan",
     "SymbolStats",
     "SymbolsPlan",

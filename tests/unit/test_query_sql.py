@@ -42,6 +42,7 @@ from k2d.query import (
     QueryError,
     RowsPlan,
     SnapshotSel,
+    Statements,
     SymbolStats,
     TableFiles,
     Window,
@@ -685,6 +686,43 @@ def test_bars_from_remembered_minute_bars_equal_bars_from_the_trades(tmp_path: P
         # The bars came from the memo: each (file, pair) aggregated once, then remembered.
         assert index.bars.computed == 6
         assert index.bars.rows > 0
+    finally:
+        cursor.close()
+        db.close()
+
+
+def test_parsed_statements_answer_as_fresh_ones_and_stay_bounded(tmp_path: Path) -> None:
+    tables = {"trades": _bar_files(tmp_path)}
+    db, (cursor,) = open_database(QueryConfig(), [str(tmp_path)], 1)
+    statements = Statements(2)
+    index: Any = FakeIndex(tables)
+    kept = PlanContext(index, cursor, QueryConfig(), time.monotonic() + 60, statements)
+    fresh = PlanContext(index, cursor, QueryConfig(), time.monotonic() + 60)
+
+    def rows(c: PlanContext, plan: RowsPlan) -> list[dict[str, Any]]:
+        body, done, _ = open_result(c, plan, Format.JSON).read(1 << 24)
+        assert done
+        data: list[dict[str, Any]] = json.loads(body)["data"]
+        return data
+
+    windows = [Window(T0 + i * 600 * S, T0 + (i + 1) * 600 * S) for i in range(6)]
+    try:
+        for window in windows:
+            for symbols in (("BTCUSDT",), ("ETHUSDT",)):
+                plan = rows_plan(symbols=symbols, window=window, limit=1_000)
+                answer = rows(kept, plan)
+                assert answer == rows(fresh, plan), (window, symbols)
+                assert {r["symbol"] for r in answer} == set(symbols)
+        # One shape of SQL for all twelve: parsed once, run with each one's values.
+        assert len(statements) == 1
+        window = Window(T0, T0 + DAY_US)
+        for symbols in (("BTCUSDT",), ("BTCUSDT", "ETHUSDT")):
+            assert _ohlcv(kept, "1h", window, symbols, True) == _ohlcv(
+                fresh, "1h", window, symbols, True
+            )
+        # Three shapes seen, two kept.
+        assert len(statements) == 2
+        assert Statements(0).parsed(cursor, "SELECT 1") == "SELECT 1"
     finally:
         cursor.close()
         db.close()
