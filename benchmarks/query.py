@@ -70,7 +70,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from k2d.allocators import freeze_start_up_objects
-from k2d.config import ApiConfig, MaintenanceConfig, QueryConfig, StorageConfig
+from k2d.config import ApiConfig, MaintenanceConfig, QueryConfig, StorageConfig, TelemetryConfig
 from k2d.query import (
     INTERVALS,
     Format,
@@ -211,20 +211,27 @@ def build(
 # -- the server (a subprocess) ------------------------------------------------------------
 
 
-def serve(data_dir: str, query: QueryConfig) -> None:
-    """Run the QueryPool and the API until stdin closes; print the port."""
+def serve(data_dir: str, query: QueryConfig, traced: bool) -> None:
+    """Run the QueryPool and the API until stdin closes; print the port. `traced`: with the
+    daemon's default tracing, every request's spans kept in a trace store (under the data
+    dir's bench-traces/), as `k2d run` keeps them."""
     from actors.query_pool import QueryPool
     from k2d.api import ApiState, create_app
     from k2d.api import serve as serve_api
     from k2d.runtime import Registry
     from k2d.telemetry.metrics import Metrics
+    from k2d.telemetry.tracing import setup_tracing
 
     async def main() -> None:
         storage = StorageConfig(data_dir=data_dir)
         wh = Warehouse(storage)
         registry = Registry()
         metrics = Metrics(registry)
-        pool = QueryPool(wh, query, metrics)
+        tracing = None
+        if traced:
+            store = Path(data_dir) / "bench-traces"
+            tracing = setup_tracing(TelemetryConfig(), store_dir=store, metrics=metrics)
+        pool = QueryPool(wh, query, metrics, tracing.tracer if tracing is not None else None)
         await pool.on_start()
         # One API key per benchmark client, so each is its own client for the limits.
         api_cfg = ApiConfig(port=0, rate_limit=0, api_keys=tuple(_digest(k) for k in KEYS))
@@ -233,7 +240,12 @@ def serve(data_dir: str, query: QueryConfig) -> None:
             return {}
 
         state = ApiState(
-            registry=registry, metrics=metrics, stats=stats, config=api_cfg, query_pool=pool
+            registry=registry,
+            metrics=metrics,
+            tracing=tracing,
+            stats=stats,
+            config=api_cfg,
+            query_pool=pool,
         )
         server = serve_api(create_app(state), api_cfg)
         async with anyio.create_task_group() as tg:
@@ -246,6 +258,8 @@ def serve(data_dir: str, query: QueryConfig) -> None:
             await anyio.to_thread.run_sync(sys.stdin.read)
             await server.stop()
             tg.cancel_scope.cancel()
+        if tracing is not None:
+            tracing.shutdown()
 
     anyio.run(main)
 
@@ -702,11 +716,17 @@ def main() -> None:
         help="query.parsed_statements of the server and the in-process rows (0: every query "
         "parsed anew, to measure what keeping them saves)",
     )
+    parser.add_argument(
+        "--no-tracing",
+        action="store_true",
+        help="serve without the daemon's tracing (by default every request's spans go to a "
+        "trace store, as with `k2d run`), to measure what it costs",
+    )
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     args = parser.parse_args()
     query = QueryConfig(workers=args.workers, parsed_statements=args.parsed_statements)
     if args.serve:
-        serve(args.serve, query)
+        serve(args.serve, query, not args.no_tracing)
         return
 
     if args.clients > len(KEYS):
@@ -729,6 +749,7 @@ def main() -> None:
             str(args.workers),
             "--parsed-statements",
             str(args.parsed_statements),
+            *(["--no-tracing"] if args.no_tracing else []),
             "--clients",
             str(args.clients),
         ],
@@ -742,7 +763,8 @@ def main() -> None:
         base = f"http://127.0.0.1:{port}"
         print(
             f"server: QueryPool with {query.workers} workers x {query.threads_per_worker} "
-            f"thread(s), pid {server.pid}"
+            f"thread(s), pid {server.pid}, "
+            + ("no tracing" if args.no_tracing else "every request traced to a trace store")
         )
 
         work = Workload(args.days, args.symbols)
