@@ -1,8 +1,10 @@
 """k2d.telemetry.trace_store: OTLP JSON lines on disk, bounded and rotating, read back as
-the same span dicts the in-memory ring gives, across restarts and torn lines."""
+the same span dicts the in-memory ring gives, across restarts and torn lines; each line the
+bytes protobuf's JSON mapping makes of the OTLP exporter's message."""
 
 from __future__ import annotations
 
+import base64
 import errno
 import json
 import os
@@ -10,11 +12,25 @@ import re
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
+from google.protobuf.json_format import MessageToDict
+from opentelemetry import trace as trace_api
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TraceState,
+)
 
 from k2d.telemetry import trace_store
 from k2d.telemetry.trace_store import TraceStore, TraceStoreExporter, request_spans
@@ -183,3 +199,82 @@ def test_a_write_cut_short_by_a_full_disk_does_not_spoil_the_next_line(
         with tracer.start_as_current_span(name):
             pass
     assert [s["name"] for s in store.spans()] == ["first", "after-space-returned"]
+
+
+def _through_protobuf(spans: Any) -> bytes:
+    """The line as the OTLP exporter's message and protobuf's JSON mapping give it, ids in
+    hex: what encode_request wrote before it built the line straight from the spans."""
+    doc = MessageToDict(encode_spans(spans), use_integers_for_enums=True)
+    for resource in doc.get("resourceSpans", ()):
+        for scope in resource.get("scopeSpans", ()):
+            for span in scope.get("spans", ()):
+                for obj in (span, *span.get("links", ())):
+                    for key in ("traceId", "spanId", "parentSpanId"):
+                        if obj.get(key):
+                            obj[key] = base64.b64decode(obj[key]).hex()
+    return msgspec.json.encode(doc) + b"\n"
+
+
+def test_lines_are_the_bytes_protobufs_json_mapping_makes() -> None:
+    spans: list[Any] = []
+    for resource in (
+        Resource.create({"service.name": "k2d-test", "n": 3}),
+        Resource({"empty": ""}, schema_url="https://opentelemetry.io/schemas/1.21.0"),
+    ):
+        memory = InMemorySpanExporter()
+        provider = TracerProvider(resource=resource)
+        provider.add_span_processor(SimpleSpanProcessor(memory))
+        for tracer in (
+            provider.get_tracer("k2d", "0.1.0"),
+            provider.get_tracer("other", schema_url="https://example.test/s", attributes={"a": 1}),
+        ):
+            remote = SpanContext(
+                0xABC,
+                0xDEF,
+                is_remote=True,
+                trace_flags=TraceFlags(1),
+                trace_state=TraceState([("k2d", "x"), ("v", "1")]),
+            )
+            parent = trace_api.set_span_in_context(NonRecordingSpan(remote))
+            with tracer.start_as_current_span("root", context=parent) as root:
+                with tracer.start_as_current_span(
+                    "child",
+                    kind=SpanKind.PRODUCER,
+                    attributes={
+                        "s": "x",
+                        "empty": "",
+                        "i": -7,
+                        "zero": 0,
+                        "big": 2**63 - 1,
+                        "huge": 2**64,
+                        "f": 0.25,
+                        "whole": 2.0,
+                        "nan": float("nan"),
+                        "inf": float("inf"),
+                        "ninf": float("-inf"),
+                        "t": True,
+                        "no": False,
+                        "strs": ["a", ""],
+                        "ints": [1, 0],
+                        "floats": [1.5],
+                        "bools": [False],
+                        "none_yet": [],
+                    },
+                    links=[
+                        Link(root.get_span_context(), {"rows": 3}),
+                        Link(remote),
+                    ],
+                ) as child:
+                    child.add_event("seen", {"n": 1, "ok": True})
+                    child.add_event("bare")
+                    child.set_status(Status(StatusCode.OK))
+                root.set_status(Status(StatusCode.ERROR, "boom"))
+            with tracer.start_as_current_span("", kind=SpanKind.CONSUMER):
+                pass
+        spans.extend(memory.get_finished_spans())
+
+    assert len(spans) == 12
+    assert trace_store.encode_request(spans) == _through_protobuf(spans)
+    for one in spans:
+        assert trace_store.encode_request([one]) == _through_protobuf([one])
+    assert trace_store.encode_request([]) == _through_protobuf([]) == b"{}\n"
