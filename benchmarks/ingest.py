@@ -205,7 +205,8 @@ async def run_pipeline(
 
     registry = Registry()
     metrics = Metrics(registry)
-    tracing = setup_tracing(cfg.telemetry)
+    # As `k2d run` traces: every batch's spans into the trace store under the data dir.
+    tracing = setup_tracing(cfg.telemetry, store_dir=cfg.telemetry.trace_path(cfg.storage))
     wh = Warehouse(cfg.storage, cfg.writer)
     await anyio.to_thread.run_sync(wh.ensure_tables)
     journal = None
@@ -233,6 +234,7 @@ async def run_pipeline(
     await p.supervisor.run()
     elapsed = time.perf_counter() - t0
     cpu1 = os.times()
+    tracing.shutdown()
     rows = (
         registry
         and metrics.registry.get_sample_value("k2d_rows_committed_total", {"table": "trades"})
