@@ -260,8 +260,9 @@ def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
             if scope is not None and scope.schema_url:
                 entry["schemaUrl"] = scope.schema_url
             scope_spans.append(entry)
-        doc: dict[str, Any] = {"resource": _attributes_only(resource.attributes)}
-        doc["scopeSpans"] = scope_spans
+        encoded_resource: dict[str, Any] = {}
+        _put_attributes(encoded_resource, resource.attributes, 0)
+        doc: dict[str, Any] = {"resource": encoded_resource, "scopeSpans": scope_spans}
         if resource.schema_url:
             doc["schemaUrl"] = resource.schema_url
         resource_spans.append(doc)
@@ -339,28 +340,26 @@ def _scope(scope: InstrumentationScope | None) -> dict[str, Any]:
     return out
 
 
-def _attributes_only(attributes: Attributes) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    _put_attributes(out, attributes, 0)
-    return out
-
-
 def _put_attributes(out: dict[str, Any], attributes: Attributes, dropped: int) -> None:
     if attributes:
         encoded = []
         for key, value in attributes.items():
             try:
-                kv: dict[str, Any] = {"key": key} if key else {}
-                kv["value"] = _encode_value(value)
+                encoded.append(_key_value(key, value))
             except ValueError:
                 # As the OTLP exporter does: an attribute it cannot encode is left out.
                 log.debug("span attribute %s not encodable: %r", key, value)
-                continue
-            encoded.append(kv)
         if encoded:
             out["attributes"] = encoded
     if dropped:
         out["droppedAttributesCount"] = dropped
+
+
+def _key_value(key: str, value: Any) -> dict[str, Any]:
+    """A KeyValue; an empty key is a default, so left out."""
+    kv: dict[str, Any] = {"key": key} if key else {}
+    kv["value"] = _encode_value(value)
+    return kv
 
 
 def _encode_value(value: Any) -> dict[str, Any]:
@@ -387,11 +386,7 @@ def _encode_value(value: Any) -> dict[str, Any]:
         values = [_encode_value(v) for v in value]
         return {"arrayValue": {"values": values} if values else {}}
     if isinstance(value, Mapping):
-        pairs = []
-        for k, v in value.items():
-            kv: dict[str, Any] = {"key": str(k)} if str(k) else {}
-            kv["value"] = _encode_value(v)
-            pairs.append(kv)
+        pairs = [_key_value(str(k), v) for k, v in value.items()]
         return {"kvlistValue": {"values": pairs} if pairs else {}}
     raise ValueError(f"invalid type {type(value).__name__}")
 
