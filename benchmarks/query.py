@@ -213,8 +213,8 @@ def build(
 
 def serve(data_dir: str, query: QueryConfig, traced: bool) -> None:
     """Run the QueryPool and the API until stdin closes; print the port. `traced`: with the
-    daemon's default tracing, every request's spans kept in a trace store (under the data
-    dir's bench-traces/), as `k2d run` keeps them."""
+    daemon's default tracing, every request's spans kept in the trace store under the data
+    dir, as `k2d run` keeps them."""
     from actors.query_pool import QueryPool
     from k2d.api import ApiState, create_app
     from k2d.api import serve as serve_api
@@ -229,8 +229,9 @@ def serve(data_dir: str, query: QueryConfig, traced: bool) -> None:
         metrics = Metrics(registry)
         tracing = None
         if traced:
-            store = Path(data_dir) / "bench-traces"
-            tracing = setup_tracing(TelemetryConfig(), store_dir=store, metrics=metrics)
+            telemetry = TelemetryConfig()
+            store = telemetry.trace_path(storage)
+            tracing = setup_tracing(telemetry, store_dir=store, metrics=metrics)
         pool = QueryPool(wh, query, metrics, tracing.tracer if tracing is not None else None)
         await pool.on_start()
         # One API key per benchmark client, so each is its own client for the limits.
