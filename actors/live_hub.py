@@ -56,17 +56,26 @@ class _Recent:
     """
 
     def __init__(
-        self, max_rows: int, cls: type[Trade] | type[Quote], seal_rows: int, tail_pieces: int
+        self,
+        max_rows: int,
+        cls: type[Trade] | type[Quote],
+        seal_rows: int,
+        tail_pieces: int,
+        seal_min_rows: int,
     ) -> None:
         self.max_rows = max_rows
         self.cls = cls
         self.seal_rows = seal_rows
         self.tail_pieces = tail_pieces
+        # A tail in tail_pieces pieces is sealed if it holds this many rows, else merged.
+        self.seal_min_rows = seal_min_rows
         self.chunks: deque[_Chunk] = deque()
         self.tail_rows = 0
         self.tail_columns: list[pa.Table] = []
         # The batch of the tail's rows, as runs: [batch_id, rows], oldest first.
         self.tail_runs: deque[list[int]] = deque()
+        # The tail's first timestamp, once trim has looked (None: not known).
+        self.tail_head_ts: int | None = None
         self.sealed_rows = 0
 
     def __len__(self) -> int:
@@ -74,17 +83,19 @@ class _Recent:
 
     def append(self, batch_id: int, columns: pa.Table) -> None:
         """Add one batch's rows of this symbol."""
+        if not self.tail_rows:
+            self.tail_head_ts = None
         self.tail_columns.append(columns)
         self.tail_rows += columns.num_rows
         self.tail_runs.append([batch_id, columns.num_rows])
         seal = self.seal_rows
         # A quiet symbol's tail is many small batches, each an Arrow table with its own
-        # buffers and objects: it is sealed once it is in tail_pieces pieces, however few
-        # rows they hold.
+        # buffers and objects: once it is in tail_pieces pieces, they are sealed if they
+        # hold enough rows to be worth a chunk, else merged into one piece.
         scattered = len(self.tail_columns) >= self.tail_pieces
-        if self.tail_rows >= seal or scattered:
+        if self.tail_rows >= seal or (scattered and self.tail_rows >= self.seal_min_rows):
             waiting = pa.concat_tables(self.tail_columns)
-            while self.tail_rows >= seal or (scattered and self.tail_rows):
+            while self.tail_rows >= seal or (scattered and self.tail_rows >= self.seal_min_rows):
                 size = min(seal, self.tail_rows)
                 chunk = _Chunk(self.cls, waiting.slice(0, size), _take_runs(self.tail_runs, size))
                 self.tail_rows -= size
@@ -92,6 +103,9 @@ class _Recent:
                 self.chunks.append(chunk)
                 self.sealed_rows += len(chunk)
             self.tail_columns = [waiting] if waiting.num_rows else []
+            self.tail_head_ts = None
+        elif scattered:
+            self.tail_columns = [pa.concat_tables(self.tail_columns).combine_chunks()]
         excess = len(self) - self.max_rows
         if excess > 0:
             self._drop(excess)
@@ -107,15 +121,22 @@ class _Recent:
                 self._drop(keep - chunk.start)
                 return
             self._drop(len(chunk))
-        if self.tail_rows:
-            stamps = pa.chunked_array(
-                [c for t in self.tail_columns for c in t.column("timestamp").chunks], pa.int64()
-            )
-            older = pc.less(stamps, oldest_us)
-            first_kept = pc.index(older, False).as_py()
-            n = self.tail_rows if first_kept < 0 else first_kept
-            if n:
-                self._drop(n)
+        if not self.tail_rows:
+            return
+        # Most batches trim nothing: the tail's first row, not older, says so without
+        # looking at the rest.
+        if self.tail_head_ts is None:
+            self.tail_head_ts = self.tail_columns[0].column("timestamp")[0].as_py()
+        if self.tail_head_ts >= oldest_us:
+            return
+        stamps = pa.chunked_array(
+            [c for t in self.tail_columns for c in t.column("timestamp").chunks], pa.int64()
+        )
+        older = pc.less(stamps, oldest_us)
+        first_kept = pc.index(older, False).as_py()
+        n = self.tail_rows if first_kept < 0 else first_kept
+        if n:
+            self._drop(n)
 
     def _drop(self, n: int) -> None:
         """Drop the n oldest rows."""
@@ -131,6 +152,7 @@ class _Recent:
         if n:
             self.tail_rows -= n
             self.tail_columns = [pa.concat_tables(self.tail_columns).slice(n)]
+            self.tail_head_ts = None
             _take_runs(self.tail_runs, n)
 
     def oldest_batch(self) -> int | None:
@@ -181,6 +203,11 @@ _SEAL_ROWS = 4_096
 # Batches a symbol's tail holds at most before it is sealed: at 20 symbols and 3,000 trades/s
 # a tail of 4,096 rows was ~600 batches, ~100 MB over 40 tails (benchmarks/memory.py).
 _TAIL_PIECES = 64
+# Rows a tail in _TAIL_PIECES pieces needs to be sealed; fewer are merged into one piece
+# instead. A chunk of 128 rows cost 4.2 us a row to seal (most of it fixed: a zstd buffer
+# and a few calls a column), of 640 rows 0.9 us: at 20 symbols (two rows of each in a
+# 10 ms batch) sealing was half the hub's CPU (/tmp/s13/hub.py, /tmp/s13/chunk.py).
+_SEAL_MIN_ROWS = 1_024
 _FIELDS = {Trade: Trade.__struct_fields__, Quote: Quote.__struct_fields__}
 # The list-typed field, read back as a tuple.
 _TUPLES = frozenset({"trade_conditions"})
@@ -547,12 +574,14 @@ class LiveHub(Actor[SequencedBatch | Committed, None]):
         *,
         seal_rows: int = _SEAL_ROWS,
         tail_pieces: int = _TAIL_PIECES,
+        seal_min_rows: int = _SEAL_MIN_ROWS,
     ) -> None:
         self.cfg = cfg
         self.metrics = metrics
         self.fanout = fanout
         self._seal_rows = seal_rows
         self._tail_pieces = tail_pieces
+        self._seal_min_rows = seal_min_rows
         self._held: dict[int, _Held] = {}
         self._trades: dict[_Key, _Recent] = {}
         self._quotes: dict[_Key, _Recent] = {}
@@ -587,7 +616,11 @@ class LiveHub(Actor[SequencedBatch | Committed, None]):
                 recent = store.get(key)
                 if recent is None:
                     recent = store[key] = _Recent(
-                        self.cfg.max_rows_per_symbol, cls, self._seal_rows, self._tail_pieces
+                        self.cfg.max_rows_per_symbol,
+                        cls,
+                        self._seal_rows,
+                        self._tail_pieces,
+                        self._seal_min_rows,
                     )
                 recent.append(batch.batch_id, part)
         oldest = self.latest_us - self._window_us

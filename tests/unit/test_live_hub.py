@@ -334,6 +334,7 @@ def hub_steps(draw: st.DrawFn) -> list[tuple[str, Any]]:
     max_rows=st.sampled_from((3, 7, 100_000)),
     seal_rows=st.sampled_from((1, 2, 5)),
     tail_pieces=st.sampled_from((1, 2, 3, 64)),
+    seal_min_rows=st.sampled_from((1, 3, 8)),
     since_back=st.sampled_from((0, 5_000_000, 30_000_000)),
 )
 def test_the_hub_reads_back_exactly_the_rows_a_deque_of_objects_would_hold(
@@ -342,10 +343,17 @@ def test_the_hub_reads_back_exactly_the_rows_a_deque_of_objects_would_hold(
     max_rows: int,
     seal_rows: int,
     tail_pieces: int,
+    seal_min_rows: int,
     since_back: int,
 ) -> None:
     cfg = LiveConfig(window_seconds=window, max_rows_per_symbol=max_rows)
-    h = LiveHub(cfg, Metrics(Registry()), seal_rows=seal_rows, tail_pieces=tail_pieces)
+    h = LiveHub(
+        cfg,
+        Metrics(Registry()),
+        seal_rows=seal_rows,
+        tail_pieces=tail_pieces,
+        seal_min_rows=seal_min_rows,
+    )
     old = OldHub(cfg)
 
     for op, msg in steps:
