@@ -33,7 +33,7 @@ import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from k2d.allocators import freeze_start_up_objects, limit_malloc_arenas
-from k2d.config import Config, LiveConfig, load_config
+from k2d.config import Config, LiveConfig, PipelineConfig, load_config
 from k2d.journal import Journal, JournalOptions
 from k2d.messages import RecordBatch
 from k2d.model import now_us
@@ -271,6 +271,7 @@ def pipeline_benchmark(args: argparse.Namespace, work: Path) -> None:
             # --live-rows says otherwise (sealed rows are compressed Arrow, ~17 bytes a trade).
             "live": {"max_rows_per_symbol": args.live_rows},
             "writer": {"flush_rows": args.flush_rows},
+            "pipeline": {"batch_max_records": args.batch_records},
             # The Maintainer runs until the feeds stop; here the source ends by itself.
             "maintenance": {"enabled": False},
         },
@@ -439,6 +440,12 @@ def main() -> None:
         help="live hub rows per symbol (default: the config's, %(default)s)",
     )
     ap.add_argument("--flush-rows", type=int, default=250_000, help="writer flush size")
+    ap.add_argument(
+        "--batch-records",
+        type=int,
+        default=PipelineConfig.batch_max_records,
+        help="records a feed batch holds at most (pipeline.batch_max_records)",
+    )
     ap.add_argument("--wire-rate", type=float, default=40_000)
     ap.add_argument("--wire-seconds", type=float, default=30.0)
     ap.add_argument("--work", type=Path, default=None)
