@@ -443,7 +443,7 @@ def main() -> None:
     ap.add_argument(
         "--batch-records",
         type=int,
-        default=PipelineConfig.batch_max_records,
+        default=PipelineConfig().batch_max_records,
         help="records a feed batch holds at most (pipeline.batch_max_records)",
     )
     ap.add_argument("--wire-rate", type=float, default=40_000)
