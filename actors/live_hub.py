@@ -126,7 +126,8 @@ class _Recent:
         # Most batches trim nothing: the tail's first row, not older, says so without
         # looking at the rest.
         if self.tail_head_ts is None:
-            self.tail_head_ts = self.tail_columns[0].column("timestamp")[0].as_py()
+            head = next(t for t in self.tail_columns if t.num_rows)
+            self.tail_head_ts = head.column("timestamp")[0].as_py()
         if self.tail_head_ts >= oldest_us:
             return
         stamps = pa.chunked_array(
@@ -151,7 +152,8 @@ class _Recent:
             self.chunks.popleft()
         if n:
             self.tail_rows -= n
-            self.tail_columns = [pa.concat_tables(self.tail_columns).slice(n)]
+            rest = pa.concat_tables(self.tail_columns).slice(n)
+            self.tail_columns = [rest] if rest.num_rows else []
             self.tail_head_ts = None
             _take_runs(self.tail_runs, n)
 
