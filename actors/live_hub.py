@@ -202,8 +202,9 @@ def _take_runs(runs: deque[list[int]], n: int) -> list[tuple[int, int]]:
 # a few dozen Arrow calls whatever its size: at 1,024 rows they took 2.4 us a row, at
 # 4,096 1.0 us, for the same 17 bytes a row.
 _SEAL_ROWS = 4_096
-# Batches a symbol's tail holds at most before it is sealed: at 20 symbols and 3,000 trades/s
-# a tail of 4,096 rows was ~600 batches, ~100 MB over 40 tails (benchmarks/memory.py).
+# Batches a symbol's tail holds at most before it is sealed or merged into one piece: at 20
+# symbols and 3,000 trades/s a tail of 4,096 rows was ~600 batches, ~100 MB over 40 tails
+# (benchmarks/memory.py).
 _TAIL_PIECES = 64
 # Rows a tail in _TAIL_PIECES pieces needs to be sealed; fewer are merged into one piece
 # instead. A chunk of 128 rows cost 4.2 us a row to seal (most of it fixed: a zstd buffer
