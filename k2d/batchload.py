@@ -64,6 +64,7 @@ from k2d.storage import (
     TRADES,
     Warehouse,
     dead_letters_to_arrow,
+    sorted_rows,
 )
 from k2d.venues import asx
 
@@ -451,8 +452,7 @@ def _write_files(table: Table, tables: list[pa.Table]) -> list[DataFile]:
     data = pa.concat_tables(sorted(tables, key=_first_row))
     if not _in_order(data):
         # Sorted in the order read, so that rows of equal time stay in file order.
-        sort = TABLES[table.name()[-1]].sort_columns
-        data = pa.concat_tables(tables).sort_by([(c, "ascending", "at_start") for c in sort])
+        data = sorted_rows(pa.concat_tables(tables), TABLES[table.name()[-1]].sort_columns)
     tables.clear()
     _check_pyarrow_schema_compatible(
         table.schema(), provided_schema=data.schema, format_version=table.format_version

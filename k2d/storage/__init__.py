@@ -45,7 +45,7 @@ from k2d.storage._state import (
     K2State,
     flush_properties,
 )
-from k2d.storage._warehouse import CommitResult, Warehouse
+from k2d.storage._warehouse import CommitResult, Warehouse, sorted_rows
 
 __all__ = [
     "BATCH_IDS",
@@ -86,5 +86,6 @@ __all__ = [
     "flush_properties",
     "quotes_to_arrow",
     "raw_schema",
+    "sorted_rows",
     "trades_to_arrow",
 ]
