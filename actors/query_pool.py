@@ -8,7 +8,8 @@ planning, the query and streaming the answer: when it passes, the cursor is inte
 
 The inbox is the stream of Committed messages (writer appends, maintenance replaces): each
 is folded into the file index in a thread on a cursor of its own, so index updates never
-wait behind queries.
+wait behind queries. Each change of the index (and the start) wakes a task that computes the
+newest trade files' minute bars ahead of requests, on a third cursor (`minute_bars_ahead`).
 
 Each request is one `query.execute` span with OpenTelemetry's database attributes, a child of
 the span that was current when the request was admitted (the HTTP request's server span, a
@@ -37,6 +38,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from k2d.messages import Committed
 from k2d.query import (
     INDEXED_TABLES,
+    FileEntry,
     FileIndex,
     Format,
     Head,
@@ -51,6 +53,7 @@ from k2d.query import (
 )
 from k2d.query._files import local_path
 from k2d.runtime import Actor, Outbox
+from k2d.storage import TRADES
 
 if TYPE_CHECKING:
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -73,6 +76,10 @@ _END_GRACE = 1.0
 # event loop pays for two hops a request (open, read), not one per chunk.
 _CHUNK_BYTES = 1 << 20
 _RETRY_AFTER = {"Retry-After": "1"}
+# Rows of trade files whose minute bars are computed ahead in one trip to a thread (a file
+# is never split): about 0.1 s of one core here, so a start with many files due does not
+# hold the thread, or the shutdown, for long.
+_AHEAD_ROWS = 500_000
 _OUTCOMES = {400: "invalid", 429: "too_many", 504: "timeout"}
 # Outcomes that mark the span as failed (a refused or invalid request did not fail).
 _FAILED = frozenset({"timeout", "error"})
@@ -127,6 +134,11 @@ class QueryPool(Actor[Committed, None]):
         metrics.query_minute_bars.set_function(lambda: self.index.bars.rows)
         self._db: duckdb.DuckDBPyConnection | None = None
         self._maintenance: duckdb.DuckDBPyConnection | None = None
+        self._ahead: duckdb.DuckDBPyConnection | None = None
+        # Files whose bars could not be computed ahead (unreadable): not tried again while
+        # they are in the index; a request that needs them aggregates them itself.
+        self._ahead_failed: set[str] = set()
+        self._ahead_wake: anyio.Event | None = None
         self._workers: list[_Worker] = []
         # Parse trees only, of no database: they outlive a reopened one.
         self._statements = Statements(cfg.parsed_statements)
@@ -148,15 +160,17 @@ class QueryPool(Actor[Committed, None]):
     def _open(self) -> None:
         self._close()
         warehouse_dir = local_path(self._wh.cfg.warehouse_url())
-        db, cursors = open_database(self.cfg, [warehouse_dir], self.cfg.workers + 1)
-        self._db, self._maintenance = db, cursors[0]
-        self._workers = [_Worker(c) for c in cursors[1:]]
+        db, cursors = open_database(self.cfg, [warehouse_dir], self.cfg.workers + 2)
+        self._db, self._maintenance, self._ahead = db, cursors[0], cursors[1]
+        self._workers = [_Worker(c) for c in cursors[2:]]
         self.index = FileIndex(
             self._wh, self.cfg.snapshot_cache_size, self.cfg.max_ledger_events, self.cfg.minute_bars
         )
         started = time.perf_counter()
         self.index.bootstrap(cursors[0])
         self._count_index()
+        # Due from the start, so that a reader of the gauge never sees 0 before the task ran.
+        self._metrics.query_minute_bars_due.set(len(self._bars_due()))
         log.info(
             "query index loaded in %.2fs: %s",
             time.perf_counter() - started,
@@ -166,11 +180,10 @@ class QueryPool(Actor[Committed, None]):
     def _close(self) -> None:
         for w in self._workers:
             w.cursor.close()
-        if self._maintenance is not None:
-            self._maintenance.close()
-        if self._db is not None:
-            self._db.close()
-        self._workers, self._maintenance, self._db = [], None, None
+        for c in (self._maintenance, self._ahead, self._db):
+            if c is not None:
+                c.close()
+        self._workers, self._maintenance, self._ahead, self._db = [], None, None, None
 
     async def run(
         self, inbox: MemoryObjectReceiveStream[Committed] | None, outbox: Outbox[None]
@@ -190,6 +203,11 @@ class QueryPool(Actor[Committed, None]):
                 refreshing = anyio.CancelScope()
                 if self.cfg.refresh_interval > 0:
                     tg.start_soon(self._refresh_loop, refreshing)
+                ahead = anyio.CancelScope()
+                if self.cfg.minute_bars_ahead > 0:
+                    self._ahead_wake = anyio.Event()
+                    self._ahead_wake.set()
+                    tg.start_soon(self._ahead_loop, ahead)
                 try:
                     if inbox is None:
                         await anyio.sleep_forever()
@@ -201,6 +219,9 @@ class QueryPool(Actor[Committed, None]):
                     self._requests = None
                     send.close()
                     refreshing.cancel()
+                    ahead.cancel()
+                    if self._ahead is not None:
+                        self._ahead.interrupt()  # the batch in its thread, if any
         finally:
             self._inbox = None
             with anyio.CancelScope(shield=True):
@@ -213,20 +234,23 @@ class QueryPool(Actor[Committed, None]):
         self._applying = True
         try:
             async with self._index_lock:
-                await anyio.to_thread.run_sync(self._apply, msg, limiter=self._limiter)
+                if await anyio.to_thread.run_sync(self._apply, msg, limiter=self._limiter):
+                    self._wake_ahead()
         finally:
             self._applying = False
             if self._applied is not None:
                 self._applied.set()
                 self._applied = anyio.Event()
 
-    def _apply(self, msg: Committed) -> None:
+    def _apply(self, msg: Committed) -> bool:
         assert self._maintenance is not None, "the query pool is not started"
         replans = self.index.replans
-        if self.index.apply(msg, self._maintenance):
-            self._count_index()
-            if self.index.replans != replans:
-                self._metrics.query_index_replans.inc(self.index.replans - replans)
+        if not self.index.apply(msg, self._maintenance):
+            return False
+        self._count_index()
+        if self.index.replans != replans:
+            self._metrics.query_index_replans.inc(self.index.replans - replans)
+        return True
 
     async def _refresh_loop(self, scope: anyio.CancelScope) -> None:
         """Every refresh_interval, pick up commits made by other processes."""
@@ -235,17 +259,61 @@ class QueryPool(Actor[Committed, None]):
                 await anyio.sleep(self.cfg.refresh_interval)
                 try:
                     async with self._index_lock:
-                        await anyio.to_thread.run_sync(self._refresh, limiter=self._limiter)
+                        if await anyio.to_thread.run_sync(self._refresh, limiter=self._limiter):
+                            self._wake_ahead()
                 except Exception:
                     # The catalog may be busy (another process committing): next round.
                     log.exception("query index refresh failed; trying again later")
 
-    def _refresh(self) -> None:
+    def _refresh(self) -> bool:
         assert self._maintenance is not None, "the query pool is not started"
         replanned = self.index.refresh(self._maintenance)
         if replanned:
             self._metrics.query_index_replans.inc(len(replanned))
             self._count_index()
+        return bool(replanned)
+
+    # -- minute bars ahead of requests ----------------------------------------------------
+
+    def _wake_ahead(self) -> None:
+        if self._ahead_wake is not None:
+            self._ahead_wake.set()
+
+    async def _ahead_loop(self, scope: anyio.CancelScope) -> None:
+        """Compute the minute bars of the newest trade files before any request asks, a
+        batch of files per trip to a thread; once at start, then after each index change."""
+        with scope:
+            while True:
+                assert self._ahead_wake is not None
+                await self._ahead_wake.wait()
+                self._ahead_wake = anyio.Event()
+                due = await anyio.to_thread.run_sync(self._bars_due)
+                left = len(due)
+                self._metrics.query_minute_bars_due.set(left)
+                for batch in _batches(due, _AHEAD_ROWS):
+                    try:
+                        await anyio.to_thread.run_sync(self._bars_ahead, batch)
+                    except Exception:
+                        log.warning(
+                            "minute bars of %d files could not be computed ahead; requests "
+                            "will aggregate them",
+                            len(batch),
+                            exc_info=True,
+                        )
+                        self._ahead_failed.update(e.path for e in batch)
+                    left -= len(batch)
+                    self._metrics.query_minute_bars_due.set(left)
+
+    def _bars_due(self) -> list[FileEntry]:
+        entries = self.index.current(TRADES).entries
+        if self._ahead_failed:
+            self._ahead_failed &= {e.path for e in entries}
+        due = self.index.bars.due(entries, self.cfg.minute_bars_ahead)
+        return [e for e in due if e.path not in self._ahead_failed]
+
+    def _bars_ahead(self, batch: list[FileEntry]) -> None:
+        assert self._ahead is not None, "the query pool is not started"
+        self.index.bars.ahead(self._ahead, batch)
 
     def _count_index(self) -> None:
         for t in INDEXED_TABLES:
@@ -474,6 +542,22 @@ class QueryPool(Actor[Committed, None]):
         finally:
             if timer is not None:
                 timer.cancel()
+
+
+def _batches(entries: list[FileEntry], rows: int) -> list[list[FileEntry]]:
+    """`entries` in order, cut into runs of about `rows` rows (a file is never split)."""
+    out: list[list[FileEntry]] = []
+    run: list[FileEntry] = []
+    held = 0
+    for e in entries:
+        if run and held + e.rows > rows:
+            out.append(run)
+            run, held = [], 0
+        run.append(e)
+        held += e.rows
+    if run:
+        out.append(run)
+    return out
 
 
 def _open(ctx: PlanContext, plan: Plan, fmt: Format) -> tuple[Opened, _Read]:

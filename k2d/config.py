@@ -323,6 +323,11 @@ class QueryConfig(_Section, frozen=True):
     # recently used forgotten first; 0 keeps none): 1,440 a symbol-day, so 200,000 hold
     # about 140.
     minute_bars: Annotated[int, msgspec.Meta(ge=0)] = 200_000
+    # Of those, how many are computed ahead of requests: the newest data files' bars of
+    # every symbol, as files are committed and at start, so that the first OHLCV request
+    # over them merges bars instead of aggregating trades (0 computes bars only when asked;
+    # clamped to minute_bars).
+    minute_bars_ahead: Annotated[int, msgspec.Meta(ge=0)] = 100_000
     # Shapes of SQL kept parsed for the workers to run again (least recently used forgotten
     # first; 0 parses every query anew).
     parsed_statements: Annotated[int, msgspec.Meta(ge=0)] = 256
@@ -335,6 +340,8 @@ class QueryConfig(_Section, frozen=True):
         limit = max(1, self.workers - 1)
         if self.per_key_concurrency > limit:
             msgspec.structs.force_setattr(self, "per_key_concurrency", limit)
+        if self.minute_bars_ahead > self.minute_bars:
+            msgspec.structs.force_setattr(self, "minute_bars_ahead", self.minute_bars)
 
 
 class MaintenanceConfig(_Section, frozen=True):

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from k2d.query._files import FileEntry, SymbolKey, overlap
+from k2d.query._files import FileEntry, SymbolKey, SymbolStats, overlap
 
 if TYPE_CHECKING:
     import duckdb
@@ -111,8 +111,34 @@ class MinuteBars:
         for e in entries:
             for k, st in e.symbols.items():
                 if k in keys:
-                    most += (st.max_ts - st.min_ts) // MINUTE_US + 2
+                    most += _most(st)
         return most <= self.max_rows
+
+    def due(self, entries: Sequence[FileEntry], budget: int) -> list[FileEntry]:
+        """The newest files whose bars of every pair, together, fit in `budget` bars, less
+        those held already: the ones to compute before anyone asks (`ahead`)."""
+        out: list[FileEntry] = []
+        total = 0
+        newest_first = sorted(entries, key=lambda e: -(2**63) if e.max_ts is None else e.max_ts)
+        for e in reversed(newest_first):
+            total += sum(_most(st) for st in e.symbols.values())
+            if total > min(budget, self.max_rows):
+                break
+            with self._lock:
+                held = all((e.path, k) in self._parts for k in e.symbols)
+            if not held:
+                out.append(e)
+        return out
+
+    def ahead(self, cursor: duckdb.DuckDBPyConnection, entries: Sequence[FileEntry]) -> None:
+        """Compute and keep the bars of every pair in `entries` not held yet, so that the
+        first OHLCV request over these files merges bars instead of aggregating trades."""
+        with self._lock:
+            missing = [
+                (e.path, k) for e in entries for k in e.symbols if (e.path, k) not in self._parts
+            ]
+        if missing:
+            self._compute(cursor, missing)
 
     def bars(
         self,
@@ -190,6 +216,11 @@ class MinuteBars:
                 _, dropped = self._parts.popitem(last=False)
                 self._rows -= dropped.table.num_rows
         return out
+
+
+def _most(st: SymbolStats) -> int:
+    """At most this many minute bars of one pair in one file: a bar a minute it spans."""
+    return (st.max_ts - st.min_ts) // MINUTE_US + 2
 
 
 def _disjoint(keys: Sequence[tuple[str, SymbolKey]], parts: Sequence[_Part]) -> bool:

@@ -355,6 +355,11 @@ class Metrics:
             "Minute bars of data files the query side keeps for OHLCV requests",
             registry=r,
         )
+        self.query_minute_bars_due = Gauge(
+            "k2d_query_minute_bars_due_files",
+            "Data files whose minute bars are waiting to be computed ahead of requests",
+            registry=r,
+        )
         self.query_index_replans = Counter(
             "k2d_query_index_replans_total",
             "Full re-plans of the query file index (start, replace commits, missed commits)",

@@ -16,6 +16,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import duckdb
 import httpx
 import msgspec
 import pyarrow as pa
@@ -34,7 +35,8 @@ from k2d.api._access import client_key
 from k2d.config import ApiConfig, LiveConfig, QueryConfig, StorageConfig
 from k2d.messages import Committed, SequencedBatch
 from k2d.model import Quote, SequenceEvent, Trade, now_us
-from k2d.query import Column, Format, Kind, PlanContext, Prepared, QueryError
+from k2d.query import Column, FileEntry, Format, Kind, PlanContext, Prepared, QueryError
+from k2d.query._bars import MinuteBars
 from k2d.runtime import Registry
 from k2d.storage import (
     QUOTES,
@@ -379,8 +381,103 @@ async def test_trades_query_body_takes_several_symbols(tmp_path: Path) -> None:
     assert (big.status_code, big.json()["code"]) == (413, "body_too_large")
 
 
-async def test_ohlcv_bars_are_deterministic_with_exact_vwap(tmp_path: Path) -> None:
+async def bars_ahead_done(s: Stack) -> None:
+    """Wait until the pool holds the bars of every file due ahead of requests."""
+    with anyio.fail_after(20):
+        while (
+            s.pool.index.bars.due(
+                s.pool.index.current(TRADES).entries, s.pool.cfg.minute_bars_ahead
+            )
+            or s.metrics.registry.get_sample_value("k2d_query_minute_bars_due_files") != 0
+        ):
+            await anyio.sleep(0.01)
+
+
+async def test_minute_bars_of_committed_trade_files_are_computed_before_any_request(
+    tmp_path: Path,
+) -> None:
     async with running(tmp_path) as s:
+        # Three trade files: BTC and ETH, then BTC, then BTC.
+        await bars_ahead_done(s)
+        held = s.pool.index.bars.rows
+        body = await get_json(
+            s.client, f"/v1/ohlcv/1m?symbol=BTCUSDT&start={T0}&end={T0 + 600 * S}"
+        )
+        eth_body = await get_json(
+            s.client, f"/v1/ohlcv/1m?symbol=ETHUSDT&start={T0}&end={T0 + 600 * S}"
+        )
+        computed = s.pool.index.bars.computed
+    # Each (file, pair) was aggregated once, ahead: the first requests merged those bars.
+    assert computed == 4
+    assert held == s.pool.index.bars.rows > 0
+    minute = btc(range(1, 60))
+    first = body["data"][0]
+    assert first["open"] == f"{Decimal(minute[0].price):.8f}"
+    assert first["close"] == f"{Decimal(minute[-1].price):.8f}"
+    assert first["trade_count"] == 59
+    assert sum(b["trade_count"] for b in body["data"]) == 297
+    assert sum(b["trade_count"] for b in eth_body["data"]) == 100
+
+
+async def test_minute_bars_ahead_cover_the_newest_files_within_their_bound(
+    tmp_path: Path,
+) -> None:
+    # Each BTC file spans under two minutes: at most 3 bars. 4 hold the newest file's only.
+    async with running(tmp_path, query=QueryConfig(timeout=10.0, minute_bars_ahead=4)) as s:
+
+        async def computed_by(url: str) -> int:
+            before = s.pool.index.bars.computed
+            await get_json(s.client, url)
+            return s.pool.index.bars.computed - before
+
+        await bars_ahead_done(s)
+        newest = await computed_by(
+            f"/v1/ohlcv/1m?symbol=BTCUSDT&start={T0 + 201 * S}&end={T0 + 301 * S}"
+        )
+        oldest = await computed_by(f"/v1/ohlcv/1m?symbol=BTCUSDT&start={T0}&end={T0 + 100 * S}")
+        # A new file is newer than all: its bars are computed ahead in turn.
+        await s.append(TRADES, btc(range(301, 361)))
+        await bars_ahead_done(s)
+        new = await computed_by(
+            f"/v1/ohlcv/1m?symbol=BTCUSDT&start={T0 + 301 * S}&end={T0 + 361 * S}"
+        )
+    assert (newest, oldest, new) == (0, 1, 0)
+
+
+async def test_a_file_whose_bars_cannot_be_computed_ahead_is_left_to_requests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tried: list[list[str]] = []
+    compute = MinuteBars.ahead
+
+    def unreadable_first(self: MinuteBars, cursor: Any, entries: Sequence[FileEntry]) -> None:
+        tried.append([e.path for e in entries])
+        if len(tried) == 1:
+            raise duckdb.IOException("IO Error: the first file cannot be read")
+        compute(self, cursor, entries)
+
+    monkeypatch.setattr(MinuteBars, "ahead", unreadable_first)
+    async with running(tmp_path, seed=False) as s:
+        due = "k2d_query_minute_bars_due_files"
+        for n, ids in enumerate((range(1, 101), range(101, 201)), 1):
+            committed = await s.append(TRADES, btc(ids))
+            with anyio.fail_after(20):
+                while len(tried) < n or s.metrics.registry.get_sample_value(due):
+                    await anyio.sleep(0.01)
+        held = s.pool.index.bars.rows
+        first_file = await get_json(
+            s.client, f"/v1/ohlcv/1m?symbol=BTCUSDT&start={T0}&end={T0 + 100 * S}"
+        )
+    # The failed file was not tried again; the next one was computed ahead, and a request
+    # over the first aggregated its trades itself.
+    assert tried[1:] == [[f.path.removeprefix("file://") for f in committed.files]]
+    assert held > 0
+    assert sum(b["trade_count"] for b in first_file["data"]) == 99
+
+
+async def test_ohlcv_bars_are_deterministic_with_exact_vwap(tmp_path: Path) -> None:
+    # Bars computed only when asked, so that the first request is the one that keeps them.
+    async with running(tmp_path, query=QueryConfig(timeout=10.0, minute_bars_ahead=0)) as s:
         held_before = s.metrics.registry.get_sample_value("k2d_query_minute_bars")
         body = await get_json(
             s.client, f"/v1/ohlcv/1m?symbol=BTCUSDT&start={T0}&end={T0 + 600 * S}"

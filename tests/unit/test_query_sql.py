@@ -878,6 +878,12 @@ def test_per_key_concurrency_stays_below_the_workers() -> None:
     assert QueryConfig(workers=8, per_key_concurrency=5).per_key_concurrency == 5
 
 
+def test_minute_bars_ahead_stay_within_the_minute_bars_kept() -> None:
+    assert QueryConfig().minute_bars_ahead == 100_000 < QueryConfig().minute_bars
+    assert QueryConfig(minute_bars=0).minute_bars_ahead == 0
+    assert QueryConfig(minute_bars=500, minute_bars_ahead=900).minute_bars_ahead == 500
+
+
 # -- execution and writers ----------------------------------------------------------------
 
 
