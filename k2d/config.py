@@ -75,6 +75,10 @@ class WriterConfig(_Section, frozen=True):
     flush_rows: int = 250_000
     flush_bytes: int = 128 * 1024 * 1024
     flush_interval: float = 2.0
+    # A flush of at least twice this many rows of one day and exchange is written
+    # as several Parquet files at once, at most one per core, each of at least this many
+    # rows: Parquet writing runs outside the GIL. 0 writes one file per partition.
+    file_split_rows: Annotated[int, msgspec.Meta(ge=0)] = 100_000
     # Conflict retries of a one-off committer (`k2d load`); the daemon's writer retries a
     # commit until it lands, and reports DEGRADED once one has failed for commit_deadline s.
     commit_retries: int = 8

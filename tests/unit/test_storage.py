@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import sqlite3
 import threading
@@ -448,6 +449,43 @@ def test_a_one_partition_append_writes_the_data_file_pyicebergs_own_split_would(
     read = pq.read_table(local_path(ours.file_path))
     assert read.equals(pq.read_table(local_path(theirs.file_path)))
     assert read.num_rows == 300
+
+
+def test_a_large_one_partition_append_is_written_as_runs_of_its_sorted_rows(
+    wh: Warehouse,
+) -> None:
+    rows = [trade(i, symbol=("BTCUSDT", "ETHUSDT", "SOLUSDT")[i % 3], seq=i) for i in range(350)]
+    data = sorted_rows(trades_to_arrow(rows), ("symbol", "timestamp", "source_sequence"))
+    table = wh.load_table("trades")
+
+    whole = write_data_files(table, data, 100, 1)
+    three = write_data_files(table, data, 100, 8)  # 350 rows: at most 3 runs of 100 or more
+    small = write_data_files(table, data.slice(0, 199), 100, 8)
+    off = write_data_files(table, data, 0, 8)
+
+    assert [f.record_count for f in whole] == [350]
+    assert [f.record_count for f in three] == [117, 117, 116]
+    assert [f.record_count for f in small] == [199]
+    assert [f.record_count for f in off] == [350]
+    runs = [pq.read_table(local_path(f.file_path)) for f in three]
+    assert pa.concat_tables(runs).equals(pq.read_table(local_path(whole[0].file_path)))
+    # Each file's statistics are its own run's: BTC's first rows, SOL's last.
+    assert [f.partition for f in three] == [whole[0].partition] * 3
+    assert three[0].lower_bounds != three[2].lower_bounds
+
+
+def test_a_split_append_commits_every_row_once_in_order(cfg: StorageConfig) -> None:
+    rows = [trade(i, symbol=("BTCUSDT", "ETHUSDT")[i % 2], seq=i) for i in range(500)]
+    data = trades_to_arrow(rows)  # in time order, the symbols interleaved
+    with Warehouse(cfg, WriterConfig(file_split_rows=200)) as w:
+        w.ensure_tables()
+        result = w.append("trades", data, props(1, ("trades",)))
+    files = [pq.read_table(local_path(f.path)) for f in result.files]
+    assert len(result.files) == min(os.cpu_count() or 1, 2)
+    assert sum(f.record_count for f in result.files) == result.rows == 500
+    # The files, in order, are the rows sorted once: each a run of them.
+    expected = sorted_rows(data, ("symbol", "timestamp", "source_sequence"))
+    assert pa.concat_tables(files).column("message_id").equals(expected.column("message_id"))
 
 
 def test_a_flush_spanning_days_is_still_split_by_partition(wh: Warehouse) -> None:
