@@ -294,6 +294,8 @@ class QueryPool(Actor[Committed, None]):
                     try:
                         await anyio.to_thread.run_sync(self._bars_ahead, batch)
                     except Exception:
+                        if scope.cancel_called:
+                            return  # the shutdown interrupted the batch: not a failure
                         log.warning(
                             "minute bars of %d files could not be computed ahead; requests "
                             "will aggregate them",

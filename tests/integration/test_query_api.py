@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -473,6 +475,28 @@ async def test_a_file_whose_bars_cannot_be_computed_ahead_is_left_to_requests(
     assert tried[1:] == [[f.path.removeprefix("file://") for f in committed.files]]
     assert held > 0
     assert sum(b["trade_count"] for b in first_file["data"]) == 99
+
+
+async def test_a_shutdown_interrupts_the_bars_ahead_in_flight_quietly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    started = threading.Event()
+
+    def endless(self: MinuteBars, cursor: Any, entries: Sequence[FileEntry]) -> None:
+        started.set()
+        until = time.monotonic() + 30  # bounded, should the interrupt never come
+        while time.monotonic() < until:
+            cursor.execute("SELECT count(*) FROM range(300000000) t(i) WHERE i % 7 = 3")
+
+    monkeypatch.setattr(MinuteBars, "ahead", endless)
+    with anyio.fail_after(20):
+        async with running(tmp_path):
+            while not started.is_set():
+                await anyio.sleep(0.01)
+            began = time.monotonic()
+        stopped_in = time.monotonic() - began
+    assert stopped_in < 5  # uninterrupted, the batch would have run for 30 s
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 async def test_ohlcv_bars_are_deterministic_with_exact_vwap(tmp_path: Path) -> None:
