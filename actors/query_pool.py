@@ -8,8 +8,9 @@ planning, the query and streaming the answer: when it passes, the cursor is inte
 
 The inbox is the stream of Committed messages (writer appends, maintenance replaces): each
 is folded into the file index in a thread on a cursor of its own, so index updates never
-wait behind queries. Each change of the index (and the start) wakes a task that computes the
-newest trade files' minute bars ahead of requests, on a third cursor (`minute_bars_ahead`).
+wait behind queries. The start, and each change of the trades table's index, wakes a task
+that computes the newest trade files' minute bars ahead of requests, on a third cursor
+(`minute_bars_ahead`).
 
 Each request is one `query.execute` span with OpenTelemetry's database attributes, a child of
 the span that was current when the request was admitted (the HTTP request's server span, a
@@ -234,7 +235,8 @@ class QueryPool(Actor[Committed, None]):
         self._applying = True
         try:
             async with self._index_lock:
-                if await anyio.to_thread.run_sync(self._apply, msg, limiter=self._limiter):
+                changed = await anyio.to_thread.run_sync(self._apply, msg, limiter=self._limiter)
+                if changed and msg.table == TRADES:
                     self._wake_ahead()
         finally:
             self._applying = False
@@ -259,19 +261,22 @@ class QueryPool(Actor[Committed, None]):
                 await anyio.sleep(self.cfg.refresh_interval)
                 try:
                     async with self._index_lock:
-                        if await anyio.to_thread.run_sync(self._refresh, limiter=self._limiter):
+                        replanned = await anyio.to_thread.run_sync(
+                            self._refresh, limiter=self._limiter
+                        )
+                        if TRADES in replanned:
                             self._wake_ahead()
                 except Exception:
                     # The catalog may be busy (another process committing): next round.
                     log.exception("query index refresh failed; trying again later")
 
-    def _refresh(self) -> bool:
+    def _refresh(self) -> list[str]:
         assert self._maintenance is not None, "the query pool is not started"
         replanned = self.index.refresh(self._maintenance)
         if replanned:
             self._metrics.query_index_replans.inc(len(replanned))
             self._count_index()
-        return bool(replanned)
+        return replanned
 
     # -- minute bars ahead of requests ----------------------------------------------------
 
@@ -281,7 +286,8 @@ class QueryPool(Actor[Committed, None]):
 
     async def _ahead_loop(self, scope: anyio.CancelScope) -> None:
         """Compute the minute bars of the newest trade files before any request asks, a
-        batch of files per trip to a thread; once at start, then after each index change."""
+        batch of files per trip to a thread; once at start, then after each change of the
+        trades table's index."""
         with scope:
             while True:
                 assert self._ahead_wake is not None
