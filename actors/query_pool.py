@@ -8,9 +8,10 @@ planning, the query and streaming the answer: when it passes, the cursor is inte
 
 The inbox is the stream of Committed messages (writer appends, maintenance replaces): each
 is folded into the file index in a thread on a cursor of its own, so index updates never
-wait behind queries. The start, and each change of the trades table's index, wakes a task
-that computes the newest trade files' minute bars ahead of requests, on a third cursor
-(`minute_bars_ahead`).
+wait behind queries. The start, and each change of the trades or quotes table's index, wakes
+a task that works ahead of requests: it computes the newest trade files' minute bars on a
+third cursor (`minute_bars_ahead`), and loads the newest trade and quote files into the hot
+tier (`hot_bytes`), whose windows are then sliced from memory.
 
 Each request is one `query.execute` span with OpenTelemetry's database attributes, a child of
 the span that was current when the request was admitted (the HTTP request's server span, a
@@ -43,6 +44,7 @@ from k2d.query import (
     FileIndex,
     Format,
     Head,
+    HotFile,
     Opened,
     Plan,
     PlanContext,
@@ -54,7 +56,7 @@ from k2d.query import (
 )
 from k2d.query._files import local_path
 from k2d.runtime import Actor, Outbox
-from k2d.storage import TRADES
+from k2d.storage import QUOTES, TRADES
 
 if TYPE_CHECKING:
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -81,6 +83,8 @@ _RETRY_AFTER = {"Retry-After": "1"}
 # is never split): about 0.1 s of one core here, so a start with many files due does not
 # hold the thread, or the shutdown, for long.
 _AHEAD_ROWS = 500_000
+# The tables whose files the hot tier holds; a change of either wakes the task ahead.
+_HOT_TABLES = frozenset({TRADES, QUOTES})
 _OUTCOMES = {400: "invalid", 429: "too_many", 504: "timeout"}
 # Outcomes that mark the span as failed (a refused or invalid request did not fail).
 _FAILED = frozenset({"timeout", "error"})
@@ -129,16 +133,18 @@ class QueryPool(Actor[Committed, None]):
         self._wh = warehouse
         self._metrics = metrics
         self._tracer = tracer or trace.get_tracer("k2d.query")
-        self.index = FileIndex(
-            warehouse, cfg.snapshot_cache_size, cfg.max_ledger_events, cfg.minute_bars
-        )
+        self.index = self._new_index()
         metrics.query_minute_bars.set_function(lambda: self.index.bars.rows)
+        metrics.query_hot_bytes.set_function(lambda: self.index.hot.bytes)
+        metrics.query_hot_files.set_function(lambda: self.index.hot.files)
         self._db: duckdb.DuckDBPyConnection | None = None
         self._maintenance: duckdb.DuckDBPyConnection | None = None
         self._ahead: duckdb.DuckDBPyConnection | None = None
         # Files whose bars could not be computed ahead (unreadable): not tried again while
         # they are in the index; a request that needs them aggregates them itself.
         self._ahead_failed: set[str] = set()
+        # Files that could not be loaded into the hot tier: likewise left to DuckDB.
+        self._hot_failed: set[str] = set()
         self._ahead_wake: anyio.Event | None = None
         self._workers: list[_Worker] = []
         # Parse trees only, of no database: they outlive a reopened one.
@@ -164,18 +170,27 @@ class QueryPool(Actor[Committed, None]):
         db, cursors = open_database(self.cfg, [warehouse_dir], self.cfg.workers + 2)
         self._db, self._maintenance, self._ahead = db, cursors[0], cursors[1]
         self._workers = [_Worker(c) for c in cursors[2:]]
-        self.index = FileIndex(
-            self._wh, self.cfg.snapshot_cache_size, self.cfg.max_ledger_events, self.cfg.minute_bars
-        )
+        self.index = self._new_index()
         started = time.perf_counter()
         self.index.bootstrap(cursors[0])
         self._count_index()
         # Due from the start, so that a reader of the gauge never sees 0 before the task ran.
         self._metrics.query_minute_bars_due.set(len(self._bars_due()))
+        self._metrics.query_hot_due.set(len(self._hot_due()))
         log.info(
             "query index loaded in %.2fs: %s",
             time.perf_counter() - started,
             ", ".join(f"{t} {len(self.index.current(t).entries)} files" for t in INDEXED_TABLES),
+        )
+
+    def _new_index(self) -> FileIndex:
+        cfg = self.cfg
+        return FileIndex(
+            self._wh,
+            cfg.snapshot_cache_size,
+            cfg.max_ledger_events,
+            cfg.minute_bars,
+            cfg.hot_bytes,
         )
 
     def _close(self) -> None:
@@ -205,7 +220,7 @@ class QueryPool(Actor[Committed, None]):
                 if self.cfg.refresh_interval > 0:
                     tg.start_soon(self._refresh_loop, refreshing)
                 ahead = anyio.CancelScope()
-                if self.cfg.minute_bars_ahead > 0:
+                if self.cfg.minute_bars_ahead > 0 or self.cfg.hot_bytes > 0:
                     self._ahead_wake = anyio.Event()
                     self._ahead_wake.set()
                     tg.start_soon(self._ahead_loop, ahead)
@@ -236,7 +251,7 @@ class QueryPool(Actor[Committed, None]):
         try:
             async with self._index_lock:
                 changed = await anyio.to_thread.run_sync(self._apply, msg, limiter=self._limiter)
-                if changed and msg.table == TRADES:
+                if changed and msg.table in _HOT_TABLES:
                     self._wake_ahead()
         finally:
             self._applying = False
@@ -264,7 +279,7 @@ class QueryPool(Actor[Committed, None]):
                         replanned = await anyio.to_thread.run_sync(
                             self._refresh, limiter=self._limiter
                         )
-                        if TRADES in replanned:
+                        if _HOT_TABLES.intersection(replanned):
                             self._wake_ahead()
                 except Exception:
                     # The catalog may be busy (another process committing): next round.
@@ -285,34 +300,75 @@ class QueryPool(Actor[Committed, None]):
             self._ahead_wake.set()
 
     async def _ahead_loop(self, scope: anyio.CancelScope) -> None:
-        """Compute the minute bars of the newest trade files before any request asks, a
-        batch of files per trip to a thread; once at start, then after each change of the
-        trades table's index."""
+        """Ahead of requests, once at start, then after each change of the trades or quotes
+        table's index: compute the minute bars of the newest trade files, and load the
+        newest data files into the hot tier."""
         with scope:
             while True:
                 assert self._ahead_wake is not None
                 await self._ahead_wake.wait()
                 self._ahead_wake = anyio.Event()
-                due = await anyio.to_thread.run_sync(self._bars_due)
-                left = len(due)
-                self._metrics.query_minute_bars_due.set(left)
-                for batch in _batches(due, _AHEAD_ROWS):
-                    try:
-                        await anyio.to_thread.run_sync(self._bars_ahead, batch)
-                    except Exception:
-                        if scope.cancel_called:
-                            return  # the shutdown interrupted the batch: not a failure
-                        log.warning(
-                            "minute bars of %d files could not be computed ahead; requests "
-                            "will aggregate them",
-                            len(batch),
-                            exc_info=True,
-                        )
-                        self._ahead_failed.update(e.path for e in batch)
-                    left -= len(batch)
-                    self._metrics.query_minute_bars_due.set(left)
+                if not await self._bars_round(scope) or not await self._hot_round(scope):
+                    return
+
+    async def _bars_round(self, scope: anyio.CancelScope) -> bool:
+        """Compute the bars due, a batch of files per trip to a thread; False when the
+        shutdown interrupted it."""
+        due = await anyio.to_thread.run_sync(self._bars_due)
+        left = len(due)
+        self._metrics.query_minute_bars_due.set(left)
+        for batch in _batches(due, _AHEAD_ROWS):
+            try:
+                await anyio.to_thread.run_sync(self._bars_ahead, batch)
+            except Exception:
+                if scope.cancel_called:
+                    return False  # the shutdown interrupted the batch: not a failure
+                log.warning(
+                    "minute bars of %d files could not be computed ahead; requests "
+                    "will aggregate them",
+                    len(batch),
+                    exc_info=True,
+                )
+                self._ahead_failed.update(e.path for e in batch)
+            left -= len(batch)
+            self._metrics.query_minute_bars_due.set(left)
+        return True
+
+    async def _hot_round(self, scope: anyio.CancelScope) -> bool:
+        """Load the files due into the hot tier, one per trip to a thread; False when the
+        shutdown came meanwhile."""
+        due = await anyio.to_thread.run_sync(self._hot_due)
+        self._metrics.query_hot_due.set(len(due))
+        for n, (table, entry) in enumerate(due, 1):
+            try:
+                hot = await anyio.to_thread.run_sync(HotFile.read, entry.path, table)
+            except Exception:
+                if scope.cancel_called:
+                    return False
+                log.warning(
+                    "%s file %s could not be loaded into memory; DuckDB will read it",
+                    table,
+                    entry.path,
+                    exc_info=True,
+                )
+                self._hot_failed.add(entry.path)
+                continue
+            finally:
+                self._metrics.query_hot_due.set(len(due) - n)
+            if not self.index.hot.add(table, entry, hot):
+                self._metrics.query_hot_due.set(0)
+                break  # bigger than guessed: the files after it do not fit either
+        return True
+
+    def _hot_due(self) -> list[tuple[str, FileEntry]]:
+        tables = {t: self.index.current(t).entries for t in _HOT_TABLES}
+        if self._hot_failed:
+            self._hot_failed &= {e.path for entries in tables.values() for e in entries}
+        return self.index.hot.plan(tables, self._hot_failed)
 
     def _bars_due(self) -> list[FileEntry]:
+        if self.cfg.minute_bars_ahead <= 0:
+            return []
         entries = self.index.current(TRADES).entries
         if self._ahead_failed:
             self._ahead_failed &= {e.path for e in entries}
@@ -460,6 +516,8 @@ class QueryPool(Actor[Committed, None]):
                 self._fail(job, exc)
                 return
             job.opened = opened
+            if opened.in_memory:
+                self._metrics.query_hot_reads.inc()
             try:
                 chunk, done, failed = first
                 if done and failed is None:

@@ -7,6 +7,7 @@ from k2d.query._duckdb import Statements, open_database
 from k2d.query._errors import QueryError
 from k2d.query._execute import Head, Key, Opened, Plan, PlanContext, Prepared, open_result
 from k2d.query._files import FileEntry, SymbolStats, TableFiles
+from k2d.query._hot import HotFile, HotFiles
 from k2d.query._index import INDEXED_TABLES, FileIndex
 from k2d.query._ledger import GAP_KINDS, Ledger, LedgerEvent
 from k2d.query._params import (
@@ -105,6 +106,8 @@ __all__ = [
     "Format",
     "GapsPlan",
     "Head",
+    "HotFile",
+    "HotFiles",
     "Interval",
     "Key",
     "Kind",

@@ -6,6 +6,9 @@ LIMIT n`, streams Arrow record batches out of DuckDB and renders each into the r
 format, so memory stays bounded by a batch whatever the page size. Pages are keyset pages:
 the key of the last row returned is the next cursor.
 
+A first page of JSON rows whose files the hot tier holds (k2d/query/_hot.py) is answered
+without DuckDB: the same rows, sorted, cut and rendered by Arrow into the same bytes.
+
 JSON asks for one row more than the page and writes its meta (truncated, next_cursor) after
 the rows; the other formats put the meta in headers, so they first peek at the row after the
 page. Everything here blocks: the QueryPool runs it in its worker threads.
@@ -25,7 +28,16 @@ import pyarrow.compute as pc
 from k2d.query._cursor import TIMESTAMP_US, KeyBounds, decode_cursor, encode_cursor
 from k2d.query._errors import QueryError
 from k2d.query._params import MEDIA_TYPES, Format, SnapshotSel
-from k2d.query._render import JSON_ROW, Column, Kind, column_expr, ident, json_row_expr, new_writer
+from k2d.query._render import (
+    JSON_ROW,
+    Column,
+    Kind,
+    column_expr,
+    ident,
+    json_row_expr,
+    json_rows,
+    new_writer,
+)
 
 if TYPE_CHECKING:
     import duckdb
@@ -33,6 +45,7 @@ if TYPE_CHECKING:
     from k2d.config import QueryConfig
     from k2d.query._duckdb import Statements
     from k2d.query._files import TableFiles
+    from k2d.query._hot import HotScan
     from k2d.query._index import FileIndex
     from k2d.query._ledger import Ledger
 
@@ -115,6 +128,8 @@ class Prepared:
     # A column (of q) whose repeats in adjacent rows are duplicates to drop (message_id).
     dedupe: str | None = None
     filename: str = "result"
+    # The same rows, for the hot tier to answer from memory when it holds all the files.
+    hot: HotScan | None = None
 
 
 class PlanContext:
@@ -210,9 +225,11 @@ class Opened:
         head: Head,
         peeked: tuple[bool, str | None],
         sql: str = "",
+        in_memory: bool = False,
     ) -> None:
         self._cursor = cursor
         self._sql = sql
+        self._in_memory = in_memory
         self._p = prepared
         self._fmt = fmt
         self._reader = reader
@@ -250,6 +267,8 @@ class Opened:
         snapshot = meta.get("snapshot_id")
         if isinstance(snapshot, int):
             attrs["k2d.snapshot_id"] = snapshot
+        if self._in_memory:
+            attrs["k2d.hot"] = 1
         return attrs
 
     def next_chunk(self) -> bytes | None:
@@ -293,6 +312,11 @@ class Opened:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def in_memory(self) -> bool:
+        """Answered from the hot tier, not by DuckDB."""
+        return self._in_memory
 
     def _read(self) -> pa.RecordBatch | None:
         try:
@@ -390,6 +414,31 @@ def _peek(ctx: PlanContext, p: Prepared) -> tuple[bool, str | None]:
     return True, encode_cursor(p.fingerprint, p.snapshots, list(rows[0]))
 
 
+def _from_memory(ctx: PlanContext, p: Prepared) -> pa.Table | None:
+    """The result `_outer` would give for JSON, from the hot tier; None unless it holds every
+    file and renders every value."""
+    if p.hot is None or p.relations or not p.keys:
+        return None
+    scan = p.hot
+    rows = ctx.index.hot.rows(scan.entries, scan.window, scan.exchanges, scan.symbols)
+    if rows is None:
+        return None
+    rows = rows.append_column("k_seq", pc.fill_null(rows.column("source_sequence"), -1))
+    order = "descending" if p.desc else "ascending"
+    first = pc.sort_indices(rows, [(k.name, order) for k in p.keys])
+    rows = rows.take(first.slice(0, p.limit + 1))
+    text = json_rows(rows, p.columns)
+    if text is None:
+        return None
+    out: dict[str, pa.Array | pa.ChunkedArray] = {JSON_ROW: text}
+    for i, k in enumerate(p.keys):
+        col = rows.column(k.name)
+        out[f"__k{i}"] = col.cast(pa.int64()) if k.kind is Kind.TIMESTAMP else col
+    if p.dedupe is not None:
+        out[_DEDUPE] = rows.column(p.dedupe)
+    return pa.table(out)
+
+
 def open_result(ctx: PlanContext, plan: Plan, fmt: Format) -> Opened:
     """Prepare `plan`, run its query up to the first batch, and return the stream of bytes."""
     prepared = plan.prepare(ctx)
@@ -398,6 +447,10 @@ def open_result(ctx: PlanContext, plan: Plan, fmt: Format) -> Opened:
     snapshot = prepared.meta.get("snapshot_id")
     if snapshot is not None:
         headers[SNAPSHOT_HEADER] = str(snapshot)
+    if fmt is Format.JSON and (held := _from_memory(ctx, prepared)) is not None:
+        head = Head(MEDIA_TYPES[fmt], headers)
+        rows = held.to_reader(_BATCH_ROWS)
+        return Opened(cursor, prepared, fmt, rows, head, (False, None), in_memory=True)
     for name, table in prepared.relations.items():
         cursor.register(name, table)
     reader: pa.RecordBatchReader | None = None

@@ -28,6 +28,7 @@ from k2d.query._files import (
     local_path,
     summarize,
 )
+from k2d.query._hot import HotFiles
 from k2d.query._ledger import Ledger, read_events
 from k2d.query._params import SnapshotSel
 from k2d.storage import QUOTES, SEQUENCE_EVENTS, TRADES
@@ -55,6 +56,7 @@ class FileIndex:
         cache_size: int,
         max_ledger_events: int = 200_000,
         minute_bars: int = 200_000,
+        hot_bytes: int = 0,
     ):
         self._wh = warehouse
         self._cache_size = max(1, cache_size)
@@ -63,6 +65,7 @@ class FileIndex:
         self._lock = threading.Lock()
         self.ledger = Ledger(max_events=max_ledger_events)
         self.bars = MinuteBars(minute_bars)
+        self.hot = HotFiles(hot_bytes)
         self.replans = 0
         # Per table, a snapshot seen ahead of the index at the last refresh (see `refresh`).
         self._ahead: dict[str, int] = {}

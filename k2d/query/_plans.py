@@ -23,6 +23,7 @@ from k2d.query._cursor import fingerprint
 from k2d.query._errors import QueryError
 from k2d.query._execute import Key, PlanContext, Prepared, keyset
 from k2d.query._files import DAY_US, FileEntry, SymbolKey, TableFiles, overlap
+from k2d.query._hot import HotScan
 from k2d.query._ledger import LedgerEvent
 from k2d.query._params import Interval, SnapshotSel, Window
 from k2d.query._render import Column, Kind, ident
@@ -281,6 +282,7 @@ class RowsPlan:
             **_meta_gaps(ctx, stream, keys, self.exchanges, self.window),
         }
         snapshots = {self.table: files.snapshot_id} if files.snapshot_id is not None else {}
+        hot = HotScan(tuple(entries), self.window, self.exchanges, self.symbols)
         return Prepared(
             sql=sql,
             params=params,
@@ -294,6 +296,7 @@ class RowsPlan:
             snapshots=snapshots,
             dedupe="message_id",
             filename=self.table,
+            hot=hot if after is None else None,
         )
 
 

@@ -1,8 +1,10 @@
 """Output columns and formats: how each kind of column is rendered, and the byte writers.
 
 JSON rows are rendered by DuckDB itself (`json_object`, vectorised): decimals become exact
-strings, timestamps ISO-8601 with microseconds and `Z`. CSV carries the same text renderings;
-Parquet and Arrow IPC carry the native types (decimal128(18,8), timestamp[us, UTC]).
+strings, timestamps ISO-8601 with microseconds and `Z`. Rows served from memory (the hot
+tier) are rendered into the same bytes by Arrow's kernels (`json_rows`). CSV carries the same
+text renderings; Parquet and Arrow IPC carry the native types (decimal128(18,8),
+timestamp[us, UTC]).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import msgspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -29,6 +32,7 @@ __all__ = [
     "column_expr",
     "ident",
     "json_row_expr",
+    "json_rows",
     "new_writer",
 ]
 
@@ -91,6 +95,108 @@ def json_row_expr(columns: Sequence[Column]) -> str:
         return "'{}'"
     pairs = ", ".join(f"'{c.name}', {column_expr(c, Format.JSON)}" for c in columns)
     return f"CAST(json_object({pairs}) AS VARCHAR)"
+
+
+# Text that DuckDB's JSON writer copies as it is: printable ASCII but the quote and the
+# backslash. Anything else (escapes, non-ASCII) is left to DuckDB.
+_PLAIN_TEXT = r"^[ !#-\[\]-~]*$"
+_NULL_TEXT = pa.scalar(None, pa.string())
+# Event times DuckDB's strftime and Arrow's cast print alike: four-digit years from 1970.
+_LAST_US = 253_402_300_800_000_000  # 10000-01-01T00:00:00Z
+
+
+def json_rows(table: pa.Table, columns: Sequence[Column]) -> pa.Array | None:
+    """The JSON object of each row of `table`, byte for byte as `json_row_expr` has DuckDB
+    render it; None when a value is one whose rendering is left to DuckDB (text that needs
+    escaping, a kind not rendered here). Few kernels a column: each call costs more than
+    the rows of a page do, so quotes travel in the literal text between values."""
+    if not columns:
+        return pa.array(["{}"] * table.num_rows, pa.string())
+    texts: list[pa.Array] = []  # text to check for characters DuckDB would escape
+    pieces: list[pa.Array | str] = []
+    literal = "{"
+    for i, column in enumerate(columns):
+        values = table.column(column.name).combine_chunks()
+        literal += ("" if i == 0 else ",") + f'"{column.name}":'
+        if values.null_count == len(values):
+            literal += "null"
+            continue
+        rendered = _json_text(values, column.kind, texts)
+        if rendered is None:
+            return None
+        text, before, after = rendered
+        if values.null_count:
+            text = pc.fill_null(pc.binary_join_element_wise(before, text, after, ""), "null")
+            before = after = ""
+        pieces += [literal + before, text]
+        literal = after
+    if texts and not _plain(pc.binary_join_element_wise(*texts, "")):
+        return None
+    pieces.append(literal + "}")
+    return pc.binary_join_element_wise(*pieces, "")
+
+
+def _json_text(
+    values: pa.Array, kind: Kind, texts: list[pa.Array]
+) -> tuple[pa.Array, str, str] | None:
+    """A column's JSON values as (text, what goes before, what goes after each), null where
+    it is null. Text to check goes to `texts`."""
+    if kind is Kind.STRING:
+        texts.append(pc.fill_null(values, "") if values.null_count else values)
+        return values, '"', '"'
+    if kind is Kind.INT:
+        return pc.cast(values, pa.string()), "", ""
+    if kind is Kind.DECIMAL:
+        return _decimal_text(values), '"', '"'
+    if kind is Kind.TIMESTAMP:
+        lo, hi = pc.min_max(values.cast(pa.int64())).values()
+        if lo.as_py() < 0 or hi.as_py() >= _LAST_US:
+            return None
+        # Through a naive timestamp, whose cast to text is 20x faster than a zoned one's:
+        # "YYYY-MM-DD HH:MM:SS.ffffff"; strftime's has a T.
+        text = pc.cast(values.cast(pa.timestamp(values.type.unit)), pa.string())
+        return pc.replace_substring(text, " ", "T", max_replacements=1), '"', 'Z"'
+    if kind is Kind.LIST and pa.types.is_string(values.type.value_type):
+        lists = values.cast(pa.list_(pa.string()))
+        texts.append(pc.binary_join(pc.fill_null(lists, pa.scalar([], lists.type)), ""))
+        joined = pc.binary_join(lists, '","')
+        text = pc.binary_join_element_wise('["', joined, '"]', "")
+        return pc.if_else(pc.equal(pc.list_value_length(values), 0), "[]", text), "", ""
+    return None
+
+
+def _plain(text: pa.Array) -> bool:
+    return bool(pc.all(pc.match_substring_regex(text, _PLAIN_TEXT)).as_py())
+
+
+def _decimal_text(values: pa.Array) -> pa.Array:
+    """Every digit of the scale and no exponent, as DuckDB casts a decimal to text. Arrow's
+    own cast agrees but below 1E-6 (it writes 5E-7): then from the unscaled integer, the low
+    word of each decimal128, whole for precision up to 18."""
+    text = pc.cast(values, pa.string())
+    typ = values.type
+    if not pc.any(pc.match_substring(text, "E")).as_py():
+        return text
+    if not pa.types.is_decimal128(typ) or typ.precision > 18:
+        raise ValueError(f"no exact text for {typ}")  # pragma: no cover - tables hold (18, 8)
+    words = pa.Array.from_buffers(
+        pa.int64(), 2 * (len(values) + values.offset), [None, values.buffers()[1]]
+    )
+    pairs = pa.Array.from_buffers(
+        pa.list_(pa.int64(), 2), len(values), [None], children=[words], offset=values.offset
+    )
+    units = pc.list_element(pairs, 0)
+    size = pa.scalar(10**typ.scale, pa.int64())
+    magnitude = pc.abs(units)
+    whole = pc.divide(magnitude, size)
+    text = pc.cast(whole, pa.string())
+    if typ.scale:
+        fraction = pc.cast(pc.subtract(magnitude, pc.multiply(whole, size)), pa.string())
+        text = pc.binary_join_element_wise(text, pc.utf8_lpad(fraction, typ.scale, "0"), ".")
+    text = pc.if_else(pc.less(units, 0), pc.binary_join_element_wise("-", text, ""), text)
+    if values.null_count:
+        text = pc.if_else(pc.is_valid(values), text, _NULL_TEXT)
+    return text
 
 
 class _Sink(io.RawIOBase):

@@ -360,6 +360,26 @@ class Metrics:
             "Data files whose minute bars are waiting to be computed ahead of requests",
             registry=r,
         )
+        self.query_hot_bytes = Gauge(
+            "k2d_query_hot_bytes",
+            "Bytes of data files the query side holds in memory (the hot tier)",
+            registry=r,
+        )
+        self.query_hot_files = Gauge(
+            "k2d_query_hot_files",
+            "Data files the query side holds in memory (the hot tier)",
+            registry=r,
+        )
+        self.query_hot_due = Gauge(
+            "k2d_query_hot_due_files",
+            "Data files waiting to be loaded into the hot tier",
+            registry=r,
+        )
+        self.query_hot_reads = Counter(
+            "k2d_query_hot_reads_total",
+            "Result pages the query side answered from the hot tier",
+            registry=r,
+        )
         self.query_index_replans = Counter(
             "k2d_query_index_replans_total",
             "Full re-plans of the query file index (start, replace commits, missed commits)",

@@ -68,6 +68,7 @@ from k2d.query import (
 )
 from k2d.query._bars import MinuteBars
 from k2d.query._cursor import TIMESTAMP_US
+from k2d.query._hot import HotFiles
 from k2d.query._plans import TABLE_COLUMNS, _needs_dedupe
 from k2d.query._render import column_expr, ident, json_row_expr, new_writer
 from k2d.storage import trades_to_arrow
@@ -371,12 +372,14 @@ def files() -> TableFiles:
 
 
 class FakeIndex:
-    """What plans read from the index: snapshots of tables, the ledger, minute bars."""
+    """What plans read from the index: snapshots of tables, the ledger, minute bars, the
+    hot tier (holding nothing: these files are not on disk)."""
 
     def __init__(self, tables: dict[str, TableFiles]) -> None:
         self.tables = tables
         self.ledger = Ledger()
         self.bars = MinuteBars(10_000)
+        self.hot = HotFiles(0)
 
     def current(self, table: str) -> TableFiles:
         return self.tables[table]
