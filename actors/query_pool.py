@@ -360,11 +360,19 @@ class QueryPool(Actor[Committed, None]):
                 break  # bigger than guessed: the files after it do not fit either
         return True
 
-    def _hot_due(self) -> list[tuple[str, FileEntry]]:
+    def _hot_due(self, drop: bool = True) -> list[tuple[str, FileEntry]]:
+        """The files to load into the hot tier; with `drop`, the held ones no longer wanted
+        are dropped (only the task ahead does that)."""
         tables = {t: self.index.current(t).entries for t in _HOT_TABLES}
         if self._hot_failed:
             self._hot_failed &= {e.path for entries in tables.values() for e in entries}
-        return self.index.hot.plan(tables, self._hot_failed)
+        hot = self.index.hot
+        return hot.plan(tables, self._hot_failed) if drop else hot.due(tables, self._hot_failed)
+
+    def hot_due(self) -> int:
+        """Files waiting to be loaded into the hot tier (as the gauge counts them, but
+        current even before the task ahead has woken)."""
+        return len(self._hot_due(drop=False))
 
     def _bars_due(self) -> list[FileEntry]:
         if self.cfg.minute_bars_ahead <= 0:

@@ -129,9 +129,21 @@ class HotFiles:
     ) -> list[tuple[str, FileEntry]]:
         """Drop the held files that are no longer among the newest that fit, and return the
         (table, file) pairs to load, newest first. `skip`: files not to load (unreadable)."""
+        with self._lock:
+            self._held, due = self._choose(tables, skip)
+        return due
+
+    def due(
+        self, tables: Mapping[str, Sequence[FileEntry]], skip: Collection[str] = ()
+    ) -> list[tuple[str, FileEntry]]:
+        """What `plan` would return, changing nothing."""
+        return self._choose(tables, skip)[1]
+
+    def _choose(
+        self, tables: Mapping[str, Sequence[FileEntry]], skip: Collection[str]
+    ) -> tuple[dict[str, HotFile], list[tuple[str, FileEntry]]]:
         if self.max_bytes <= 0:
-            self._held = {}
-            return []
+            return {}, []
         held = self._held
         newest_first = sorted(
             ((t, e) for t, entries in tables.items() for e in entries),
@@ -152,8 +164,7 @@ class HotFiles:
                 wanted[e.path] = hot
             else:
                 due.append((table, e))
-        self._held = wanted
-        return due
+        return wanted, due
 
     def add(self, table: str, entry: FileEntry, hot: HotFile) -> bool:
         """Hold a loaded file, if it still fits; False when it does not."""

@@ -98,56 +98,79 @@ def json_row_expr(columns: Sequence[Column]) -> str:
 
 
 # Text that DuckDB's JSON writer copies as it is: printable ASCII but the quote and the
-# backslash. Anything else (escapes, non-ASCII) is left to DuckDB.
+# backslash, which it escapes with a backslash; anything else (control characters,
+# non-ASCII) is left to DuckDB.
 _PLAIN_TEXT = r"^[ !#-\[\]-~]*$"
+_ASCII_TEXT = r"^[ -~]*$"
 _NULL_TEXT = pa.scalar(None, pa.string())
 # Event times DuckDB's strftime and Arrow's cast print alike: four-digit years from 1970.
 _LAST_US = 253_402_300_800_000_000  # 10000-01-01T00:00:00Z
 
 
+@dataclass(slots=True)
+class _Rendered:
+    """One column's JSON values: `text` (null where null), what goes before and after
+    each, and whether it is a string column's own text (which may need escapes)."""
+
+    text: pa.Array
+    before: str = ""
+    after: str = ""
+    string: bool = False
+
+
 def json_rows(table: pa.Table, columns: Sequence[Column]) -> pa.Array | None:
     """The JSON object of each row of `table`, byte for byte as `json_row_expr` has DuckDB
-    render it; None when a value is one whose rendering is left to DuckDB (text that needs
-    escaping, a kind not rendered here). Few kernels a column: each call costs more than
-    the rows of a page do, so quotes travel in the literal text between values."""
+    render it; None when a value is one whose rendering is left to DuckDB (control or
+    non-ASCII characters, a kind not rendered here). Few kernels a column: each call costs
+    more than the rows of a page do, so quotes travel in the literal text between values,
+    and text is checked for escapes all columns at once."""
     if not columns:
         return pa.array(["{}"] * table.num_rows, pa.string())
-    texts: list[pa.Array] = []  # text to check for characters DuckDB would escape
-    pieces: list[pa.Array | str] = []
-    literal = "{"
+    names: list[str] = []
+    rendered: list[_Rendered | None] = []  # None: every value null
+    checks: list[pa.Array] = []  # text DuckDB may escape
     for i, column in enumerate(columns):
         values = table.column(column.name).combine_chunks()
-        literal += ("" if i == 0 else ",") + f'"{column.name}":'
+        names.append(("{" if i == 0 else ",") + f'"{column.name}":')
         if values.null_count == len(values):
+            rendered.append(None)
+            continue
+        one = _json_text(values, column.kind, checks)
+        if one is None:
+            return None
+        rendered.append(one)
+    if checks and not _matches(pc.binary_join_element_wise(*checks, ""), _PLAIN_TEXT):
+        for one in rendered:
+            if one is not None and one.string:
+                escaped = _escaped(one.text)
+                if escaped is None:
+                    return None
+                one.text = escaped
+    pieces: list[pa.Array | str] = []
+    literal = ""
+    for name, one in zip(names, rendered, strict=True):
+        literal += name
+        if one is None:
             literal += "null"
             continue
-        rendered = _json_text(values, column.kind, texts)
-        if rendered is None:
-            return None
-        text, before, after = rendered
-        if values.null_count:
+        text, before, after = one.text, one.before, one.after
+        if text.null_count:
             text = pc.fill_null(pc.binary_join_element_wise(before, text, after, ""), "null")
             before = after = ""
         pieces += [literal + before, text]
         literal = after
-    if texts and not _plain(pc.binary_join_element_wise(*texts, "")):
-        return None
     pieces.append(literal + "}")
     return pc.binary_join_element_wise(*pieces, "")
 
 
-def _json_text(
-    values: pa.Array, kind: Kind, texts: list[pa.Array]
-) -> tuple[pa.Array, str, str] | None:
-    """A column's JSON values as (text, what goes before, what goes after each), null where
-    it is null. Text to check goes to `texts`."""
+def _json_text(values: pa.Array, kind: Kind, checks: list[pa.Array]) -> _Rendered | None:
     if kind is Kind.STRING:
-        texts.append(pc.fill_null(values, "") if values.null_count else values)
-        return values, '"', '"'
+        checks.append(pc.fill_null(values, "") if values.null_count else values)
+        return _Rendered(values, '"', '"', string=True)
     if kind is Kind.INT:
-        return pc.cast(values, pa.string()), "", ""
+        return _Rendered(pc.cast(values, pa.string()))
     if kind is Kind.DECIMAL:
-        return _decimal_text(values), '"', '"'
+        return _Rendered(_decimal_text(values), '"', '"')
     if kind is Kind.TIMESTAMP:
         lo, hi = pc.min_max(values.cast(pa.int64())).values()
         if lo.as_py() < 0 or hi.as_py() >= _LAST_US:
@@ -155,18 +178,31 @@ def _json_text(
         # Through a naive timestamp, whose cast to text is 20x faster than a zoned one's:
         # "YYYY-MM-DD HH:MM:SS.ffffff"; strftime's has a T.
         text = pc.cast(values.cast(pa.timestamp(values.type.unit)), pa.string())
-        return pc.replace_substring(text, " ", "T", max_replacements=1), '"', 'Z"'
+        return _Rendered(pc.replace_substring(text, " ", "T", max_replacements=1), '"', 'Z"')
     if kind is Kind.LIST and pa.types.is_string(values.type.value_type):
         lists = values.cast(pa.list_(pa.string()))
-        texts.append(pc.binary_join(pc.fill_null(lists, pa.scalar([], lists.type)), ""))
+        if not _matches(pc.list_flatten(lists), _PLAIN_TEXT):
+            return None  # an element DuckDB would escape: rare enough to leave to it
         joined = pc.binary_join(lists, '","')
         text = pc.binary_join_element_wise('["', joined, '"]', "")
-        return pc.if_else(pc.equal(pc.list_value_length(values), 0), "[]", text), "", ""
+        return _Rendered(pc.if_else(pc.equal(pc.list_value_length(values), 0), "[]", text))
     return None
 
 
-def _plain(text: pa.Array) -> bool:
-    return bool(pc.all(pc.match_substring_regex(text, _PLAIN_TEXT)).as_py())
+def _matches(text: pa.Array, pattern: str) -> bool:
+    return len(text) == 0 or bool(pc.all(pc.match_substring_regex(text, pattern)).as_py())
+
+
+def _escaped(text: pa.Array) -> pa.Array | None:
+    """Text with the quote and the backslash escaped as DuckDB's JSON writer does; None if
+    it holds a character escaped otherwise (or not ASCII)."""
+    if not _matches(pc.fill_null(text, ""), _ASCII_TEXT):
+        return None
+    if pc.any(pc.match_substring(text, "\\")).as_py():
+        text = pc.replace_substring(text, "\\", "\\\\")
+    if pc.any(pc.match_substring(text, '"')).as_py():
+        text = pc.replace_substring(text, '"', '\\"')
+    return text
 
 
 def _decimal_text(values: pa.Array) -> pa.Array:

@@ -37,7 +37,16 @@ from k2d.api._access import client_key
 from k2d.config import ApiConfig, LiveConfig, QueryConfig, StorageConfig
 from k2d.messages import Committed, SequencedBatch
 from k2d.model import Quote, SequenceEvent, Trade, now_us
-from k2d.query import Column, FileEntry, Format, Kind, PlanContext, Prepared, QueryError
+from k2d.query import (
+    Column,
+    FileEntry,
+    Format,
+    HotFile,
+    Kind,
+    PlanContext,
+    Prepared,
+    QueryError,
+)
 from k2d.query._bars import MinuteBars
 from k2d.runtime import Registry
 from k2d.storage import (
@@ -978,3 +987,106 @@ def test_duckdb_reads_nothing_outside_the_warehouse(tmp_path: Path) -> None:
     finally:
         cursor.close()
         db.close()
+
+
+async def hot_loaded(s: Stack) -> None:
+    """Wait until the hot tier holds every file due."""
+    with anyio.fail_after(20):
+        while s.pool.hot_due() or s.metrics.registry.get_sample_value("k2d_query_hot_due_files"):
+            await anyio.sleep(0.01)
+
+
+def hot_reads(s: Stack) -> float:
+    return s.metrics.registry.get_sample_value("k2d_query_hot_reads_total") or 0.0
+
+
+async def test_first_pages_over_files_held_in_memory_are_the_pages_duckdb_gives(
+    tmp_path: Path,
+) -> None:
+    urls = [
+        f"/v1/trades?symbol=BTCUSDT&start={T0 + 140 * S}&end={T0 + 160 * S}",
+        f"/v1/trades?symbol=BTCUSDT,ETHUSDT&start={T0}&end={T0 + 400 * S}&limit=37",
+        f"/v1/trades?start={T0 + 10 * S}&end={T0 + 390 * S}&order=desc&limit=150",
+        f"/v1/trades?symbol=BTCUSDT&{W}&columns=trade_conditions,price,message_id",
+        f"/v1/trades?exchange=BINANCE&start={T0 + 99 * S}&end={T0 + 101 * S + 1}",
+        f"/v1/quotes?symbol=BTCUSDT&start={T0}&end={T0 + 100 * S}",
+        # No file holds this window: DuckDB answers it over an empty relation.
+        f"/v1/trades?symbol=ETHUSDT&start={T0 + 500 * S}&end={T0 + 600 * S}",
+    ]
+    async with running(tmp_path) as s:
+        await hot_loaded(s)
+        held = s.pool.index.hot.files
+        before = hot_reads(s)
+        from_memory = [await s.client.get(u) for u in urls]
+        served = hot_reads(s) - before
+        cursor = from_memory[1].json()["meta"]["next_cursor"]
+        second = await s.client.get(f"{urls[1]}&cursor={cursor}")
+        after_second = hot_reads(s) - before
+        # The same requests with nothing held: DuckDB reads the files.
+        s.pool.index.hot.max_bytes = 0
+        s.pool.index.hot.plan({})
+        assert s.pool.index.hot.files == 0
+        from_files = [await s.client.get(u) for u in urls]
+        second_again = await s.client.get(f"{urls[1]}&cursor={cursor}")
+        after_all = hot_reads(s) - before
+    assert held == 4  # three trade files and one quote file
+    assert all(r.status_code == 200 for r in from_memory + from_files)
+    assert served == len(urls) - 1 == after_second == after_all
+    assert [r.content for r in from_memory] == [r.content for r in from_files]
+    assert second.content == second_again.content
+    pages = [r.json() for r in from_memory]
+    assert [len(p["data"]) for p in pages] == [17, 37, 150, 297, 4, 43, 0]
+    assert pages[3]["data"][49]["trade_conditions"] == ["x"]  # trade 50
+
+
+async def test_the_hot_tier_holds_the_newest_files_that_fit_its_bytes(tmp_path: Path) -> None:
+    # A file of 100 trades takes about 16 KB in memory: two fit, three do not.
+    budget = 40_000
+    query = QueryConfig(timeout=10.0, hot_bytes=budget)
+    async with running(tmp_path, query=query, seed=False) as s:
+        files = []
+        for trade_ids in (range(1, 101), range(101, 201), range(201, 301)):
+            committed = await s.append(TRADES, btc(trade_ids))
+            files.extend(f.path.removeprefix("file://") for f in committed.files)
+            await hot_loaded(s)
+        held = sorted(s.pool.index.hot._held)
+        held_bytes = s.metrics.registry.get_sample_value("k2d_query_hot_bytes")
+        before = hot_reads(s)
+        newest = await get_json(
+            s.client, f"/v1/trades?symbol=BTCUSDT&start={T0 + 250 * S}&end={T0 + 400 * S}"
+        )
+        newest_reads = hot_reads(s) - before
+        oldest = await get_json(s.client, f"/v1/trades?symbol=BTCUSDT&start={T0}&end={T0 + 50 * S}")
+        oldest_reads = hot_reads(s) - before - newest_reads
+    assert held == sorted(files[1:])
+    assert held_bytes is not None and 0 < held_bytes <= budget
+    assert (newest_reads, oldest_reads) == (1, 0)
+    assert ids(newest["data"]) == [f"BINANCE:BTCUSDT:trade:{i}" for i in range(250, 301)]
+    assert ids(oldest["data"]) == [f"BINANCE:BTCUSDT:trade:{i}" for i in range(1, 50)]
+
+
+async def test_a_file_that_cannot_be_loaded_into_memory_is_left_to_duckdb(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    tried: list[str] = []
+    read = HotFile.read
+
+    def unreadable_first(path: str, table: str) -> HotFile:
+        tried.append(path)
+        if len(tried) == 1:
+            raise OSError("the first file cannot be read")
+        return read(path, table)
+
+    monkeypatch.setattr(HotFile, "read", staticmethod(unreadable_first))
+    async with running(tmp_path, seed=False) as s:
+        for trade_ids in (range(1, 101), range(101, 201)):
+            await s.append(TRADES, btc(trade_ids))
+            await hot_loaded(s)
+        before = hot_reads(s)
+        first = await get_json(s.client, f"/v1/trades?symbol=BTCUSDT&start={T0}&end={T0 + 100 * S}")
+        reads = hot_reads(s) - before
+    # The failed file was not tried again; the next one is held, and DuckDB read the first.
+    assert len(tried) == 2 and tried[0] != tried[1]
+    assert reads == 0
+    assert ids(first["data"]) == [f"BINANCE:BTCUSDT:trade:{i}" for i in range(1, 100)]
+    assert "could not be loaded into memory" in caplog.text
