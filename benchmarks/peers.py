@@ -57,6 +57,9 @@ from k2d.config import MaintenanceConfig, QueryConfig, StorageConfig, load_confi
 from k2d.storage import ROW_GROUP_ROWS, TRADES, TableMaintenance, Warehouse, flush_properties
 
 HERE = Path(__file__).resolve().parent
+# The hot tier of the rows that hold the whole day in memory (2M trades take ~330 MB).
+HOT_BYTES = 1 << 30
+HOT_LABEL = "the day held in memory (query.hot_bytes 1 GiB)"
 MS = 1_000.0
 
 
@@ -469,19 +472,30 @@ def draws(kind: str, args: argparse.Namespace, seed: int) -> list[tuple[str, int
 
 
 class Server:
-    """The daemon's QueryPool and API in a child process, as benchmarks/query.py runs them."""
+    """The daemon's QueryPool and API in a child process, as benchmarks/query.py runs them;
+    `hot_bytes`: its query.hot_bytes (None: the daemon's default)."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, hot_bytes: int | None = None) -> None:
+        extra = [] if hot_bytes is None else ["--hot-bytes", str(hot_bytes)]
         self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "query.py"), "--serve", str(data_dir)],
+            [sys.executable, str(HERE / "query.py"), "--serve", str(data_dir), *extra],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
         assert self.proc.stdout is not None
         self.base = f"http://127.0.0.1:{int(self.proc.stdout.readline())}"
-        # As on a daemon that has run a while: the newest files' minute bars computed.
-        self.bars_ahead = anyio.run(query.bars_ahead, self.base)
+        # As on a daemon that has run a while: the newest files' minute bars computed and
+        # the hot tier loaded.
+        self.ahead = anyio.run(query.worked_ahead, self.base)
+        self.held_mb, self.held_files = anyio.run(query.hot_held, self.base)
+
+    def note(self, label: str) -> str:
+        return (
+            f"k2d ({label}): ahead of requests, the server computed the minute bars due and "
+            f"loaded {self.held_mb:,.0f} MB of data files ({self.held_files} files) into its "
+            f"hot tier in {self.ahead:.1f} s after it started; the HTTP clients began after that"
+        )
 
     def close(self) -> None:
         if self.proc.stdin is not None:
@@ -617,10 +631,7 @@ def query_rows(
     """Every engine on the same draws; one row per (query, engine)."""
     rows: list[Row] = []
     server = Server(Path(storage.data_dir))
-    notes.append(
-        f"k2d ({label}): the server computed the minute bars due ahead of requests in "
-        f"{server.bars_ahead:.1f} s after it started; the HTTP clients began after that"
-    )
+    notes.append(server.note(label))
     print(f"  {notes[-1]}")
     try:
         for kind, seed in (("window", 7), ("ohlcv", 11)):
@@ -659,6 +670,21 @@ def query_rows(
                 if later:
                     add("k2d HTTP (JSON), symbol-day asked before", later)
             add("k2d in-process (query layer)", k2d_inprocess(storage, kind, d, args.warmup))
+            if kind == "window":
+                # The day held in memory: the hot tier with room for it (the default holds
+                # the newest 64 MiB of files).
+                roomy = Server(Path(storage.data_dir), HOT_BYTES)
+                notes.append(roomy.note(f"{label}, {HOT_LABEL}"))
+                print(f"  {notes[-1]}")
+                try:
+                    add(f"k2d HTTP (JSON), {HOT_LABEL}", k2d_http(roomy, kind, d, args.warmup))
+                finally:
+                    roomy.close()
+                hot = QueryConfig(hot_bytes=HOT_BYTES)
+                add(
+                    f"k2d in-process, {HOT_LABEL}",
+                    k2d_inprocess(storage, kind, d, args.warmup, hot),
+                )
             if kind == "ohlcv":
                 # A day whose bars were not computed ahead (older than minute_bars_ahead
                 # covers): its first ask aggregates the trades.

@@ -24,9 +24,11 @@ trades. The pool remembers each data file's minute bars once a request has aggre
 and computes the newest files' bars ahead of requests (`query.minute_bars_ahead`; the
 clients start once it has, as they would on a daemon that has run a while), so OHLCV over
 HTTP is printed whole, then for the first ask of a symbol-day and for later asks apart.
-"In memory" runs that SQL on the same files loaded into DuckDB's own tables first: what a
-hot tier inside the engine could save, beside the memory it would hold. Under 16 clients
-the server's CPU per request is split between the query workers and the event loop, with
+"DuckDB tables" runs that SQL on the same files loaded into DuckDB's own tables first:
+what a hot tier inside the engine could save, beside the memory it would hold. The server
+holds the newest data files in memory as Arrow (`query.hot_bytes`, --hot-bytes; the clients
+start once it has loaded them), and answers a window over files all held from there. Under
+16 clients the server's CPU per request is split between the query workers and the event loop, with
 the client's own CPU beside it: on a box of a few cores the clients and the server share,
 that is the throughput's ceiling.
 
@@ -77,18 +79,21 @@ from k2d.config import ApiConfig, MaintenanceConfig, QueryConfig, StorageConfig,
 from k2d.query import (
     INTERVALS,
     Format,
+    HotFile,
     OhlcvPlan,
     PlanContext,
     RowsPlan,
     Statements,
     Window,
     open_database,
+    open_result,
 )
 from k2d.query._execute import _outer
 from k2d.query._files import local_path
 from k2d.query._index import FileIndex
 from k2d.query._plans import _SRC, TABLE_COLUMNS
 from k2d.storage import (
+    QUOTES,
     ROW_GROUP_ROWS,
     TABLES,
     TRADES,
@@ -420,9 +425,44 @@ def in_process(
     runs: int,
     warmup: int,
 ) -> list[float]:
-    """The plan prepared (files chosen, minute bars looked up or aggregated) and its SQL run,
-    as a query worker does, without HTTP."""
-    return _timed(storage, query, make, runs, warmup, in_memory=False, prepare_too=True)[0]
+    """The plan prepared and answered as a query worker does it (`open_result`, every byte
+    of the JSON read), without HTTP. First, as the pool has them once it has run a while:
+    the newest files' minute bars computed and the hot tier loaded, within `query`'s
+    bounds."""
+    wh = Warehouse(storage)
+    db, (maint, cursor) = open_database(query, [local_path(storage.warehouse_url())], 2)
+    try:
+        index = FileIndex(wh, 4, minute_bars=query.minute_bars, hot_bytes=query.hot_bytes)
+        index.bootstrap(maint)
+        entries = index.current(TRADES).entries
+        index.bars.ahead(maint, index.bars.due(entries, query.minute_bars_ahead))
+        load_hot(index)
+        statements = Statements(query.parsed_statements)
+        freeze_start_up_objects()  # as the daemon's process has them once it serves
+        out = []
+        for i in range(warmup + runs):
+            plan = make()
+            started = time.perf_counter()
+            ctx = PlanContext(index, cursor, query, time.monotonic() + 60, statements)
+            opened = open_result(ctx, plan, Format.JSON)
+            _, done, failed = opened.read(1 << 30)
+            assert done and failed is None, failed
+            if i >= warmup:
+                out.append((time.perf_counter() - started) * 1_000)
+        return out
+    finally:
+        cursor.close()
+        maint.close()
+        db.close()
+        wh.close()
+
+
+def load_hot(index: FileIndex) -> None:
+    """Load the files due into the hot tier, as the query pool's task ahead does."""
+    hot = index.hot
+    for table, entry in hot.plan({t: index.current(t).entries for t in (TRADES, QUOTES)}):
+        if not hot.add(table, entry, HotFile.read(entry.path, table)):
+            break
 
 
 def hot_floor(
@@ -447,7 +487,6 @@ def _timed(
     runs: int,
     warmup: int,
     in_memory: bool,
-    prepare_too: bool = False,
 ) -> tuple[list[float], float]:
     wh = Warehouse(storage)
     db, (maint, cursor) = open_database(query, [local_path(storage.warehouse_url())], 2)
@@ -455,13 +494,8 @@ def _timed(
     try:
         index = FileIndex(wh, 4, minute_bars=query.minute_bars)
         index.bootstrap(maint)
-        if prepare_too:
-            # As the pool has them once it has run a while: the newest files' minute bars.
-            entries = index.current("trades").entries
-            index.bars.ahead(maint, index.bars.due(entries, query.minute_bars_ahead))
-        # In-process, as a query worker runs it: each shape of SQL parsed once. The floor
-        # is DuckDB given the SQL text, as anyone would give it.
-        statements = Statements(query.parsed_statements if prepare_too else 0)
+        # The floor is DuckDB given the SQL text, as anyone would give it.
+        statements = Statements(0)
         freeze_start_up_objects()  # as the daemon's process has them once it serves
         out = []
         for i in range(warmup + runs):
@@ -485,8 +519,7 @@ def _timed(
                 sql = sql.replace(_SRC, f"({source})")
             for name, table in prepared.relations.items():
                 cursor.register(name, table)
-            if not prepare_too:
-                started = time.perf_counter()
+            started = time.perf_counter()
             # As the pool runs it (k2d.query._execute.open_result): executed, read as Arrow.
             ctx.execute(sql, params)
             reader = cursor.to_arrow_reader(8_192)
@@ -548,9 +581,10 @@ class HttpClient:
         return status, bytes(body)
 
 
-async def bars_ahead(base: str, limit: float = 600.0) -> float:
-    """Seconds until the server has no data files whose minute bars are due ahead of
-    requests (its k2d_query_minute_bars_due_files gauge at 0)."""
+async def worked_ahead(base: str, limit: float = 600.0) -> float:
+    """Seconds until the server has nothing due ahead of requests: no data files whose
+    minute bars are to be computed, none to be loaded into the hot tier (its
+    k2d_query_minute_bars_due_files and k2d_query_hot_due_files gauges at 0)."""
     started = time.perf_counter()
     async with HttpClient(base, {}) as client:
         while True:
@@ -558,13 +592,25 @@ async def bars_ahead(base: str, limit: float = 600.0) -> float:
             due = [
                 float(x.split()[1])
                 for x in body.decode().splitlines()
-                if x.startswith("k2d_query_minute_bars_due_files ")
+                if x.startswith(("k2d_query_minute_bars_due_files ", "k2d_query_hot_due_files "))
             ]
-            if status == 200 and due == [0.0]:
+            if status == 200 and due == [0.0, 0.0]:
                 return time.perf_counter() - started
             if time.perf_counter() - started > limit:
-                raise RuntimeError(f"minute bars still due after {limit:.0f} s: {due}")
+                raise RuntimeError(f"work still due ahead after {limit:.0f} s: {due}")
             await asyncio.sleep(0.05)
+
+
+async def hot_held(base: str) -> tuple[float, int]:
+    """(MB, files) the server's hot tier holds."""
+    async with HttpClient(base, {}) as client:
+        _, body = await client.get("/metrics")
+    values = {
+        x.split()[0]: float(x.split()[1])
+        for x in body.decode().splitlines()
+        if x.startswith(("k2d_query_hot_bytes ", "k2d_query_hot_files "))
+    }
+    return values["k2d_query_hot_bytes"] / 2**20, int(values["k2d_query_hot_files"])
 
 
 async def http_runs(
@@ -691,7 +737,7 @@ def streamed_day(
     # The pool picks up another process's commits at its refresh interval, and then
     # computes the new files' minute bars ahead of requests.
     time.sleep(QueryConfig().refresh_interval + 1)
-    print(f"  minute bars due ahead computed {anyio.run(bars_ahead, base):.1f} s later")
+    print(f"  minute bars and hot files due ahead done {anyio.run(worked_ahead, base):.1f} s later")
     tp, op = measure("(compacted)", ())
     print(
         f"  p99 compacted / p99 on the days written whole: trades {tp / t_p99:.2f}x, "
@@ -754,9 +800,18 @@ def main() -> None:
         help="serve without the daemon's tracing (by default every request's spans go to a "
         "trace store, as with `k2d run`), to measure what it costs",
     )
+    parser.add_argument(
+        "--hot-bytes",
+        type=int,
+        default=QueryConfig().hot_bytes,
+        help="query.hot_bytes of the server: bytes of the newest data files held in memory "
+        "(default: the daemon's)",
+    )
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    query = QueryConfig(workers=args.workers, parsed_statements=args.parsed_statements)
+    query = QueryConfig(
+        workers=args.workers, parsed_statements=args.parsed_statements, hot_bytes=args.hot_bytes
+    )
     if args.serve:
         serve(args.serve, query, not args.no_tracing)
         return
@@ -781,6 +836,8 @@ def main() -> None:
             str(args.workers),
             "--parsed-statements",
             str(args.parsed_statements),
+            "--hot-bytes",
+            str(args.hot_bytes),
             *(["--no-tracing"] if args.no_tracing else []),
             "--clients",
             str(args.clients),
@@ -798,8 +855,12 @@ def main() -> None:
             f"thread(s), pid {server.pid}, "
             + ("no tracing" if args.no_tracing else "every request traced to a trace store")
         )
-        ahead = anyio.run(bars_ahead, base)
-        print(f"  minute bars due ahead of requests computed in {ahead:.1f} s")
+        ahead = anyio.run(worked_ahead, base)
+        held, files = anyio.run(hot_held, base)
+        print(
+            f"  ahead of requests in {ahead:.1f} s: minute bars due computed, hot tier loaded "
+            f"({held:,.0f} MB in {files} files, query.hot_bytes {query.hot_bytes / 2**20:,.0f} MB)"
+        )
 
         work = Workload(args.days, args.symbols)
         print("\nsingle client, sequential (HTTP; then the same SQL in DuckDB directly)")
@@ -821,7 +882,7 @@ def main() -> None:
         t_hot, held = hot_floor(
             storage, query, lambda: trades_plan(*work.trades()), args.runs, args.warmup
         )
-        line("trades 10m JSON  (in memory)", t_hot, f"DuckDB tables of {held:,.0f} MB")
+        line("trades 10m JSON  (DuckDB tables)", t_hot, f"DuckDB tables of {held:,.0f} MB")
 
         work = Workload(args.days, args.symbols, seed=11)
         cpu = cpu_seconds(server.pid)
@@ -841,7 +902,7 @@ def main() -> None:
         o_hot, held = hot_floor(
             storage, query, lambda: ohlcv_plan(*work.ohlcv()), args.runs, args.warmup
         )
-        line("ohlcv 1m 1 day   (in memory)", o_hot, f"DuckDB tables of {held:,.0f} MB")
+        line("ohlcv 1m 1 day   (DuckDB tables)", o_hot, f"DuckDB tables of {held:,.0f} MB")
 
         print(f"\n{args.clients} concurrent clients, alternating trades 10m and ohlcv 1m")
         work = Workload(args.days, args.symbols, seed=13)
