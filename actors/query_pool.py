@@ -525,7 +525,7 @@ class QueryPool(Actor[Committed, None]):
                 return
             job.opened = opened
             if opened.in_memory:
-                self._metrics.query_hot_reads.inc()
+                self._metrics.query_pages_from_memory.inc()
             try:
                 chunk, done, failed = first
                 if done and failed is None:

@@ -7,6 +7,7 @@ placeholders depends only on how many values were given, never on their text.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -16,6 +17,7 @@ from typing import Any
 
 import msgspec
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from k2d.model import Quote, Trade
 from k2d.query._bars import MINUTE_US, ORDER_KEY, TURNOVER, VOLUME, partials_sql, units, vwap
@@ -23,7 +25,7 @@ from k2d.query._cursor import fingerprint
 from k2d.query._errors import QueryError
 from k2d.query._execute import Key, PlanContext, Prepared, keyset
 from k2d.query._files import DAY_US, FileEntry, SymbolKey, TableFiles, overlap
-from k2d.query._hot import HotScan
+from k2d.query._hot import HotFiles, HotScan
 from k2d.query._ledger import LedgerEvent
 from k2d.query._params import Interval, SnapshotSel, Window
 from k2d.query._render import Column, Kind, ident
@@ -282,7 +284,7 @@ class RowsPlan:
             **_meta_gaps(ctx, stream, keys, self.exchanges, self.window),
         }
         snapshots = {self.table: files.snapshot_id} if files.snapshot_id is not None else {}
-        hot = HotScan(tuple(entries), self.window, self.exchanges, self.symbols)
+        scan = HotScan(tuple(entries), self.window, self.exchanges, self.symbols)
         return Prepared(
             sql=sql,
             params=params,
@@ -296,8 +298,16 @@ class RowsPlan:
             snapshots=snapshots,
             dedupe="message_id",
             filename=self.table,
-            hot=hot if after is None else None,
+            in_memory=functools.partial(_held_rows, ctx.index.hot, scan) if after is None else None,
         )
+
+
+def _held_rows(hot: HotFiles, scan: HotScan) -> pa.Table | None:
+    """A window's rows from the hot tier, with the row key's `k_seq` (None: not all held)."""
+    rows = hot.rows(scan.entries, scan.window, scan.exchanges, scan.symbols)
+    if rows is None:
+        return None
+    return rows.append_column("k_seq", pc.fill_null(rows.column("source_sequence"), -1))
 
 
 @dataclass(frozen=True)
@@ -506,6 +516,27 @@ _MERGED_AGGREGATES = (
 _MINUTE_COLUMNS = "o.x AS open, high, low, c.x AS close, volume, vwap, n AS trade_count"
 
 
+def _minute_bars_page(bars: pa.Table, first: int, last: int) -> pa.Table:
+    """The 1-minute bars from `first` to `last` (UTC minutes) with the columns the SQL of
+    whole minute bars gives: each bar from one file, nothing to merge."""
+    minute = bars.column("minute")
+    rows = bars.filter(pc.and_(pc.greater_equal(minute, first), pc.less(minute, last)))
+    return pa.table(
+        {
+            "bar_start": rows.column("minute").cast(pa.timestamp("us", tz="UTC")),
+            "exchange": rows.column("exchange"),
+            "symbol": rows.column("symbol"),
+            "open": pc.struct_field(rows.column("o"), "x"),
+            "high": rows.column("high"),
+            "low": rows.column("low"),
+            "close": pc.struct_field(rows.column("c"), "x"),
+            "volume": rows.column("volume"),
+            "vwap": rows.column("vwap"),
+            "trade_count": rows.column("n"),
+        }
+    )
+
+
 def _pairs_in(entries: Sequence[FileEntry], exchanges: Sequence[str]) -> set[SymbolKey]:
     """The (exchange, symbol) pairs the files hold, on the given exchanges (none: all)."""
     return {k for e in entries for k in e.symbols if not exchanges or k[0] in exchanges}
@@ -553,6 +584,7 @@ class OhlcvPlan:
             self.window.start, self.window.end, exchanges=self.exchanges, keys=keys
         )
         relations: dict[str, pa.Table] = {}
+        in_memory: Callable[[], pa.Table | None] | None = None
         source, src_params = _source(TRADES, entries, relations)
         # Which trades: the exchanges and symbols asked for (the time is added below).
         pair_clauses: list[str] = []
@@ -596,6 +628,10 @@ class OhlcvPlan:
                 )
                 params.extend([*src_params, *itertools.chain(*edges), *pair_params])
             if whole and self.interval.micros == MINUTE_US:
+                if not edges and after is None:
+                    in_memory = functools.partial(
+                        _minute_bars_page, relations["__bars"], first, last
+                    )
                 # Each minute's bar is in one file (or one cut minute): nothing to merge.
                 sql = (
                     'SELECT make_timestamptz(minute) AS bar_start, "exchange", "symbol", '
@@ -643,6 +679,7 @@ class OhlcvPlan:
             fingerprint=fp if files.snapshot_id is not None else None,
             snapshots={TRADES: files.snapshot_id} if files.snapshot_id is not None else {},
             filename=f"ohlcv_{self.interval.name}",
+            in_memory=in_memory,
         )
 
 

@@ -375,9 +375,10 @@ class Metrics:
             "Data files waiting to be loaded into the hot tier",
             registry=r,
         )
-        self.query_hot_reads = Counter(
-            "k2d_query_hot_reads_total",
-            "Result pages the query side answered from the hot tier",
+        self.query_pages_from_memory = Counter(
+            "k2d_query_pages_from_memory_total",
+            "Result pages answered from memory (the hot tier's files, the minute bars kept), "
+            "without DuckDB",
             registry=r,
         )
         self.query_index_replans = Counter(

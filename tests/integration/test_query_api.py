@@ -47,6 +47,7 @@ from k2d.query import (
     Prepared,
     QueryError,
 )
+from k2d.query import _execute as execute
 from k2d.query._bars import MinuteBars
 from k2d.runtime import Registry
 from k2d.storage import (
@@ -997,7 +998,8 @@ async def hot_loaded(s: Stack) -> None:
 
 
 def hot_reads(s: Stack) -> float:
-    return s.metrics.registry.get_sample_value("k2d_query_hot_reads_total") or 0.0
+    """Pages answered from memory so far."""
+    return s.metrics.registry.get_sample_value("k2d_query_pages_from_memory_total") or 0.0
 
 
 async def test_first_pages_over_files_held_in_memory_are_the_pages_duckdb_gives(
@@ -1090,3 +1092,32 @@ async def test_a_file_that_cannot_be_loaded_into_memory_is_left_to_duckdb(
     assert reads == 0
     assert ids(first["data"]) == [f"BINANCE:BTCUSDT:trade:{i}" for i in range(1, 100)]
     assert "could not be loaded into memory" in caplog.text
+
+
+async def test_minute_bars_kept_in_memory_answer_as_duckdb_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ETH's trades are all in the first file: its minute bars are whole there. BTC's minute
+    # 1 is cut by the files (trades 100 and 101), so its bars are merged by DuckDB.
+    day = f"start={T0}&end={T0 + 600 * S}"
+    urls = [
+        f"/v1/ohlcv/1m?symbol=ETHUSDT&{day}",
+        f"/v1/ohlcv/1m?symbol=ETHUSDT&{day}&limit=2",
+        f"/v1/ohlcv/1m?symbol=BTCUSDT&{day}",
+        f"/v1/ohlcv/1m?symbol=ETHUSDT&start={T0 + 30 * S}&end={T0 + 600 * S}",  # a cut minute
+        f"/v1/ohlcv/5m?symbol=ETHUSDT&{day}",
+    ]
+    async with running(tmp_path) as s:
+        await bars_ahead_done(s)
+        before = hot_reads(s)
+        from_memory = [await s.client.get(u) for u in urls]
+        served = hot_reads(s) - before
+        monkeypatch.setattr(execute, "_from_memory", lambda p: None)
+        by_duckdb = [await s.client.get(u) for u in urls]
+    assert served == 2
+    assert all(r.status_code == 200 for r in from_memory + by_duckdb)
+    assert [r.content for r in from_memory] == [r.content for r in by_duckdb]
+    eth = from_memory[0].json()
+    assert [b["trade_count"] for b in eth["data"]] == [29, 30, 30, 11]
+    assert eth["data"][0]["bar_start"] == "2024-03-01T00:00:00.000000Z"
+    assert from_memory[1].json()["meta"]["truncated"] is True
