@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
 __all__ = ["HotFile", "HotFiles", "HotScan"]
 
-_UTC_US = pa.timestamp("us", tz="UTC")
 # Bytes a row is guessed to take in memory before a file of its table has been loaded
 # (a trade row here takes about 165).
 _FIRST_GUESS = 200.0
