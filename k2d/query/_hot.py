@@ -120,6 +120,11 @@ class HotFiles:
         return len(self._held)
 
     @property
+    def paths(self) -> frozenset[str]:
+        """The data files held."""
+        return frozenset(self._held)
+
+    @property
     def bytes(self) -> int:
         return sum(h.nbytes for h in self._held.values())
 

@@ -34,7 +34,7 @@ from actors.live_hub import LiveHub
 from actors.query_pool import QueryPool
 from k2d.api import ApiError, ApiServer, ApiState, create_app, serve
 from k2d.api._access import client_key
-from k2d.config import ApiConfig, LiveConfig, QueryConfig, StorageConfig
+from k2d.config import ApiConfig, LiveConfig, MaintenanceConfig, QueryConfig, StorageConfig
 from k2d.messages import Committed, SequencedBatch
 from k2d.model import Quote, SequenceEvent, Trade, now_us
 from k2d.query import (
@@ -54,6 +54,7 @@ from k2d.storage import (
     QUOTES,
     SEQUENCE_EVENTS,
     TRADES,
+    TableMaintenance,
     Warehouse,
     events_to_arrow,
     quotes_to_arrow,
@@ -1051,7 +1052,7 @@ async def test_the_hot_tier_holds_the_newest_files_that_fit_its_bytes(tmp_path: 
             committed = await s.append(TRADES, btc(trade_ids))
             files.extend(f.path.removeprefix("file://") for f in committed.files)
             await hot_loaded(s)
-        held = sorted(s.pool.index.hot._held)
+        held = sorted(s.pool.index.hot.paths)
         held_bytes = s.metrics.registry.get_sample_value("k2d_query_hot_bytes")
         before = hot_reads(s)
         newest = await get_json(
@@ -1121,3 +1122,43 @@ async def test_minute_bars_kept_in_memory_answer_as_duckdb_does(
     assert [b["trade_count"] for b in eth["data"]] == [29, 30, 30, 11]
     assert eth["data"][0]["bar_start"] == "2024-03-01T00:00:00.000000Z"
     assert from_memory[1].json()["meta"]["truncated"] is True
+
+
+async def test_the_hot_tier_follows_a_compaction(tmp_path: Path) -> None:
+    url = f"/v1/trades?symbol=BTCUSDT,ETHUSDT&start={T0}&end={T0 + 400 * S}&limit=1000"
+    async with running(tmp_path) as s:
+        await hot_loaded(s)
+        quote_files = {e.path for e in s.pool.index.current(QUOTES).entries}
+        held_before = s.pool.index.hot.paths
+        before = await get_json(s.client, url)
+        report = await anyio.to_thread.run_sync(
+            lambda: TableMaintenance(s.wh, MaintenanceConfig(min_files_to_compact=2)).run(
+                [TRADES], expire=False
+            )
+        )
+        table = await anyio.to_thread.run_sync(s.wh.load_table, TRADES)
+        snapshot = table.current_snapshot()
+        assert snapshot is not None
+        # The Maintainer's replace, announced as the daemon announces it.
+        await s.inbox.send(
+            Committed(
+                table=TRADES,
+                snapshot_id=snapshot.snapshot_id,
+                files=(),
+                batch_ids=(),
+                rows=0,
+                committed_at=now_us(),
+            )
+        )
+        await s.pool.catch_up()
+        await hot_loaded(s)
+        compacted = {e.path for e in s.pool.index.current(TRADES).entries}
+        held_after = s.pool.index.hot.paths
+        reads = hot_reads(s)
+        after = await get_json(s.client, url)
+        served = hot_reads(s) - reads
+    assert [(c.files_before, c.files_after) for c in report.compactions] == [(3, 1)]
+    assert quote_files <= held_before and len(held_before) == 4
+    assert held_after == compacted | quote_files and not compacted & held_before
+    assert served == 1
+    assert after["data"] == before["data"]
