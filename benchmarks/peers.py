@@ -671,8 +671,7 @@ def query_rows(
                     add("k2d HTTP (JSON), symbol-day asked before", later)
             add("k2d in-process (query layer)", k2d_inprocess(storage, kind, d, args.warmup))
             if kind == "window":
-                # The day held in memory: the hot tier with room for it (the default holds
-                # the newest 64 MiB of files).
+                # The day held in memory: the hot tier with room for it (off by default).
                 roomy = Server(Path(storage.data_dir), HOT_BYTES)
                 notes.append(roomy.note(f"{label}, {HOT_LABEL}"))
                 print(f"  {notes[-1]}")

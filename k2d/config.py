@@ -334,8 +334,9 @@ class QueryConfig(_Section, frozen=True):
     minute_bars_ahead: Annotated[int, msgspec.Meta(ge=0)] = 100_000
     # Bytes of the newest trade and quote data files held in memory as Arrow (the hot
     # tier), loaded as files are committed and at start: a first page of JSON rows over
-    # files all held is sliced from memory instead of read by DuckDB (0 holds none).
-    hot_bytes: Annotated[int, msgspec.Meta(ge=0)] = 64 * 1024 * 1024
+    # files all held is sliced from memory instead of read by DuckDB. 0 (the default) holds
+    # none: the tier costs its bytes and the CPU of reading each new file once more.
+    hot_bytes: Annotated[int, msgspec.Meta(ge=0)] = 0
     # Shapes of SQL kept parsed for the workers to run again (least recently used forgotten
     # first; 0 parses every query anew).
     parsed_statements: Annotated[int, msgspec.Meta(ge=0)] = 256

@@ -998,6 +998,10 @@ async def hot_loaded(s: Stack) -> None:
             await anyio.sleep(0.01)
 
 
+# A hot tier that holds every file these tests write (off by default).
+HOT = QueryConfig(timeout=10.0, hot_bytes=64 * 1024 * 1024)
+
+
 def hot_reads(s: Stack) -> float:
     """Pages answered from memory so far."""
     return s.metrics.registry.get_sample_value("k2d_query_pages_from_memory_total") or 0.0
@@ -1016,7 +1020,7 @@ async def test_first_pages_over_files_held_in_memory_are_the_pages_duckdb_gives(
         # No file holds this window: DuckDB answers it over an empty relation.
         f"/v1/trades?symbol=ETHUSDT&start={T0 + 500 * S}&end={T0 + 600 * S}",
     ]
-    async with running(tmp_path) as s:
+    async with running(tmp_path, query=HOT) as s:
         await hot_loaded(s)
         held = s.pool.index.hot.files
         before = hot_reads(s)
@@ -1081,7 +1085,7 @@ async def test_a_file_that_cannot_be_loaded_into_memory_is_left_to_duckdb(
         return read(path, table)
 
     monkeypatch.setattr(HotFile, "read", staticmethod(unreadable_first))
-    async with running(tmp_path, seed=False) as s:
+    async with running(tmp_path, query=HOT, seed=False) as s:
         for trade_ids in (range(1, 101), range(101, 201)):
             await s.append(TRADES, btc(trade_ids))
             await hot_loaded(s)
@@ -1126,7 +1130,7 @@ async def test_minute_bars_kept_in_memory_answer_as_duckdb_does(
 
 async def test_the_hot_tier_follows_a_compaction(tmp_path: Path) -> None:
     url = f"/v1/trades?symbol=BTCUSDT,ETHUSDT&start={T0}&end={T0 + 400 * S}&limit=1000"
-    async with running(tmp_path) as s:
+    async with running(tmp_path, query=HOT) as s:
         await hot_loaded(s)
         quote_files = {e.path for e in s.pool.index.current(QUOTES).entries}
         held_before = s.pool.index.hot.paths
