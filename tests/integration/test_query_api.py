@@ -1166,3 +1166,24 @@ async def test_the_hot_tier_follows_a_compaction(tmp_path: Path) -> None:
     assert held_after == compacted | quote_files and not compacted & held_before
     assert served == 1
     assert after["data"] == before["data"]
+
+
+async def test_a_page_from_memory_that_fails_is_answered_by_duckdb(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"/v1/ohlcv/1m?symbol=ETHUSDT&start={T0}&end={T0 + 600 * S}"
+    async with running(tmp_path) as s:
+        await bars_ahead_done(s)
+        from_memory = await s.client.get(url)
+
+        def broken(*args: Any) -> None:
+            raise RuntimeError("a bug in the shortcut")
+
+        monkeypatch.setattr(execute, "json_rows", broken)
+        before = hot_reads(s)
+        answered = await s.client.get(url)
+        served = hot_reads(s) - before
+    assert answered.status_code == 200
+    assert answered.content == from_memory.content
+    assert served == 0
+    assert "a page from memory failed" in caplog.text
