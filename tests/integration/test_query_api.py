@@ -893,6 +893,26 @@ async def test_forwarded_for_is_believed_only_from_trusted_proxies(tmp_path: Pat
     assert [first.status_code, spoofed.status_code] == [200, 429], spoofed.text
 
 
+async def announce_replace(s: Stack, rows: int) -> int:
+    """Tell the pool of the trades table's current snapshot, a replace, as the daemon does
+    (a Committed with no files of its own), wait until its index has it; its id."""
+    table = await anyio.to_thread.run_sync(s.wh.load_table, TRADES)
+    snapshot = table.current_snapshot()
+    assert snapshot is not None
+    await s.inbox.send(
+        Committed(
+            table=TRADES,
+            snapshot_id=snapshot.snapshot_id,
+            files=(),
+            batch_ids=(),
+            rows=rows,
+            committed_at=now_us(),
+        )
+    )
+    await s.pool.catch_up()
+    return snapshot.snapshot_id
+
+
 async def test_a_replace_commit_makes_the_index_replan(tmp_path: Path) -> None:
     async with running(tmp_path) as s:
         window = f"/v1/trades?symbol=BTCUSDT&start={T0}&end={T0 + 400 * S}&limit=1000"
@@ -901,24 +921,12 @@ async def test_a_replace_commit_makes_the_index_replan(tmp_path: Path) -> None:
         keep = trades_to_arrow(btc(range(1, 11)))
         # An overwrite (what a rewrite does): the old files leave the table.
         await anyio.to_thread.run_sync(lambda: table.overwrite(keep))
-        snapshot = table.current_snapshot()
-        assert snapshot is not None
-        await s.inbox.send(
-            Committed(
-                table=TRADES,
-                snapshot_id=snapshot.snapshot_id,
-                files=(),
-                batch_ids=(),
-                rows=10,
-                committed_at=now_us(),
-            )
-        )
-        await s.pool.catch_up()
+        snapshot_id = await announce_replace(s, rows=10)
         after = await get_json(s.client, window)
         replans = s.metrics.registry.get_sample_value("k2d_query_index_replans_total")
     assert before["meta"]["rows"] == 297
     assert ids(after["data"]) == [f"BINANCE:BTCUSDT:trade:{i}" for i in range(1, 11)]
-    assert after["meta"]["snapshot_id"] == snapshot.snapshot_id
+    assert after["meta"]["snapshot_id"] == snapshot_id
     assert replans is not None and replans >= 1
 
 
@@ -1140,21 +1148,7 @@ async def test_the_hot_tier_follows_a_compaction(tmp_path: Path) -> None:
                 [TRADES], expire=False
             )
         )
-        table = await anyio.to_thread.run_sync(s.wh.load_table, TRADES)
-        snapshot = table.current_snapshot()
-        assert snapshot is not None
-        # The Maintainer's replace, announced as the daemon announces it.
-        await s.inbox.send(
-            Committed(
-                table=TRADES,
-                snapshot_id=snapshot.snapshot_id,
-                files=(),
-                batch_ids=(),
-                rows=0,
-                committed_at=now_us(),
-            )
-        )
-        await s.pool.catch_up()
+        await announce_replace(s, rows=0)  # the Maintainer's
         await hot_loaded(s)
         compacted = {e.path for e in s.pool.index.current(TRADES).entries}
         held_after = s.pool.index.hot.paths
