@@ -93,7 +93,10 @@ class WriterConfig(_Section, frozen=True):
 class PipelineConfig(_Section, frozen=True):
     partitions: int = 2
     # Capacity, in batches, of every stream between actors. A full stream blocks its sender.
-    stream_size: int = 16
+    # 8, not 16: peak RSS 454-490 MB against 479-505 in a journal replay's batches of 8,000
+    # (benchmarks/ingest.py, six runs each), throughput the same within the box's noise; in
+    # benchmarks/kafka.py too, in both modes.
+    stream_size: int = 8
     # Batches of records from a feed: at most this many records, at most this old (seconds).
     # A live feed's batches close by age; the count bounds a journal replay's, where each
     # batch's fixed costs (a few Arrow calls a symbol in every stage) tell: 8,000 took
