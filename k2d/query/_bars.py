@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-import warnings
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -30,16 +29,6 @@ __all__ = [
     "units",
     "vwap",
 ]
-
-# DuckDB warns that Arrow from an executed statement copies the rows once more: a file's
-# bars, a few thousand rows, against binding read_parquet twice through the relation API.
-# As k2d.query._execute does for its pages.
-warnings.filterwarnings(
-    "ignore",
-    message="Arrow output on a DB-API result",
-    category=UserWarning,
-    module=__name__.replace(".", r"\."),
-)
 
 MINUTE_US = 60_000_000
 _US = 'epoch_us("timestamp")'

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -17,6 +18,16 @@ import duckdb
 from k2d.config import QueryConfig
 
 __all__ = ["Statements", "open_database"]
+
+# DuckDB warns that Arrow from an executed statement copies the rows once more. The pages
+# (k2d.query._execute) and a file's minute bars (k2d.query._bars) are a few thousand rows:
+# the copy costs less than binding read_parquet twice through the relation API would.
+warnings.filterwarnings(
+    "ignore",
+    message="Arrow output on a DB-API result",
+    category=UserWarning,
+    module=r"k2d\.query\._(execute|bars)$",
+)
 
 
 def open_database(

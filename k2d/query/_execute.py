@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -65,14 +64,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _BATCH_ROWS = 8_192
-# DuckDB warns that Arrow from an executed statement copies the rows once more: a page of
-# rows, against the second bind that the relation API costs (see open_result).
-warnings.filterwarnings(
-    "ignore",
-    message="Arrow output on a DB-API result",
-    category=UserWarning,
-    module=__name__.replace(".", r"\."),
-)
 # The statement in a span: long enough for any plan's SQL (file lists are bound, not inlined).
 _MAX_QUERY_TEXT = 4_096
 _DEDUPE = "__dedupe"
