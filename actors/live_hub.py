@@ -259,9 +259,9 @@ class _Chunk:
         self.ts_base = 0 if wide else low
         self.ts: array[int]
         if wide:
-            self.ts = array("q", stamps.to_pylist())
+            self.ts = _int_array("q", stamps)
         else:
-            self.ts = array("i", pc.subtract(stamps, low).to_pylist())
+            self.ts = _int_array("i", pc.subtract(stamps, low).cast(pa.int32()))
         self.ts_sorted = (
             self.n < 2
             or pc.all(pc.greater_equal(stamps.slice(1), stamps.slice(0, self.n - 1))).as_py()
@@ -366,6 +366,16 @@ class _Derived:
         self.source = source
 
 
+def _int_array(typecode: str, values: pa.Array) -> array[int]:
+    """A null-free Arrow integer array as a Python array of the same width, from its bytes
+    (no Python int a row)."""
+    width = values.type.bit_width // 8
+    out = array(typecode)
+    data = memoryview(values.buffers()[1])
+    out.frombytes(data[values.offset * width : (values.offset + len(values)) * width])
+    return out
+
+
 def _fixed(name: str, arrays: dict[str, pa.Array]) -> _Const | _Derived | None:
     """Column `name` as one value, or as derived from another column, if it is."""
     array_ = arrays[name]
@@ -390,7 +400,9 @@ def _fixed(name: str, arrays: dict[str, pa.Array]) -> _Const | _Derived | None:
         if not first.endswith(text):
             continue
         prefix = first[: len(first) - len(text)]
-        made = pc.binary_join_element_wise(prefix, other.cast(pa.string()), "")
+        made = other.cast(pa.string())
+        if prefix:
+            made = pc.binary_join_element_wise(prefix, made, "")
         if pc.all(pc.equal(made, array_)).as_py():
             return _Derived(prefix, source)
     return None

@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 import pyarrow as pa
+import pyarrow.compute as pc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from opentelemetry import trace
 
@@ -24,6 +25,18 @@ from k2d.sequence import StreamBook, TrackerState, stream_key
 from k2d.telemetry.metrics import Metrics
 
 __all__ = ["SequenceTracker"]
+
+# 0, 1, 2, ...: a stream's platform_sequence numbers are a slice of it plus the first, one
+# Arrow call, where pa.array(range(...)) made a Python int a row.
+_COUNTING = pa.array(range(1 << 16), pa.int64())
+
+
+def _numbers(first: int, count: int) -> pa.Array:
+    """first, first + 1, ..., count of them."""
+    if count > len(_COUNTING):
+        return pa.array(range(first, first + count), pa.int64())
+    return pc.add(_COUNTING.slice(0, count), pa.scalar(first, pa.int64()))
+
 
 log = logging.getLogger(__name__)
 # Trade ids one backfill request may span: the venue's largest history page.
@@ -323,7 +336,7 @@ class SequenceTracker(Actor[RecordBatch, SequencedBatch]):
                 b.last_seen_us = now
                 first = b.platform_sequence + 1
                 b.platform_sequence += count
-                numbers.append(pa.array(range(first, b.platform_sequence + 1), pa.int64()))
+                numbers.append(_numbers(first, count))
             platform = pa.chunked_array(numbers, pa.int64())
             kept = table
         else:

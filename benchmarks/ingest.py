@@ -32,6 +32,7 @@ import anyio
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from actors.feed import finish_batch
 from k2d.allocators import freeze_start_up_objects, limit_malloc_arenas
 from k2d.config import Config, LiveConfig, PipelineConfig, load_config
 from k2d.journal import Journal, JournalOptions
@@ -139,7 +140,7 @@ class FrameReplay(Actor[None, RecordBatch]):
             parse(frame, received, out)
             self.frames += 1
             if len(out) >= self.batch:
-                self.parser.finish(out)
+                await finish_batch(self.parser, out)
                 await outbox.send(
                     RecordBatch(
                         source="replay",
@@ -154,7 +155,7 @@ class FrameReplay(Actor[None, RecordBatch]):
                 if time.monotonic() >= deadline:
                     break
         if len(out):
-            self.parser.finish(out)
+            await finish_batch(self.parser, out)
             await outbox.send(
                 RecordBatch(
                     source="replay",

@@ -167,7 +167,7 @@ static int take_key(const char **p, const char *end, char *key)
 
 /* One frame into `row`; 0 when it is not a valid trade or quote in the venue's form. */
 static int scan_frame(const char *s, const char *end, const StreamTable *streams,
-                      PyObject *symbols, int64_t received, int64_t max_skew_us, Row *row)
+                      const Text *symbols, int64_t received, int64_t max_skew_us, Row *row)
 {
     static const char head[] = "{\"stream\":";
     static const char data[] = ",\"data\":{";
@@ -230,9 +230,8 @@ static int scan_frame(const char *s, const char *end, const StreamTable *streams
         return 0;
     }
     /* The symbol field must name the stream's symbol. */
-    PyObject *expected = PyList_GET_ITEM(symbols, row->sym);
-    if (symbol.len != PyBytes_GET_SIZE(expected)
-        || memcmp(symbol.at, PyBytes_AS_STRING(expected), (size_t)symbol.len) != 0)
+    const Text *expected = &symbols[row->sym];
+    if (symbol.len != expected->len || memcmp(symbol.at, expected->at, (size_t)symbol.len) != 0)
         return 0;
     int positive;
     if (row->kind == TRADE) {
@@ -257,28 +256,12 @@ static int scan_frame(const char *s, const char *end, const StreamTable *streams
     return 1;
 }
 
-/* A string column: int32 offsets and the bytes, filled by the caller. */
+/* A string column: int32 offsets and the bytes. */
 typedef struct {
     PyObject *offsets, *data;
     int32_t *off;
     char *at;
 } StringColumn;
-
-static int string_column(StringColumn *c, Py_ssize_t rows, Py_ssize_t bytes)
-{
-    if (bytes > INT32_MAX) {
-        PyErr_SetString(PyExc_OverflowError, "a batch's text column over 2 GiB");
-        return 0;
-    }
-    c->offsets = PyBytes_FromStringAndSize(NULL, (rows + 1) * 4);
-    c->data = PyBytes_FromStringAndSize(NULL, bytes);
-    if (c->offsets == NULL || c->data == NULL)
-        return 0;
-    c->off = (int32_t *)PyBytes_AS_STRING(c->offsets);
-    c->at = PyBytes_AS_STRING(c->data);
-    c->off[0] = 0;
-    return 1;
-}
 
 static void put(StringColumn *c, Py_ssize_t i, const char *s, Py_ssize_t n)
 {
@@ -286,128 +269,197 @@ static void put(StringColumn *c, Py_ssize_t i, const char *s, Py_ssize_t n)
     c->off[i + 1] = c->off[i] + (int32_t)n;
 }
 
-static void put2(StringColumn *c, Py_ssize_t i, const char *a, Py_ssize_t na, const char *b,
-                 Py_ssize_t nb)
-{
-    char *at = c->at + c->off[i];
-    memcpy(at, a, (size_t)na);
-    memcpy(at + na, b, (size_t)nb);
-    c->off[i + 1] = c->off[i] + (int32_t)(na + nb);
-}
+/* One table's buffers: sized and filled without the GIL, allocated and handed over with it.
+ * fixed: symbol index (int32), id (int64), receive time (int64), and for trades the time in
+ * microseconds (int64) and `m` (uint8). text: message_id, then trades' trade_id, price,
+ * quantity and vendor_data, or quotes' bid, bid quantity, ask, ask quantity. */
+typedef struct {
+    int kind, nfixed;
+    Py_ssize_t n;
+    size_t width[5];
+    PyObject *fixed[5];
+    char *fixed_at[5];
+    Py_ssize_t text_bytes[5];
+    StringColumn text[5];
+} Columns;
 
-static PyObject *bytes_of(Py_ssize_t n, size_t width, char **at)
-{
-    PyObject *b = PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)width);
-    if (b != NULL)
-        *at = PyBytes_AS_STRING(b);
-    return b;
-}
+enum { NTEXT = 5 };
 
-/* Rows of one kind in group order. */
-static PyObject *trade_columns(const Row *rows, const Py_ssize_t *order, Py_ssize_t n,
-                               PyObject *prefixes)
+static void columns_size(Columns *c, int kind, const Row *rows, const Py_ssize_t *order,
+                         Py_ssize_t n, const Text *prefixes)
 {
-    Py_ssize_t id_bytes = 0, msg_bytes = 0, dec_bytes[2] = {0, 0}, vendor_bytes = 0;
+    static const size_t trade_widths[5] = {4, 8, 8, 8, 1}, quote_widths[3] = {4, 8, 8};
+    memset(c, 0, sizeof *c);
+    c->kind = kind;
+    c->n = n;
+    c->nfixed = kind == TRADE ? 5 : 3;
+    memcpy(c->width, kind == TRADE ? trade_widths : quote_widths, (size_t)c->nfixed * sizeof(size_t));
     for (Py_ssize_t k = 0; k < n; k++) {
         const Row *r = &rows[order[k]];
-        id_bytes += r->id.len;
-        msg_bytes += r->id.len + PyBytes_GET_SIZE(PyList_GET_ITEM(prefixes, r->sym));
-        dec_bytes[0] += r->dec[0].len;
-        dec_bytes[1] += r->dec[1].len;
-        vendor_bytes += r->event.len + (r->best ? 15 : 16); /* {"E":,"M":true} */
+        c->text_bytes[0] += prefixes[r->sym].len + r->id.len;
+        if (kind == TRADE) {
+            c->text_bytes[1] += r->id.len;
+            c->text_bytes[2] += r->dec[0].len;
+            c->text_bytes[3] += r->dec[1].len;
+            c->text_bytes[4] += r->event.len + (r->best ? 15 : 16); /* {"E":,"M":true} */
+        } else {
+            for (int j = 0; j < 4; j++)
+                c->text_bytes[1 + j] += r->dec[j].len;
+        }
     }
-    StringColumn msg = {0}, id = {0}, dec[2] = {{0}}, vendor = {0};
-    PyObject *sym = NULL, *ts = NULL, *maker = NULL, *seq = NULL, *recv = NULL, *out = NULL;
-    char *sym_at, *ts_at, *maker_at, *seq_at, *recv_at;
-    if (!string_column(&msg, n, msg_bytes) || !string_column(&id, n, id_bytes)
-        || !string_column(&dec[0], n, dec_bytes[0]) || !string_column(&dec[1], n, dec_bytes[1])
-        || !string_column(&vendor, n, vendor_bytes))
-        goto done;
-    sym = bytes_of(n, 4, &sym_at);
-    ts = bytes_of(n, 8, &ts_at);
-    maker = bytes_of(n, 1, &maker_at);
-    seq = bytes_of(n, 8, &seq_at);
-    recv = bytes_of(n, 8, &recv_at);
-    if (!sym || !ts || !maker || !seq || !recv)
-        goto done;
-    for (Py_ssize_t k = 0; k < n; k++) {
+}
+
+static void columns_free(Columns *c)
+{
+    for (int i = 0; i < c->nfixed; i++)
+        Py_CLEAR(c->fixed[i]);
+    for (int i = 0; i < NTEXT; i++) {
+        Py_CLEAR(c->text[i].offsets);
+        Py_CLEAR(c->text[i].data);
+    }
+}
+
+static int columns_alloc(Columns *c)
+{
+    for (int i = 0; i < NTEXT; i++) {
+        StringColumn *t = &c->text[i];
+        if (c->text_bytes[i] > INT32_MAX) {
+            PyErr_SetString(PyExc_OverflowError, "a batch's text column over 2 GiB");
+            return 0;
+        }
+        t->offsets = PyBytes_FromStringAndSize(NULL, (c->n + 1) * 4);
+        t->data = PyBytes_FromStringAndSize(NULL, c->text_bytes[i]);
+        if (t->offsets == NULL || t->data == NULL)
+            return 0;
+        t->off = (int32_t *)PyBytes_AS_STRING(t->offsets);
+        t->at = PyBytes_AS_STRING(t->data);
+        t->off[0] = 0;
+    }
+    for (int i = 0; i < c->nfixed; i++) {
+        c->fixed[i] = PyBytes_FromStringAndSize(NULL, c->n * (Py_ssize_t)c->width[i]);
+        if (c->fixed[i] == NULL)
+            return 0;
+        c->fixed_at[i] = PyBytes_AS_STRING(c->fixed[i]);
+    }
+    return 1;
+}
+
+static void columns_fill(Columns *c, const Row *rows, const Py_ssize_t *order,
+                         const Text *prefixes)
+{
+    for (Py_ssize_t k = 0; k < c->n; k++) {
         const Row *r = &rows[order[k]];
-        PyObject *prefix = PyList_GET_ITEM(prefixes, r->sym);
-        put2(&msg, k, PyBytes_AS_STRING(prefix), PyBytes_GET_SIZE(prefix), r->id.at, r->id.len);
-        put(&id, k, r->id.at, r->id.len);
-        put(&dec[0], k, r->dec[0].at, r->dec[0].len);
-        put(&dec[1], k, r->dec[1].at, r->dec[1].len);
-        char *v = vendor.at + vendor.off[k];
+        const Text *prefix = &prefixes[r->sym];
+        StringColumn *msg = &c->text[0];
+        char *at = msg->at + msg->off[k];
+        memcpy(at, prefix->at, (size_t)prefix->len);
+        memcpy(at + prefix->len, r->id.at, (size_t)r->id.len);
+        msg->off[k + 1] = msg->off[k] + (int32_t)(prefix->len + r->id.len);
+        memcpy(c->fixed_at[0] + 4 * k, &r->sym, 4);
+        memcpy(c->fixed_at[1] + 8 * k, &r->id_value, 8);
+        memcpy(c->fixed_at[2] + 8 * k, &r->received, 8);
+        if (c->kind == QUOTE) {
+            for (int j = 0; j < 4; j++)
+                put(&c->text[1 + j], k, r->dec[j].at, r->dec[j].len);
+            continue;
+        }
+        int64_t ts_us = r->time_ms * 1000;
+        memcpy(c->fixed_at[3] + 8 * k, &ts_us, 8);
+        c->fixed_at[4][k] = (char)r->maker;
+        put(&c->text[1], k, r->id.at, r->id.len);
+        put(&c->text[2], k, r->dec[0].at, r->dec[0].len);
+        put(&c->text[3], k, r->dec[1].at, r->dec[1].len);
+        StringColumn *vendor = &c->text[4];
+        char *v = vendor->at + vendor->off[k];
+        const char *tail = r->best ? ",\"M\":true}" : ",\"M\":false}";
+        Py_ssize_t tail_len = r->best ? 10 : 11;
         memcpy(v, "{\"E\":", 5);
         memcpy(v + 5, r->event.at, (size_t)r->event.len);
-        const char *tail = r->best ? ",\"M\":true}" : ",\"M\":false}";
-        size_t tail_len = r->best ? 10 : 11;
-        memcpy(v + 5 + r->event.len, tail, tail_len);
-        vendor.off[k + 1] = vendor.off[k] + (int32_t)(5 + r->event.len + (Py_ssize_t)tail_len);
-        int64_t ts_us = r->time_ms * 1000;
-        memcpy(sym_at + 4 * k, &r->sym, 4);
-        memcpy(ts_at + 8 * k, &ts_us, 8);
-        maker_at[k] = (char)r->maker;
-        memcpy(seq_at + 8 * k, &r->id_value, 8);
-        memcpy(recv_at + 8 * k, &r->received, 8);
+        memcpy(v + 5 + r->event.len, tail, (size_t)tail_len);
+        vendor->off[k + 1] = vendor->off[k] + (int32_t)(5 + r->event.len + tail_len);
     }
-    out = Py_BuildValue("(nOOOOOOOOOOOOOOO)", n, sym, msg.offsets, msg.data, id.offsets, id.data,
-                        ts, dec[0].offsets, dec[0].data, dec[1].offsets, dec[1].data, maker, seq,
-                        recv, vendor.offsets, vendor.data);
-done:
-    Py_XDECREF(msg.offsets); Py_XDECREF(msg.data);
-    Py_XDECREF(id.offsets); Py_XDECREF(id.data);
-    Py_XDECREF(dec[0].offsets); Py_XDECREF(dec[0].data);
-    Py_XDECREF(dec[1].offsets); Py_XDECREF(dec[1].data);
-    Py_XDECREF(vendor.offsets); Py_XDECREF(vendor.data);
-    Py_XDECREF(sym); Py_XDECREF(ts); Py_XDECREF(maker); Py_XDECREF(seq); Py_XDECREF(recv);
-    return out;
 }
 
-static PyObject *quote_columns(const Row *rows, const Py_ssize_t *order, Py_ssize_t n,
-                               PyObject *prefixes)
+/* (n, fixed buffers..., then each text column's offsets and bytes); the buffers go with it. */
+static PyObject *columns_tuple(Columns *c)
 {
-    Py_ssize_t msg_bytes = 0, dec_bytes[4] = {0, 0, 0, 0};
-    for (Py_ssize_t k = 0; k < n; k++) {
-        const Row *r = &rows[order[k]];
-        msg_bytes += r->id.len + PyBytes_GET_SIZE(PyList_GET_ITEM(prefixes, r->sym));
-        for (int j = 0; j < 4; j++)
-            dec_bytes[j] += r->dec[j].len;
+    PyObject *t = PyTuple_New(1 + c->nfixed + 2 * NTEXT);
+    PyObject *n = PyLong_FromSsize_t(c->n);
+    if (t == NULL || n == NULL) {
+        Py_XDECREF(t);
+        Py_XDECREF(n);
+        return NULL;
     }
-    StringColumn msg = {0}, dec[4] = {{0}};
-    PyObject *sym = NULL, *seq = NULL, *recv = NULL, *out = NULL;
-    char *sym_at, *seq_at, *recv_at;
-    if (!string_column(&msg, n, msg_bytes))
-        goto done;
-    for (int j = 0; j < 4; j++)
-        if (!string_column(&dec[j], n, dec_bytes[j]))
-            goto done;
-    sym = bytes_of(n, 4, &sym_at);
-    seq = bytes_of(n, 8, &seq_at);
-    recv = bytes_of(n, 8, &recv_at);
-    if (!sym || !seq || !recv)
-        goto done;
-    for (Py_ssize_t k = 0; k < n; k++) {
-        const Row *r = &rows[order[k]];
-        PyObject *prefix = PyList_GET_ITEM(prefixes, r->sym);
-        put2(&msg, k, PyBytes_AS_STRING(prefix), PyBytes_GET_SIZE(prefix), r->id.at, r->id.len);
-        for (int j = 0; j < 4; j++)
-            put(&dec[j], k, r->dec[j].at, r->dec[j].len);
-        memcpy(sym_at + 4 * k, &r->sym, 4);
-        memcpy(seq_at + 8 * k, &r->id_value, 8);
-        memcpy(recv_at + 8 * k, &r->received, 8);
+    PyTuple_SET_ITEM(t, 0, n);
+    for (int i = 0; i < c->nfixed; i++) {
+        PyTuple_SET_ITEM(t, 1 + i, c->fixed[i]);
+        c->fixed[i] = NULL;
     }
-    out = Py_BuildValue("(nOOOOOOOOOOOOO)", n, sym, msg.offsets, msg.data, dec[0].offsets,
-                        dec[0].data, dec[1].offsets, dec[1].data, dec[2].offsets, dec[2].data,
-                        dec[3].offsets, dec[3].data, seq, recv);
-done:
-    Py_XDECREF(msg.offsets); Py_XDECREF(msg.data);
-    for (int j = 0; j < 4; j++) {
-        Py_XDECREF(dec[j].offsets);
-        Py_XDECREF(dec[j].data);
+    for (int i = 0; i < NTEXT; i++) {
+        PyTuple_SET_ITEM(t, 1 + c->nfixed + 2 * i, c->text[i].offsets);
+        PyTuple_SET_ITEM(t, 2 + c->nfixed + 2 * i, c->text[i].data);
+        c->text[i].offsets = c->text[i].data = NULL;
     }
-    Py_XDECREF(sym); Py_XDECREF(seq); Py_XDECREF(recv);
-    return out;
+    return t;
+}
+
+/* Every bytes object the scan reads is held (a new reference each) while the GIL is let go:
+ * no other thread can free it meanwhile. */
+typedef struct {
+    PyObject **objects;
+    Py_ssize_t n;
+} Held;
+
+static int hold_text(Held *h, PyObject *b, Text *out)
+{
+    if (!PyBytes_Check(b)) {
+        PyErr_SetString(PyExc_TypeError, "scan: frames, stream names, symbols and prefixes are bytes");
+        return 0;
+    }
+    h->objects[h->n++] = Py_NewRef(b);
+    out->at = PyBytes_AS_STRING(b);
+    out->len = PyBytes_GET_SIZE(b);
+    return 1;
+}
+
+/* Rows grouped (kind, symbol), groups numbered as each first comes; trades' rows first. */
+static int group(const Row *rows, Py_ssize_t n, Py_ssize_t nsym, const Py_ssize_t count[2],
+                 Py_ssize_t *order)
+{
+    Py_ssize_t *group_of = malloc((size_t)(2 * nsym + 1) * sizeof(Py_ssize_t));
+    Py_ssize_t *at = malloc((size_t)(2 * nsym + 1) * sizeof(Py_ssize_t));
+    int *kind_of = malloc((size_t)(2 * nsym + 1) * sizeof(int));
+    if (group_of == NULL || at == NULL || kind_of == NULL) {
+        free(group_of);
+        free(at);
+        free(kind_of);
+        return 0;
+    }
+    Py_ssize_t groups = 0;
+    for (Py_ssize_t g = 0; g < 2 * nsym; g++)
+        group_of[g] = -1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t key = rows[i].kind * nsym + rows[i].sym;
+        if (group_of[key] < 0) {
+            group_of[key] = groups;
+            at[groups] = 0;
+            kind_of[groups] = rows[i].kind;
+            groups++;
+        }
+        at[group_of[key]]++;
+    }
+    Py_ssize_t next[2] = {0, count[TRADE]};
+    for (Py_ssize_t g = 0; g < groups; g++) {
+        Py_ssize_t size = at[g];
+        at[g] = next[kind_of[g]];
+        next[kind_of[g]] += size;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        order[at[group_of[rows[i].kind * nsym + rows[i].sym]]++] = i;
+    free(group_of);
+    free(at);
+    free(kind_of);
+    return 1;
 }
 
 /* scan(frames, received, streams, symbols, trade_prefixes, quote_prefixes, max_skew_us) */
@@ -420,140 +472,136 @@ static PyObject *scan(PyObject *self, PyObject *args)
                           &PyDict_Type, &streams, &PyList_Type, &symbols, &PyList_Type,
                           &trade_prefixes, &PyList_Type, &quote_prefixes, &max_skew_us))
         return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(frames);
-    Py_ssize_t nsym = PyList_GET_SIZE(symbols);
+    Py_ssize_t n = PyList_GET_SIZE(frames), nsym = PyList_GET_SIZE(symbols);
+    Py_ssize_t nstreams = PyDict_GET_SIZE(streams);
     if (PyList_GET_SIZE(received) != n || PyList_GET_SIZE(trade_prefixes) != nsym
         || PyList_GET_SIZE(quote_prefixes) != nsym) {
         PyErr_SetString(PyExc_ValueError, "scan: lists of unequal length");
         return NULL;
     }
-    for (Py_ssize_t i = 0; i < nsym; i++)
-        if (!PyBytes_Check(PyList_GET_ITEM(symbols, i))
-            || !PyBytes_Check(PyList_GET_ITEM(trade_prefixes, i))
-            || !PyBytes_Check(PyList_GET_ITEM(quote_prefixes, i))) {
-            PyErr_SetString(PyExc_TypeError, "scan: symbols and prefixes must be bytes");
-            return NULL;
-        }
 
     PyObject *result = NULL;
+    Held held = {NULL, 0};
+    Text *names = NULL, *texts = NULL;
+    int64_t *at = NULL;
     Row *rows = NULL;
-    Py_ssize_t *order = NULL, *group_of = NULL, *next = NULL;
+    Py_ssize_t *order = NULL;
+    Columns out[2];
+    memset(out, 0, sizeof out);
     StreamTable table = {NULL, 0};
     size_t size = 8;
-    while (size < (size_t)PyDict_GET_SIZE(streams) * 2)
+    while (size < (size_t)nstreams * 2)
         size *= 2;
     table.slots = calloc(size, sizeof(Stream));
     table.mask = size - 1;
-    rows = malloc((size_t)(n ? n : 1) * sizeof(Row));
-    order = malloc((size_t)(n ? n : 1) * sizeof(Py_ssize_t));
-    group_of = malloc((size_t)(2 * nsym + 1) * sizeof(Py_ssize_t));
-    next = malloc((size_t)(2 * nsym + 1) * sizeof(Py_ssize_t));
-    if (!table.slots || !rows || !order || !group_of || !next) {
+    held.objects = malloc((size_t)(n + nstreams + 3 * nsym + 1) * sizeof(PyObject *));
+    names = malloc((size_t)(3 * nsym + 1) * sizeof(Text)); /* symbols, trade, quote prefixes */
+    texts = malloc((size_t)(n + 1) * sizeof(Text));
+    at = malloc((size_t)(n + 1) * sizeof(int64_t));
+    rows = malloc((size_t)(n + 1) * sizeof(Row));
+    order = malloc((size_t)(n + 1) * sizeof(Py_ssize_t));
+    if (!table.slots || !held.objects || !names || !texts || !at || !rows || !order) {
         PyErr_NoMemory();
         goto done;
     }
+    for (Py_ssize_t i = 0; i < nsym; i++)
+        if (!hold_text(&held, PyList_GET_ITEM(symbols, i), &names[i])
+            || !hold_text(&held, PyList_GET_ITEM(trade_prefixes, i), &names[nsym + i])
+            || !hold_text(&held, PyList_GET_ITEM(quote_prefixes, i), &names[2 * nsym + i]))
+            goto done;
     /* streams: {b"btcusdt@trade": (0, symbol index), b"btcusdt@bookTicker": (1, index)} */
     PyObject *key, *value;
     Py_ssize_t pos = 0;
     while (PyDict_Next(streams, &pos, &key, &value)) {
         long kind, sym;
-        if (!PyBytes_Check(key) || !PyArg_ParseTuple(value, "ll", &kind, &sym)
-            || (kind != TRADE && kind != QUOTE) || sym < 0 || sym >= nsym) {
+        Text name;
+        if (!hold_text(&held, key, &name))
+            goto done;
+        if (!PyArg_ParseTuple(value, "ll", &kind, &sym) || (kind != TRADE && kind != QUOTE)
+            || sym < 0 || sym >= nsym) {
             if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_ValueError, "scan: streams must map bytes to (kind, symbol)");
+                PyErr_SetString(PyExc_ValueError, "scan: streams map bytes to (kind, symbol)");
             goto done;
         }
-        const char *k = PyBytes_AS_STRING(key);
-        Py_ssize_t klen = PyBytes_GET_SIZE(key);
-        size_t i = fnv1a(k, klen) & table.mask;
+        size_t i = fnv1a(name.at, name.len) & table.mask;
         while (table.slots[i].key != NULL)
             i = (i + 1) & table.mask;
-        table.slots[i] = (Stream){k, klen, (int32_t)sym, (uint8_t)kind};
+        table.slots[i] = (Stream){name.at, name.len, (int32_t)sym, (uint8_t)kind};
     }
-
-    int64_t max_time_ms = 0;
-    Py_ssize_t count[2] = {0, 0};
+    int fits = 1;
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *frame = PyList_GET_ITEM(frames, i);
-        PyObject *at = PyList_GET_ITEM(received, i);
-        if (!PyBytes_Check(frame) || !PyLong_Check(at)) {
-            PyErr_SetString(PyExc_TypeError, "scan: frames are bytes, receive times int");
+        PyObject *time = PyList_GET_ITEM(received, i);
+        if (!hold_text(&held, PyList_GET_ITEM(frames, i), &texts[i]))
+            goto done;
+        if (!PyLong_Check(time)) {
+            PyErr_SetString(PyExc_TypeError, "scan: receive times are int");
             goto done;
         }
         int overflow;
-        long long recv = PyLong_AsLongLongAndOverflow(at, &overflow);
-        if (overflow || (recv == -1 && PyErr_Occurred())) {
-            PyErr_Clear();
-            result = Py_NewRef(Py_None);
-            goto done;
-        }
-        const char *s = PyBytes_AS_STRING(frame);
-        if (!scan_frame(s, s + PyBytes_GET_SIZE(frame), &table, symbols, recv, max_skew_us,
-                        &rows[i])) {
-            result = Py_NewRef(Py_None);
-            goto done;
-        }
-        count[rows[i].kind]++;
-        if (rows[i].kind == TRADE && rows[i].time_ms > max_time_ms)
-            max_time_ms = rows[i].time_ms;
+        at[i] = PyLong_AsLongLongAndOverflow(time, &overflow);
+        if (overflow)
+            fits = 0; /* not an int64: the Python parser's to judge */
     }
 
-    /* Group order: groups (kind, symbol) numbered as each first comes; a stable placement. */
-    for (Py_ssize_t g = 0; g < 2 * nsym; g++)
-        group_of[g] = -1;
-    Py_ssize_t groups = 0, *sizes = next; /* next[] first counts rows per group */
-    Py_ssize_t *first_kind = malloc((size_t)(2 * nsym + 1) * sizeof(Py_ssize_t));
-    if (first_kind == NULL) {
+    int scanned = fits;
+    Py_ssize_t count[2] = {0, 0};
+    int64_t max_time_ms = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; scanned && i < n; i++) {
+        const char *s = texts[i].at;
+        scanned = scan_frame(s, s + texts[i].len, &table, names, at[i], max_skew_us, &rows[i]);
+        if (scanned) {
+            count[rows[i].kind]++;
+            if (rows[i].kind == TRADE && rows[i].time_ms > max_time_ms)
+                max_time_ms = rows[i].time_ms;
+        }
+    }
+    if (scanned && group(rows, n, nsym, count, order) == 0)
+        scanned = -1;
+    if (scanned > 0) {
+        columns_size(&out[TRADE], TRADE, rows, order, count[TRADE], &names[nsym]);
+        columns_size(&out[QUOTE], QUOTE, rows, order + count[TRADE], count[QUOTE],
+                     &names[2 * nsym]);
+    }
+    Py_END_ALLOW_THREADS
+    if (scanned < 0) {
         PyErr_NoMemory();
         goto done;
     }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        Py_ssize_t key_index = rows[i].kind * nsym + rows[i].sym;
-        if (group_of[key_index] < 0) {
-            group_of[key_index] = groups;
-            sizes[groups] = 0;
-            first_kind[groups] = rows[i].kind;
-            groups++;
-        }
-        sizes[group_of[key_index]]++;
-    }
-    /* Trades' groups first (in order), then quotes': each kind is its own table. */
-    Py_ssize_t at_trade = 0, at_quote = count[TRADE];
-    for (Py_ssize_t g = 0; g < groups; g++) {
-        Py_ssize_t size_g = sizes[g];
-        if (first_kind[g] == TRADE) {
-            sizes[g] = at_trade;
-            at_trade += size_g;
-        } else {
-            sizes[g] = at_quote;
-            at_quote += size_g;
-        }
-    }
-    free(first_kind);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        Py_ssize_t g = group_of[rows[i].kind * nsym + rows[i].sym];
-        order[sizes[g]++] = i;
-    }
-
-    PyObject *trades = count[TRADE]
-                           ? trade_columns(rows, order, count[TRADE], trade_prefixes)
-                           : Py_NewRef(Py_None);
-    if (trades == NULL)
-        goto done;
-    PyObject *quotes = count[QUOTE] ? quote_columns(rows, order + count[TRADE], count[QUOTE],
-                                                    quote_prefixes)
-                                    : Py_NewRef(Py_None);
-    if (quotes == NULL) {
-        Py_DECREF(trades);
+    if (!scanned) {
+        result = Py_NewRef(Py_None);
         goto done;
     }
-    result = Py_BuildValue("(LNN)", (long long)max_time_ms, trades, quotes);
+    for (int k = 0; k < 2; k++)
+        if (out[k].n && !columns_alloc(&out[k]))
+            goto done;
+    Py_BEGIN_ALLOW_THREADS
+    if (out[TRADE].n)
+        columns_fill(&out[TRADE], rows, order, &names[nsym]);
+    if (out[QUOTE].n)
+        columns_fill(&out[QUOTE], rows, order + count[TRADE], &names[2 * nsym]);
+    Py_END_ALLOW_THREADS
+    PyObject *made[2] = {NULL, NULL};
+    for (int k = 0; k < 2; k++) {
+        made[k] = out[k].n ? columns_tuple(&out[k]) : Py_NewRef(Py_None);
+        if (made[k] == NULL) {
+            Py_XDECREF(made[0]);
+            goto done;
+        }
+    }
+    result = Py_BuildValue("(LNN)", (long long)max_time_ms, made[TRADE], made[QUOTE]);
 done:
+    columns_free(&out[TRADE]);
+    columns_free(&out[QUOTE]);
+    for (Py_ssize_t i = 0; i < held.n; i++)
+        Py_DECREF(held.objects[i]);
+    free(held.objects);
     free(table.slots);
+    free(names);
+    free(texts);
+    free(at);
     free(rows);
     free(order);
-    free(group_of);
-    free(next);
     return result;
 }
 
@@ -561,14 +609,15 @@ static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS,
      "scan(frames, received, streams, symbols, trade_prefixes, quote_prefixes, max_skew_us)\n"
      "-> (max_time_ms, trade buffers | None, quote buffers | None), or None when a frame\n"
-     "is not a valid trade or quote in the venue's own form."},
+     "is not a valid trade or quote in the venue's own form. The GIL is let go while it\n"
+     "scans and fills."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_binance_scan",
     "Binance combined-stream frames to Arrow column buffers (see k2d/venues/binance.py).", -1,
-    methods,
+    methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__binance_scan(void)

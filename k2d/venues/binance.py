@@ -655,7 +655,7 @@ class BinanceParser:
         return True
 
     def _scanned_trades(self, buffers: tuple[Any, ...]) -> pa.Table:
-        n, sym, msg_o, msg, id_o, ids, ts, p_o, p, q_o, q, maker, seq, recv, v_o, v = buffers
+        n, sym, seq, recv, ts, maker, msg_o, msg, id_o, ids, p_o, p, q_o, q, v_o, v = buffers
         symbol = _fixed(pa.int32(), n, sym)
         return pa.Table.from_arrays(
             [
@@ -680,7 +680,7 @@ class BinanceParser:
         )
 
     def _scanned_quotes(self, buffers: tuple[Any, ...]) -> pa.Table:
-        n, sym, msg_o, msg, b_o, b, bq_o, bq, a_o, a, aq_o, aq, seq, recv = buffers
+        n, sym, seq, recv, msg_o, msg, b_o, b, bq_o, bq, a_o, a, aq_o, aq = buffers
         symbol = _fixed(pa.int32(), n, sym)
         received = _fixed(pa.int64(), n, recv)
         return pa.Table.from_arrays(
