@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
 import time
 from collections import OrderedDict
 
@@ -44,6 +45,7 @@ _REPLAY_CHUNK = 5_000  # frames read from the journal per worker-thread call
 # A smaller one (a live 10 ms batch holds tens) costs less than the thread's hop.
 _FINISH_IN_THREAD = 1_024
 _OUTAGE_MARK = b"\x00k2d-outage "
+_IS_OUTAGE = operator.methodcaller("startswith", _OUTAGE_MARK)
 _outage_codec = msgspec.json.Encoder()
 _outage_decoder = msgspec.json.Decoder(Outage)
 _OVERLAP_IDS = 200_000  # message ids remembered while two connections overlap
@@ -141,20 +143,33 @@ class FeedHandler(Actor[None, RecordBatch]):
             max_frame_bytes=self.cfg.max_frame_bytes,
             provenance="replay",
         )
-        frames = journal_scan(journal.directory, journal.feed, self._replay_after, until)
+        records = journal_scan(journal.directory, journal.feed, self._replay_after, until)
         replayed = 0
         while chunk := await anyio.to_thread.run_sync(
-            lambda: list(itertools.islice(frames, _REPLAY_CHUNK))
+            lambda: list(itertools.islice(records, _REPLAY_CHUNK))
         ):
-            for position, received, frame in chunk:
-                self._position = position
-                if frame.startswith(_OUTAGE_MARK):
-                    self._outages.append(_outage_decoder.decode(frame[len(_OUTAGE_MARK) :]))
-                    continue
-                self._active.parse(frame, received, self._pending)
+            replayed += len(chunk)
+            done = 0
+            while done < len(chunk):
+                # Up to what the batch has room for, handed to the parser in one call; a part
+                # with an outage record (rare) frame by frame.
+                room = max(1, self.pipeline.batch_max_records - len(self._pending))
+                part = chunk[done : done + room]
+                done += len(part)
+                positions, received, frames = map(list, zip(*part, strict=True))
+                if any(map(_IS_OUTAGE, frames)):
+                    for position, at, frame in part:
+                        self._position = position
+                        if frame.startswith(_OUTAGE_MARK):
+                            outage = _outage_decoder.decode(frame[len(_OUTAGE_MARK) :])
+                            self._outages.append(outage)
+                        else:
+                            self._active.parse(frame, at, self._pending)
+                else:
+                    self._active.parse_many(frames, received, self._pending)
+                    self._position = positions[-1]
                 if len(self._pending) >= self.pipeline.batch_max_records:
                     await self._emit()
-            replayed += len(chunk)
         await self._emit()
         self._replay_after = until  # a restart of this actor replays nothing twice
         self._replay_until = None

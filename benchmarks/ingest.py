@@ -1,9 +1,12 @@
 """Ingest throughput: recorded Binance frames -> parse -> sequence check -> Iceberg commits.
 
 Two measurements, printed with the machine they ran on:
-  pipeline   frames as they come off the socket, replayed from a file through the real
-             parser, trackers and writer (the same wiring as the daemon) for --seconds;
-             committed trades/s and peak RSS. Also the msgspec decode-only ceiling.
+  pipeline   recorded frames replayed through the real parser, trackers and writer (the same
+             wiring as the daemon) for --seconds, or until the frames run out; committed
+             trades/s and peak RSS. Also the msgspec decode-only ceiling. The frames go to
+             the parser as the FeedHandler replays its journal, a batch's worth in one
+             call (BinanceParser.parse_many); with --frame-at-a-time, one call a frame, as
+             they come off a socket.
   wire       the simulator (a subprocess) to the daemon over loopback WebSocket at
              --wire-rate trades/s: the rate achieved, the daemon's CPU per 10K records, and
              the lag from the venue's trade time to the commit that made the row visible.
@@ -18,7 +21,6 @@ import argparse
 import os
 import platform
 import resource
-import struct
 import subprocess
 import sys
 import tempfile
@@ -35,14 +37,12 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from actors.feed import finish_batch
 from k2d.allocators import freeze_start_up_objects, limit_malloc_arenas
 from k2d.config import Config, LiveConfig, PipelineConfig, load_config
-from k2d.journal import Journal, JournalOptions
+from k2d.journal import Journal, JournalOptions, JournalPosition
 from k2d.messages import RecordBatch
 from k2d.model import now_us
 from k2d.runtime import Actor, Outbox, Registry
 from k2d.telemetry.metrics import Metrics
 from k2d.venues.binance import BinanceParser, ParsedFrames
-
-_LEN = struct.Struct("<I")
 
 
 def machine() -> str:
@@ -53,7 +53,8 @@ def machine() -> str:
 
 
 def record_frames(path: Path, frames: int, symbols: list[str]) -> None:
-    """Write `frames` combined-stream trade frames, contiguous ids per symbol."""
+    """Write `frames` combined-stream trade frames, contiguous ids per symbol, one a line (a
+    frame is compact JSON: no newline inside)."""
     t0 = now_us() // 1000
     streams = [(s, f"{s.lower()}@trade".encode(), s.encode()) for s in symbols]
     with path.open("wb") as f:
@@ -76,27 +77,28 @@ def record_frames(path: Path, frames: int, symbols: list[str]) -> None:
                     b"true" if i % 3 == 0 else b"false",
                 )
             )
-            buf += _LEN.pack(len(frame))
             buf += frame
+            buf += b"\n"
             if len(buf) > 1 << 22:
                 f.write(buf)
                 buf.clear()
         f.write(buf)
 
 
-def read_frames(path: Path) -> Iterator[bytes]:
+def read_frames(path: Path, chunk: int = 8_000) -> Iterator[list[bytes]]:
+    """The recorded frames, `chunk` at a time (the last chunk may be short)."""
     with path.open("rb") as f:
+        waiting: list[bytes] = []
         rest = b""
-        while chunk := f.read(1 << 22):
-            data = rest + chunk
-            pos, n = 0, len(data)
-            while pos + 4 <= n:
-                (size,) = _LEN.unpack_from(data, pos)
-                if pos + 4 + size > n:
-                    break
-                yield data[pos + 4 : pos + 4 + size]
-                pos += 4 + size
-            rest = data[pos:]
+        while data := f.read(1 << 22):
+            lines = (rest + data).split(b"\n")
+            rest = lines.pop()  # what follows the last newline: the start of the next frame
+            waiting += lines
+            while len(waiting) >= chunk:
+                yield waiting[:chunk]
+                del waiting[:chunk]
+        if waiting:
+            yield waiting
 
 
 class FrameReplay(Actor[None, RecordBatch]):
@@ -109,8 +111,11 @@ class FrameReplay(Actor[None, RecordBatch]):
         batch: int,
         seconds: float,
         journal: Journal | None = None,
+        *,
+        frame_at_a_time: bool = False,
     ) -> None:
         self.name = "replay"
+        self.frame_at_a_time = frame_at_a_time
         self.path, self.batch, self.seconds = path, batch, seconds
         self.journal = journal
         self.parser = BinanceParser(symbols, source="replay", max_clock_skew_s=10 * 86_400)
@@ -129,41 +134,47 @@ class FrameReplay(Actor[None, RecordBatch]):
 
     async def _replay(self, outbox: Outbox[RecordBatch]) -> None:
         deadline = time.monotonic() + self.seconds
-        parse = self.parser.parse
+        parse, parse_many = self.parser.parse, self.parser.parse_many
         append = self.journal.append if self.journal is not None else None
         position = None
         out = ParsedFrames()
         received = now_us()
-        for frame in read_frames(self.path):
+        for chunk in read_frames(self.path, self.batch):
             if append is not None:  # as the FeedHandler does: journal first, then parse
-                position = append(received, frame)
-            parse(frame, received, out)
-            self.frames += 1
+                for frame in chunk:
+                    position = append(received, frame)
+            if self.frame_at_a_time:
+                for frame in chunk:
+                    parse(frame, received, out)
+            else:
+                parse_many(chunk, [received] * len(chunk), out)
+            self.frames += len(chunk)
             if len(out) >= self.batch:
-                await finish_batch(self.parser, out)
-                await outbox.send(
-                    RecordBatch(
-                        source="replay",
-                        columns=out.columns,
-                        dead_letters=out.dead_letters,
-                        received_at=received,
-                        log_position={"journal:replay": position.to_json()} if position else None,
-                    )
-                )
+                await self._send(out, received, position, outbox)
                 out = ParsedFrames()
                 received = now_us()
                 if time.monotonic() >= deadline:
                     break
         if len(out):
-            await finish_batch(self.parser, out)
-            await outbox.send(
-                RecordBatch(
-                    source="replay",
-                    columns=out.columns,
-                    dead_letters=out.dead_letters,
-                    received_at=received,
-                )
+            await self._send(out, received, None, outbox)
+
+    async def _send(
+        self,
+        out: ParsedFrames,
+        received: int,
+        position: JournalPosition | None,
+        outbox: Outbox[RecordBatch],
+    ) -> None:
+        await finish_batch(self.parser, out)
+        await outbox.send(
+            RecordBatch(
+                source="replay",
+                columns=out.columns,
+                dead_letters=out.dead_letters,
+                received_at=received,
+                log_position={"journal:replay": position.to_json()} if position else None,
             )
+        )
 
 
 class _CeilingTrade(msgspec.Struct):
@@ -186,11 +197,11 @@ class _CeilingEnvelope(msgspec.Struct):
 def decode_ceiling(path: Path, limit: int) -> float:
     """Frames/s that msgspec alone decodes into typed structs: what parsing cannot beat."""
     dec = msgspec.json.Decoder(_CeilingEnvelope)
-    frames = []
-    for i, f in enumerate(read_frames(path)):
-        if i >= limit:
+    frames: list[bytes] = []
+    for chunk in read_frames(path):
+        frames += chunk[: limit - len(frames)]
+        if len(frames) >= limit:
             break
-        frames.append(f)
     t = time.perf_counter()
     for f in frames:
         dec.decode(f)
@@ -198,7 +209,12 @@ def decode_ceiling(path: Path, limit: int) -> float:
 
 
 async def run_pipeline(
-    cfg: Config, frames: Path, symbols: list[str], seconds: float, journal_dir: Path | None
+    cfg: Config,
+    frames: Path,
+    symbols: list[str],
+    seconds: float,
+    journal_dir: Path | None,
+    frame_at_a_time: bool,
 ) -> dict[str, Any]:
     from k2d.pipeline import build_pipeline
     from k2d.storage import Warehouse
@@ -224,7 +240,14 @@ async def run_pipeline(
             ),
         )
         journal.open()
-    replay = FrameReplay(frames, symbols, cfg.pipeline.batch_max_records, seconds, journal)
+    replay = FrameReplay(
+        frames,
+        symbols,
+        cfg.pipeline.batch_max_records,
+        seconds,
+        journal,
+        frame_at_a_time=frame_at_a_time,
+    )
     p = build_pipeline(
         cfg, wh, metrics, registry, tracing.tracer, sources=[("replay", lambda: replay)]
     )
@@ -281,9 +304,13 @@ def pipeline_benchmark(args: argparse.Namespace, work: Path) -> None:
     # The daemon's process set-up (k2d.app.run_daemon); the Arrow pool was set when k2d was
     # imported (k2d.allocators).
     limit_malloc_arenas()
-    res = anyio.run(run_pipeline, cfg, frames, symbols, args.seconds, journal_dir)
+    res = anyio.run(
+        run_pipeline, cfg, frames, symbols, args.seconds, journal_dir, args.frame_at_a_time
+    )
     print(
-        f"pipeline{' + journal' if args.journal else ''}: {res['trades_committed']:,} trades "
+        f"pipeline{' + journal' if args.journal else ''}"
+        f"{', one frame a call' if args.frame_at_a_time else ''}: "
+        f"{res['trades_committed']:,} trades "
         f"committed from {res['frames']:,} "
         f"frames in {res['seconds']:.1f}s = {res['trades_per_s']:,.0f} trades/s; "
         f"{res['commits']} commits; CPU {res['cpu_share']:.0%} of one core "
@@ -426,6 +453,12 @@ def main() -> None:
         action="store_true",
         help="journal every frame before parsing it, as the daemon does",
     )
+    ap.add_argument(
+        "--frame-at-a-time",
+        action="store_true",
+        help="hand the parser one frame a call, as off a socket (default: a batch a call, as "
+        "the FeedHandler replays its journal)",
+    )
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument(
         "--frames-per-second",
@@ -459,7 +492,7 @@ def main() -> None:
             pipeline_benchmark(args, work)
         elif args.only is None:
             # Each in its own process, so that peak RSS is each run's own.
-            for extra in ([], ["--journal"]):
+            for extra in ([], ["--journal"], ["--frame-at-a-time"]):
                 subprocess.run(
                     [sys.executable, __file__, "--only", "pipeline", *extra, *_passthrough(args)],
                     check=True,

@@ -462,15 +462,18 @@ static int group(const Row *rows, Py_ssize_t n, Py_ssize_t nsym, const Py_ssize_
     return 1;
 }
 
-/* scan(frames, received, streams, symbols, trade_prefixes, quote_prefixes, max_skew_us) */
+/* scan(frames, received, streams, symbols, trade_prefixes, quote_prefixes, max_skew_us,
+ *      max_frame_bytes) */
 static PyObject *scan(PyObject *self, PyObject *args)
 {
     (void)self;
     PyObject *frames, *received, *streams, *symbols, *trade_prefixes, *quote_prefixes;
     long long max_skew_us;
-    if (!PyArg_ParseTuple(args, "O!O!O!O!O!O!L", &PyList_Type, &frames, &PyList_Type, &received,
+    Py_ssize_t max_frame;
+    if (!PyArg_ParseTuple(args, "O!O!O!O!O!O!Ln", &PyList_Type, &frames, &PyList_Type, &received,
                           &PyDict_Type, &streams, &PyList_Type, &symbols, &PyList_Type,
-                          &trade_prefixes, &PyList_Type, &quote_prefixes, &max_skew_us))
+                          &trade_prefixes, &PyList_Type, &quote_prefixes, &max_skew_us,
+                          &max_frame))
         return NULL;
     Py_ssize_t n = PyList_GET_SIZE(frames), nsym = PyList_GET_SIZE(symbols);
     Py_ssize_t nstreams = PyDict_GET_SIZE(streams);
@@ -539,8 +542,8 @@ static PyObject *scan(PyObject *self, PyObject *args)
         }
         int overflow;
         at[i] = PyLong_AsLongLongAndOverflow(time, &overflow);
-        if (overflow)
-            fits = 0; /* not an int64: the Python parser's to judge */
+        if (overflow || texts[i].len > max_frame)
+            fits = 0; /* not an int64, or a frame too large: the Python parser's to judge */
     }
 
     int scanned = fits;
@@ -607,7 +610,8 @@ done:
 
 static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS,
-     "scan(frames, received, streams, symbols, trade_prefixes, quote_prefixes, max_skew_us)\n"
+     "scan(frames, received, streams, symbols, trade_prefixes, quote_prefixes, max_skew_us,\n"
+     "     max_frame_bytes)\n"
      "-> (max_time_ms, trade buffers | None, quote buffers | None), or None when a frame\n"
      "is not a valid trade or quote in the venue's own form. The GIL is let go while it\n"
      "scans and fills."},

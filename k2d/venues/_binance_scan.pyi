@@ -10,5 +10,6 @@ def scan(
     trade_prefixes: list[bytes],
     quote_prefixes: list[bytes],
     max_skew_us: int,
+    max_frame_bytes: int,
     /,
 ) -> tuple[int, tuple[Any, ...] | None, tuple[Any, ...] | None] | None: ...

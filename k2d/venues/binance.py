@@ -365,6 +365,7 @@ class BinanceParser:
             [f"{EXCHANGE}:{s}:trade:".encode() for s in names],
             [f"{EXCHANGE}:{s}:quote:".encode() for s in names],
             self._max_skew_us,
+            self._max_frame,
         )
         self._names = pa.array(names, pa.string())
         self._currencies = pa.array([self._currency[s] for s in names], pa.string())
@@ -396,6 +397,18 @@ class BinanceParser:
         self.settle(out)
         return self._parse_one(frame, received_us, out)
 
+    def parse_many(self, frames: list[bytes], received: list[int], out: ParsedFrames) -> None:
+        """parse() each frame, for a replay (of the journal), where a control frame needs no
+        answer. With the C scanner, all are deferred at once, no Python call a frame: the
+        scanner takes only market frames within max_frame_bytes, and any other sends the
+        batch the Python parser's way, which judges each frame as parse() would."""
+        if _binance_scan is not None and len(out.deferred) + len(frames) <= self._defer_max:
+            out.deferred += frames
+            out.deferred_at += received
+            return
+        for frame, at in zip(frames, received, strict=True):
+            self.parse(frame, at, out)
+
     def settle(self, out: ParsedFrames) -> None:
         """Parse the frames waiting in `out.deferred`: all at once when every one of them is
         a well-formed trade or quote of a subscribed symbol, else one by one, each fault with
@@ -414,6 +427,8 @@ class BinanceParser:
         needs a dead letter; False, with nothing appended, otherwise. Every check of
         _parse_trade and _parse_quote is made here on whole columns, in C (builtins over
         lists), not frame by frame."""
+        if max(map(len, frames)) > self._max_frame:
+            return False  # parse_many defers every frame: this one is a dead letter
         try:
             decoded = self._batch.decode(b"[" + b",".join(frames) + b"]")
         except msgspec.DecodeError:

@@ -159,3 +159,32 @@ def test_clock_skew_and_receive_times_are_checked(monkeypatch: pytest.MonkeyPatc
     assert SCAN.scan([frame], [NOW - 5_000_000], *parser._scan_args) is not None
     with pytest.raises(TypeError):
         SCAN.scan(["text"], [NOW], *parser._scan_args)
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scanner", "python"])
+def test_parse_many_is_parse_frame_by_frame(scan: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replay hands the parser a batch's frames in one call: the same rows and dead
+    letters as one call a frame, control frames and frames over max_frame_bytes included."""
+    rnd = random.Random(7)
+    monkeypatch.setattr(binance, "_binance_scan", SCAN if scan else None)
+    reasons: set[str] = set()
+    for _ in range(60):
+        frames = batch(rnd, rnd.choice([1, 20, 300, 3_000]), rnd.choice([0.0, 0.0, 0.01, 0.2]))
+        if rnd.random() < 0.3:
+            big = trade("BTCUSDT", 10**12, 0).replace(b'"e":"trade"', b'"e":"' + b"x" * 600 + b'"')
+            frames.insert(rnd.randrange(len(frames) + 1), big)
+        received = [NOW] * len(frames)
+        one, many = ParsedFrames(), ParsedFrames()
+        parser = BinanceParser(SYMBOLS, max_frame_bytes=512)
+        for frame in frames:
+            parser.parse(frame, NOW, one)
+        parser.finish(one)
+        parser.parse_many(frames, received, many)
+        parser.finish(many)
+        assert many.columns.keys() == one.columns.keys()
+        for table in one.columns:
+            assert many.columns[table].equals(one.columns[table]), table
+        assert many.dead_letters == one.dead_letters
+        assert many.max_event_us == one.max_event_us
+        reasons |= {d.reason for d in one.dead_letters}
+    assert {"frame_too_large", "bad_json", "unknown_symbol"} <= reasons, reasons
