@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import gc
+import itertools
 import json
 import os
 import platform
@@ -173,7 +174,12 @@ def open_arctic(path: Path) -> Any:
 # -- capture (each measured in its own process: peak RSS is its own) ---------------------------
 
 
-def part_capture_k2d(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def part_capture_k2d(
+    args: argparse.Namespace, work: Path, *, frame_at_a_time: bool = True
+) -> dict[str, Any]:
+    """One frame a parser call, as frames come off a socket (and as cryptofeed's handler
+    takes them), unless not `frame_at_a_time`: a batch's frames a call, as the FeedHandler
+    replays its journal."""
     cfg = load_config(
         environ={},
         overrides={
@@ -186,7 +192,9 @@ def part_capture_k2d(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         },
     )
     symbols = capture_symbols(args.symbols)
-    res = anyio.run(ingest.run_pipeline, cfg, work / "frames.bin", symbols, 1e9, None)
+    res = anyio.run(
+        ingest.run_pipeline, cfg, work / "frames.bin", symbols, 1e9, None, frame_at_a_time
+    )
     shutil.rmtree(work / "capture-k2d", ignore_errors=True)
     return {
         "rows": res["trades_committed"],
@@ -198,10 +206,14 @@ def part_capture_k2d(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
 
 
+def part_capture_k2d_batched(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    return part_capture_k2d(args, work, frame_at_a_time=False)
+
+
 def aggtrade_frames(path: Path) -> Iterator[bytes]:
     """The same frames as the @aggTrade stream, the only Binance trade stream cryptofeed's
     handler parses ('e' is 'aggTrade', the id is 'a'); same bytes otherwise."""
-    for f in ingest.read_frames(path):
+    for f in itertools.chain.from_iterable(ingest.read_frames(path)):
         yield (
             f.replace(b'@trade"', b'@aggTrade"', 1)
             .replace(b'"e":"trade"', b'"e":"aggTrade"', 1)
@@ -399,6 +411,7 @@ def part_storage_parquet(args: argparse.Namespace, work: Path) -> dict[str, Any]
 
 PARTS: dict[str, Callable[[argparse.Namespace, Path], dict[str, Any]]] = {
     "capture-k2d": part_capture_k2d,
+    "capture-k2d-batched": part_capture_k2d_batched,
     "capture-cryptofeed": part_capture_cryptofeed,
     "capture-ceiling": part_capture_ceiling,
     "storage-k2d": part_storage_k2d,
@@ -792,7 +805,8 @@ def capture_table(res: dict[str, Row]) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     names = {
-        "k2d": "k2d pipeline (parse, sequence check, Iceberg commit)",
+        "k2d": "k2d pipeline (parse, sequence check, Iceberg commit), one frame a call",
+        "k2d-batched": "k2d pipeline, a batch of frames a call (as the journal is replayed)",
         "cryptofeed": "cryptofeed Binance handler -> ArcticDB append (LMDB)",
         "ceiling": "msgspec decode alone (ceiling)",
     }
@@ -801,7 +815,7 @@ def capture_table(res: dict[str, Row]) -> list[str]:
         if "error" in r:
             lines.append(f"| {label} | | | {r['error']} | | | | |")
             continue
-        ratio = f"{k2d['rate'] / r['rate']:.2f}" if "rate" in k2d and key != "k2d" else ""
+        ratio = f"{k2d['rate'] / r['rate']:.2f}" if "rate" in k2d and key[:3] != "k2d" else ""
         lines.append(
             f"| {label} | {r['rows']:,} | {r['seconds']:.1f} | {r['rate']:,.0f} | "
             f"{r['cpu']:.0%} | {r['rss']:.0f} | {ratio} | {r.get('note', '')} |"
@@ -1014,7 +1028,8 @@ def main() -> None:
         ingest.record_frames(work / "frames.bin", args.trades, capture_symbols(args.symbols))
         print(f"\ncapture: {args.trades:,} frames, {args.symbols} symbols")
         cap = {
-            key: run_part(f"capture-{key}", args, work) for key in ("k2d", "cryptofeed", "ceiling")
+            key: run_part(f"capture-{key}", args, work)
+            for key in ("k2d", "k2d-batched", "cryptofeed", "ceiling")
         }
         for key, r in cap.items():
             print(
