@@ -38,12 +38,12 @@ __all__ = ["FeedHandler", "finish_batch"]
 log = logging.getLogger(__name__)
 
 _REPLAY_CHUNK = 5_000  # frames read from the journal per worker-thread call
-# A journal record that is not a venue frame: the outage a capture start or reconnect found.
-# No venue frame starts with a NUL byte.
 # A batch of at least this many market frames is finished (scanned, made Arrow) in a worker
 # thread: the C scanner lets go of the GIL, so the stages after the feed go on meanwhile.
 # A smaller one (a live 10 ms batch holds tens) costs less than the thread's hop.
 _FINISH_IN_THREAD = 1_024
+# A journal record that is not a venue frame: the outage a capture start or reconnect found.
+# No venue frame starts with a NUL byte.
 _OUTAGE_MARK = b"\x00k2d-outage "
 _IS_OUTAGE = operator.methodcaller("startswith", _OUTAGE_MARK)
 _outage_codec = msgspec.json.Encoder()

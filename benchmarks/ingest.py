@@ -331,6 +331,8 @@ def wire_benchmark(args: argparse.Namespace, work: Path) -> None:
     from k2d.storage import Warehouse
 
     symbols = ["BTCUSDT", "ETHUSDT", "SOLUSDT", "BNBUSDT"]
+    # The pipeline runs before this one were children too: their CPU is not the simulator's.
+    earlier = resource.getrusage(resource.RUSAGE_CHILDREN)
     sim = subprocess.Popen(
         [
             sys.executable,
@@ -410,7 +412,7 @@ symbols = {symbols!r}
     lags_newest.sort()
     lags_oldest.sort()
     daemon_cpu = daemon_usage.ru_utime + daemon_usage.ru_stime
-    sim_cpu = usage.ru_utime + usage.ru_stime - daemon_cpu
+    sim_cpu = usage.ru_utime + usage.ru_stime - earlier.ru_utime - earlier.ru_stime - daemon_cpu
     records = rows + quotes
     print(
         f"wire: simulator asked for {args.wire_rate:,.0f} trades/s; daemon committed "

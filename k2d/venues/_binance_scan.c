@@ -542,8 +542,12 @@ static PyObject *scan(PyObject *self, PyObject *args)
         }
         int overflow;
         at[i] = PyLong_AsLongLongAndOverflow(time, &overflow);
-        if (overflow || texts[i].len > max_frame)
-            fits = 0; /* not an int64, or a frame too large: the Python parser's to judge */
+        /* A receive time far from any clock (|t| > 2^62 us, 146,000 years), one not an int64,
+         * or a frame too large: the Python parser's to judge. The bound keeps the skew's
+         * arithmetic inside int64. */
+        if (overflow || at[i] > ((int64_t)1 << 62) || at[i] < -((int64_t)1 << 62)
+            || texts[i].len > max_frame)
+            fits = 0;
     }
 
     int scanned = fits;

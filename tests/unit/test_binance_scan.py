@@ -11,6 +11,8 @@ import os
 import random
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from k2d.model import now_us
 from k2d.venues import binance
@@ -156,6 +158,7 @@ def test_clock_skew_and_receive_times_are_checked(monkeypatch: pytest.MonkeyPatc
     frame = trade("BTCUSDT", 1, 0)  # its trade time is ~5 s before NOW
     assert SCAN.scan([frame], [NOW], *parser._scan_args) is None
     assert SCAN.scan([frame], [2**64], *parser._scan_args) is None  # not an int64
+    assert SCAN.scan([frame], [2**63 - 1], *parser._scan_args) is None  # no clock's time
     assert SCAN.scan([frame], [NOW - 5_000_000], *parser._scan_args) is not None
     with pytest.raises(TypeError):
         SCAN.scan(["text"], [NOW], *parser._scan_args)
@@ -188,3 +191,39 @@ def test_parse_many_is_parse_frame_by_frame(scan: bool, monkeypatch: pytest.Monk
         assert many.max_event_us == one.max_event_us
         reasons |= {d.reason for d in one.dead_letters}
     assert {"frame_too_large", "bad_json", "unknown_symbol"} <= reasons, reasons
+
+
+# monkeypatch is only used through its context(), undone within each example.
+@settings(
+    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    pick=st.integers(0, 3),
+    edits=st.lists(
+        st.tuples(
+            st.integers(0, 200), st.sampled_from(["put", "cut", "add"]), st.binary(max_size=3)
+        ),
+        max_size=4,
+    ),
+)
+def test_any_bytes_scan_safely_to_the_python_parsers_rows(
+    pick: int, edits: list[tuple[int, str, bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frames bent at random bytes: the scanner reads none past its end (or it would crash
+    this process), and the rows, dead letters and times are the Python parser's."""
+    base = [
+        trade("BTCUSDT", 5, 0),
+        trade("SOLBTC", 9, 1, maker=False, best=False),
+        quote("ETHUSDT", 3),
+        quote("BNBUSDT", 4, b"0"),
+    ][pick]
+    frame = bytearray(base)
+    for at, how, data in edits:
+        at = min(at, len(frame))
+        if how == "put":
+            frame[at : at + len(data)] = data
+        elif how == "cut":
+            del frame[at : at + 1 + len(data)]
+        else:
+            frame[at:at] = data
+    assert_same([trade("BTCUSDT", 4, 0), bytes(frame), quote("ETHUSDT", 2)], monkeypatch)
