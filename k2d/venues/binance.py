@@ -156,7 +156,7 @@ _DEFER_MAX = 4_096
 # With the C scanner (k2d/venues/_binance_scan.c) a batch's market frames wait for finish(),
 # which scans them all at once; this bounds them should a caller never call it.
 _SCAN_DEFER_MAX = 65_536
-_SIDES = pa.array(["BUY", "SELL"], pa.string())  # by `m`: true, the buyer made, so SELL
+_SIDES = pa.array(["BUY", "SELL"], pa.string())  # by `m`: true, the buyer was the maker: SELL
 
 
 class _Control(msgspec.Struct, omit_defaults=True):
@@ -671,7 +671,7 @@ class BinanceParser:
 
     def _scanned_trades(self, buffers: tuple[Any, ...]) -> pa.Table:
         n, sym, seq, recv, ts, maker, msg_o, msg, id_o, ids, p_o, p, q_o, q, v_o, v = buffers
-        symbol = _fixed(pa.int32(), n, sym)
+        symbol = _fixed_width(pa.int32(), n, sym)
         return pa.Table.from_arrays(
             [
                 _text(n, msg_o, msg),
@@ -679,14 +679,14 @@ class BinanceParser:
                 self._names.take(symbol),
                 pa.repeat(EXCHANGE, n),
                 pa.repeat("crypto", n),
-                _fixed(pa.int64(), n, ts),
+                _fixed_width(pa.int64(), n, ts),
                 _text(n, p_o, p),
                 _text(n, q_o, q),
                 self._currencies.take(symbol),
-                _SIDES.take(_fixed(pa.uint8(), n, maker)),
+                _SIDES.take(_fixed_width(pa.uint8(), n, maker)),
                 pa.nulls(n, pa.list_(pa.string())),
-                _fixed(pa.int64(), n, seq),
-                _fixed(pa.int64(), n, recv),
+                _fixed_width(pa.int64(), n, seq),
+                _fixed_width(pa.int64(), n, recv),
                 pa.repeat(0, n),
                 _text(n, v_o, v),
                 pa.repeat(self.provenance, n),
@@ -696,8 +696,8 @@ class BinanceParser:
 
     def _scanned_quotes(self, buffers: tuple[Any, ...]) -> pa.Table:
         n, sym, seq, recv, msg_o, msg, b_o, b, bq_o, bq, a_o, a, aq_o, aq = buffers
-        symbol = _fixed(pa.int32(), n, sym)
-        received = _fixed(pa.int64(), n, recv)
+        symbol = _fixed_width(pa.int32(), n, sym)
+        received = _fixed_width(pa.int64(), n, recv)
         return pa.Table.from_arrays(
             [
                 _text(n, msg_o, msg),
@@ -710,7 +710,7 @@ class BinanceParser:
                 _text(n, a_o, a),
                 _text(n, aq_o, aq),
                 self._currencies.take(symbol),
-                _fixed(pa.int64(), n, seq),
+                _fixed_width(pa.int64(), n, seq),
                 received,
                 pa.repeat(0, n),
                 pa.nulls(n, pa.string()),
@@ -848,7 +848,7 @@ def _text(n: int, offsets: bytes, data: bytes) -> pa.Array:
     return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
 
 
-def _fixed(kind: pa.DataType, n: int, data: bytes) -> pa.Array:
+def _fixed_width(kind: pa.DataType, n: int, data: bytes) -> pa.Array:
     return pa.Array.from_buffers(kind, n, [None, pa.py_buffer(data)])
 
 
