@@ -35,11 +35,7 @@ import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from actors.feed import finish_batch
-from k2d.allocators import (
-    fix_malloc_mmap_threshold,
-    freeze_start_up_objects,
-    limit_malloc_arenas,
-)
+from k2d.allocators import freeze_start_up_objects, limit_malloc_arenas
 from k2d.config import Config, LiveConfig, PipelineConfig, load_config
 from k2d.journal import Journal, JournalOptions, JournalPosition
 from k2d.messages import RecordBatch
@@ -224,10 +220,6 @@ async def run_pipeline(
     from k2d.storage import Warehouse
     from k2d.telemetry.tracing import setup_tracing
 
-    # The daemon's process set-up (k2d.app.run_daemon); the Arrow pool was set when k2d was
-    # imported (k2d.allocators).
-    limit_malloc_arenas()
-    fix_malloc_mmap_threshold()
     registry = Registry()
     metrics = Metrics(registry)
     # As `k2d run` traces: every batch's spans into the trace store under the data dir.
@@ -309,6 +301,9 @@ def pipeline_benchmark(args: argparse.Namespace, work: Path) -> None:
         },
     )
     journal_dir = work / "journal" if args.journal else None
+    # The daemon's process set-up (k2d.app.run_daemon); the Arrow pool was set when k2d was
+    # imported (k2d.allocators).
+    limit_malloc_arenas()
     res = anyio.run(
         run_pipeline, cfg, frames, symbols, args.seconds, journal_dir, args.frame_at_a_time
     )

@@ -1,7 +1,7 @@
-"""The process's allocators: the pool Arrow allocates from, glibc's malloc arenas and mmap
-threshold, giving freed pages back to the OS, and what the cycle collector walks. Nothing
-here imports pyarrow at import time: the pool must be chosen before pyarrow is first
-imported (see default_arrow_pool)."""
+"""The process's allocators: the pool Arrow allocates from, glibc's malloc arenas, giving
+freed pages back to the OS, and what the cycle collector walks. Nothing here imports pyarrow
+at import time: the pool must be chosen before pyarrow is first imported (see
+default_arrow_pool)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,7 @@ __all__ = [
     "ARROW_POOL",
     "ARROW_POOL_VAR",
     "MALLOC_ARENAS",
-    "MALLOC_MMAP_THRESHOLD",
     "default_arrow_pool",
-    "fix_malloc_mmap_threshold",
     "freeze_start_up_objects",
     "give_back_memory",
     "limit_malloc_arenas",
@@ -43,17 +41,12 @@ ARROW_POOL_VAR = "ARROW_DEFAULT_MEMORY_POOL"
 # Maintainer's rounds, at the same CPU.
 MALLOC_ARENAS = 2
 _M_ARENA_MAX = -8  # mallopt's parameter, from glibc's malloc.h
-
-# Blocks of this size or more come from mmap and go back to the OS when freed, unless the
-# environment sets MALLOC_MMAP_THRESHOLD_ or a GLIBC_TUNABLES threshold. glibc's own
-# threshold starts at 128 KiB and rises to the size of each mmapped block freed, up to 32 MiB:
-# after the first few Arrow buffers and Parquet pages, every buffer came from the heap, and
-# the heap held 100-270 MB free between them. Measured with benchmarks/ingest.py (30 s, three
-# runs alternating): peak RSS 453-482 MB with a fixed 1 MiB against 526-539 as glibc has it,
-# at 5% fewer trades/s (a new buffer's pages are faulted in afresh); 256 KiB held no less
-# and cost 15%.
-MALLOC_MMAP_THRESHOLD = 1 << 20
-_M_MMAP_THRESHOLD = -3
+# glibc's mmap threshold is left as glibc has it. Fixed at 1 MiB (mallopt M_MMAP_THRESHOLD),
+# the heap held 100-270 MB less free between writer flushes in benchmarks/ingest.py, whose
+# peak RSS went from 494-558 to 478-527 MB; but trades/s fell 10-20% there and 18% in
+# benchmarks/peers.py's capture rows (each large buffer's pages faulted in afresh), and the
+# running daemon of benchmarks/memory.py peaked the same (3 symbols 403 against 399 MB, 20
+# symbols 665 against 657). Measured 2026-12-01, alternating with the code without it.
 
 
 def default_arrow_pool(environ: MutableMapping[str, str] = os.environ) -> bool:
@@ -100,19 +93,6 @@ def limit_malloc_arenas(environ: MutableMapping[str, str] = os.environ) -> int |
     if mallopt is None or mallopt(_M_ARENA_MAX, MALLOC_ARENAS) != 1:
         return None
     return MALLOC_ARENAS
-
-
-def fix_malloc_mmap_threshold(environ: MutableMapping[str, str] = os.environ) -> int | None:
-    """Fix glibc's mmap threshold at MALLOC_MMAP_THRESHOLD unless the environment set one;
-    returns the threshold set, or None when none was."""
-    if environ.get("MALLOC_MMAP_THRESHOLD_") or "mmap_threshold" in environ.get(
-        "GLIBC_TUNABLES", ""
-    ):
-        return None
-    mallopt = _libc("mallopt")
-    if mallopt is None or mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD) != 1:
-        return None
-    return MALLOC_MMAP_THRESHOLD
 
 
 _MALLOC_TRIM = _libc("malloc_trim")

@@ -19,12 +19,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
-from k2d.allocators import (
-    fix_malloc_mmap_threshold,
-    freeze_start_up_objects,
-    limit_malloc_arenas,
-    use_arrow_pool,
-)
+from k2d.allocators import freeze_start_up_objects, limit_malloc_arenas, use_arrow_pool
 from k2d.api import ApiState, create_app, serve
 from k2d.config import Config
 from k2d.pipeline import Pipeline, build_pipeline
@@ -95,10 +90,6 @@ async def run_daemon(
         setup_logging(cfg.telemetry.log_level)
     log.info("Arrow memory pool: %s", use_arrow_pool())
     log.info("malloc arenas: %s", limit_malloc_arenas() or "as the environment or libc has it")
-    log.info(
-        "malloc mmap threshold: %s",
-        fix_malloc_mmap_threshold() or "as the environment or libc has it",
-    )
     try:
         await anyio.to_thread.run_sync(check_directories, cfg)
         warehouse = await anyio.to_thread.run_sync(open_warehouse, cfg)

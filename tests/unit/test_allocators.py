@@ -14,9 +14,7 @@ from k2d.allocators import (
     ARROW_POOL,
     ARROW_POOL_VAR,
     MALLOC_ARENAS,
-    MALLOC_MMAP_THRESHOLD,
     default_arrow_pool,
-    fix_malloc_mmap_threshold,
     limit_malloc_arenas,
     use_arrow_pool,
 )
@@ -131,48 +129,6 @@ def test_the_daemon_caps_malloc_arenas_unless_the_environment_did() -> None:
     assert arenas("as-is") > MALLOC_ARENAS  # each thread took its own
     assert arenas("capped") == MALLOC_ARENAS
     assert limit_malloc_arenas({"MALLOC_ARENA_MAX": "4"}) is None
-
-
-# A block over the threshold is mmapped; glibc, as it is, raises its threshold to the size of
-# each mmapped block freed, so the next such block comes from the heap and stays there once
-# freed. mallinfo2's hblkhd is the bytes mmapped at the time.
-_MMAP = """
-import ctypes, ctypes.util, sys
-if sys.argv[1] == "fixed":
-    from k2d.allocators import fix_malloc_mmap_threshold
-    fix_malloc_mmap_threshold({})
-class Info(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in (
-        "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
-    ).split()]
-libc = ctypes.CDLL(ctypes.util.find_library("c"))
-libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
-libc.mallinfo2.restype = Info
-size = int(sys.argv[2])
-libc.free(libc.malloc(size))
-before = libc.mallinfo2().hblkhd
-block = libc.malloc(size)
-print(libc.mallinfo2().hblkhd - before >= size)
-libc.free(block)
-"""
-
-
-def mmapped_after_a_free(mode: str, size: int) -> bool:
-    run = subprocess.run(
-        [sys.executable, "-c", _MMAP, mode, str(size)], capture_output=True, text=True, check=True
-    )
-    return run.stdout.strip() == "True"
-
-
-def test_the_daemon_gives_large_blocks_back_to_the_os_unless_the_environment_says() -> None:
-    two_mib = 2 * MALLOC_MMAP_THRESHOLD
-    assert not mmapped_after_a_free("as-is", two_mib)  # glibc raised its threshold
-    assert mmapped_after_a_free("fixed", two_mib)
-    assert not mmapped_after_a_free("fixed", MALLOC_MMAP_THRESHOLD // 2)
-    assert fix_malloc_mmap_threshold({"MALLOC_MMAP_THRESHOLD_": "65536"}) is None
-    tunables = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"}
-    assert fix_malloc_mmap_threshold(tunables) is None
 
 
 # A cycle that is garbage, and one still in use, then the daemon's freeze after start-up.
