@@ -72,7 +72,11 @@ class StorageConfig(_Section, frozen=True):
 
 
 class WriterConfig(_Section, frozen=True):
-    flush_rows: int = 250_000
+    # 100,000, not 250,000: a journal replay's pipeline peaked at 411-424 MB RSS against
+    # 470-513 and took 501-528K trades/s against 379-453K, with batch_max_records 16,000
+    # (benchmarks/ingest.py, alternating runs on 2026-12-01). The flush is smaller and, under
+    # twice file_split_rows, written by one thread, leaving the other core to the pipeline.
+    flush_rows: int = 100_000
     flush_bytes: int = 128 * 1024 * 1024
     flush_interval: float = 2.0
     # A flush of at least twice this many rows of one day and exchange is written
@@ -100,8 +104,9 @@ class PipelineConfig(_Section, frozen=True):
     # Batches of records from a feed: at most this many records, at most this old (seconds).
     # A live feed's batches close by age; the count bounds a journal replay's, where each
     # batch's fixed costs (a few Arrow calls a symbol in every stage) tell: 8,000 took
-    # the pipeline from 182-184K to 227-232K trades/s (benchmarks/ingest.py, 20 symbols).
-    batch_max_records: int = 8_000
+    # the pipeline from 182-184K to 227-232K trades/s (benchmarks/ingest.py, 20 symbols),
+    # 16,000 (with writer.flush_rows 100,000) to 501-528K from 379-453K at 8,000 and 250,000.
+    batch_max_records: int = 16_000
     batch_max_age: float = 0.01
 
 
